@@ -1,0 +1,1384 @@
+"""A fake Databricks workspace and AI Gateway, speaking real HTTP on 127.0.0.1.
+
+Used by CoDA's tests (and runnable by hand) so that the real databricks-sdk and
+the real agent CLIs can be pointed at something that behaves like Databricks:
+
+* the workspace origin (``fw.url``): host metadata, OIDC discovery and the
+  OAuth M2M token endpoint, SCIM Me, personal access tokens (create, list,
+  delete, with expiry and revocation enforced on every route), the Apps API,
+  workspace files and SQL statements, plus the AI Gateway routes that live on
+  the workspace origin (``/ai-gateway/...`` and ``/serving-endpoints/...``);
+* a second origin (``fw.gateway_url``, its own port) standing in for the
+  ``https://<workspace_id>.ai-gateway.cloud.databricks.com`` gateway host
+  (``/anthropic``, ``/openai/v1``, ``/gemini``, ``/mlflow/v1``).
+
+Every gateway route accepts only live tokens and answers in the streaming
+shape the agent CLIs parse: Anthropic Messages SSE, OpenAI Responses SSE
+(ending in ``response.completed``), Chat Completions SSE (``finish_reason`` and
+``[DONE]``) and Gemini ``streamGenerateContent?alt=sse``. Replies read
+``FAKE-REPLY-<api>: <last line the user typed>``; a last user message that
+contains ``USE_TOOL`` is answered with a call to the shell tool the client
+offered (running ``fw.tool_command``), and the turn carrying the tool's result
+is answered ``FAKE-REPLY-<api> tool said: <first line of the result>``.
+
+Use from pytest::
+
+    fw = FakeWorkspace().start()
+    pat = fw.add_token(comment="pasted by the user")
+    ...  # point the code under test at fw.url / fw.gateway_url
+    assert fw.gateway_requests[-1]["token"] in fw.live_token_values()
+    fw.stop()
+
+Standalone: ``python tests/fake_workspace.py --port 8765 --token-file /tmp/pat``.
+
+Tokens are never written to a log line by this module; they are kept in
+memory for the tests to inspect.
+"""
+
+import argparse
+import base64
+import email.parser
+import email.policy
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MODELS = [
+    "databricks-claude-opus-4-7",
+    "databricks-claude-opus-4-6",
+    "databricks-claude-sonnet-4-5",
+    "databricks-claude-haiku-4-5",
+    "databricks-gpt-5-5",
+    "databricks-gemini-2-5-pro",
+    "databricks-gemini-2-5-flash",
+]
+# Tool names the fake prefers when a request asks it (via USE_TOOL) to call a
+# shell tool, in order; otherwise any tool with a required "command" property.
+SHELL_TOOL_NAMES = [
+    "Bash", "bash", "shell", "shell_command", "exec_command", "local_shell",
+    "run_shell_command", "terminal", "execute_command", "run_command",
+]
+# Gateway-host prefixes (the workspace-id gateway origin).
+GATEWAY_HOST_PREFIXES = ["/anthropic", "/openai/v1", "/gemini", "/mlflow/v1"]
+
+
+class ApiError(Exception):
+    """An error answered as Databricks REST does: {"error_code", "message"}."""
+
+    def __init__(self, status, error_code, message):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+def _now_ms():
+    return int(time.time() * 1000)
+
+
+class TokenRecord:
+    """One access token the fake knows: a PAT or an OAuth access token."""
+
+    def __init__(self, value, principal, kind, comment="", lifetime_seconds=None,
+                 can_mint=True):
+        self.value = value
+        self.token_id = secrets.token_hex(32)
+        self.principal = principal  # a user name or a service principal client id
+        self.kind = kind  # "pat" or "oauth"
+        self.comment = comment
+        self.creation_time = _now_ms()
+        self.expiry_time = (-1 if not lifetime_seconds
+                            else self.creation_time + int(lifetime_seconds) * 1000)
+        self.revoked = False
+        self.revoked_at = None
+        self.can_mint = can_mint
+
+    def expired(self, margin_seconds=0.0):
+        if self.expiry_time < 0:
+            return False
+        return _now_ms() + margin_seconds * 1000 >= self.expiry_time
+
+    def live(self, margin_seconds=0.0):
+        return not self.revoked and not self.expired(margin_seconds)
+
+    def info(self):
+        return {
+            "token_id": self.token_id,
+            "creation_time": self.creation_time,
+            "expiry_time": self.expiry_time,
+            "comment": self.comment,
+        }
+
+    def __repr__(self):  # never the value
+        state = "revoked" if self.revoked else ("expired" if self.expired() else "live")
+        return f"<TokenRecord {self.kind} {self.token_id[:8]} {self.principal} {state}>"
+
+
+class FakeWorkspace:
+    """A fake workspace + gateway. ``start()`` binds two free ports on 127.0.0.1."""
+
+    def __init__(self, *, host="127.0.0.1", port=0, gateway_port=0,
+                 user_name="alice@example.com", display_name="Alice Example",
+                 app_name="coda", app_creator=None,
+                 client_id="fake-sp-client-id", client_secret="fake-sp-secret",
+                 workspace_id="1234567890123456", models=None, verbose=False):
+        self.host = host
+        self._want_port = port
+        self._want_gateway_port = gateway_port
+        self.user_name = user_name
+        self.display_name = display_name
+        self.user_id = str(10 ** 15 + secrets.randbelow(10 ** 15))
+        self.app_name = app_name
+        self.app_creator = app_creator or user_name
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.workspace_id = workspace_id
+        self.models = list(models or DEFAULT_MODELS)
+        self.verbose = verbose
+
+        # Knobs (plain attributes; set them from a test).
+        self.invalid_token_status = 403     # workspace API answer to a dead token
+        self.gateway_auth_failure_status = 401  # gateway answer to a dead token
+        self.refuse_within_seconds = 0.0    # treat tokens this close to expiry as dead
+        self.max_token_lifetime_seconds = None  # admin cap on token/create
+        self.token_quota = 600              # live PATs per principal
+        self.oauth_token_lifetime_seconds = 3600
+        self.stream_delay = 0.0             # seconds between SSE events
+        self.tool_command = "echo FAKE-TOOL-OUTPUT"
+        self.disabled_generations = set()   # of "host", "ai-gateway", "serving-endpoints"
+
+        # Inspection (read from a test; guarded by self.lock while mutated).
+        self.lock = threading.RLock()
+        self.tokens = []            # TokenRecord, in creation order
+        self.gateway_requests = []  # dicts, see _record_gateway
+        self.requests = []          # every request: origin, method, path, status, principal
+        self.files = {"/": {"object_type": "DIRECTORY"}}
+        self.sql_statements = []
+        self._faults = []
+        self._servers = []
+        self._threads = []
+        self._stopping = threading.Event()
+        self.url = None
+        self.gateway_url = None
+        self._mkdirs(f"/Users/{user_name}")
+
+    # ------------------------------------------------------------------ life
+    def start(self):
+        ws = _Server((self.host, self._want_port), _Handler, self, "workspace")
+        gw = _Server((self.host, self._want_gateway_port), _Handler, self, "gateway")
+        self._servers = [ws, gw]
+        for srv in self._servers:
+            t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1},
+                                 name=f"fake-{srv.origin}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.url = f"http://{self.host}:{ws.server_address[1]}"
+        self.gateway_url = f"http://{self.host}:{gw.server_address[1]}"
+        return self
+
+    def stop(self):
+        self._stopping.set()
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._servers, self._threads = [], []
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def port(self):
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def gateway_port(self):
+        return int(self.gateway_url.rsplit(":", 1)[1])
+
+    # ---------------------------------------------------------------- tokens
+    def add_token(self, comment="created in the UI", lifetime_seconds=None, principal=None,
+                  can_mint=True, value=None):
+        """Register a PAT as if the user had made it in the workspace UI; returns its value.
+
+        ``can_mint=False`` makes token/create with it fail with 403 (a token
+        lacking the scope to mint)."""
+        rec = TokenRecord(value or ("dapi" + secrets.token_hex(16)), principal or self.user_name,
+                          "pat", comment, lifetime_seconds, can_mint)
+        with self.lock:
+            self.tokens.append(rec)
+        return rec.value
+
+    def find_token(self, value_or_id):
+        with self.lock:
+            for rec in self.tokens:
+                if value_or_id in (rec.value, rec.token_id):
+                    return rec
+        return None
+
+    def expire_token(self, value_or_id):
+        """Make a token expire now."""
+        rec = self._need_token(value_or_id)
+        with self.lock:
+            rec.expiry_time = _now_ms() - 1
+
+    def revoke_token(self, value_or_id):
+        rec = self._need_token(value_or_id)
+        with self.lock:
+            rec.revoked, rec.revoked_at = True, time.time()
+
+    def _need_token(self, value_or_id):
+        rec = self.find_token(value_or_id)
+        if rec is None:
+            raise KeyError("no such token")
+        return rec
+
+    def live_tokens(self, kind="pat", comment_contains=None):
+        with self.lock:
+            return [t for t in self.tokens
+                    if t.live() and (kind is None or t.kind == kind)
+                    and (comment_contains is None or comment_contains in t.comment)]
+
+    def live_token_values(self, kind=None):
+        return {t.value for t in self.live_tokens(kind=kind)}
+
+    def revoked_tokens(self, kind="pat"):
+        with self.lock:
+            return [t for t in self.tokens if t.revoked and (kind is None or t.kind == kind)]
+
+    def minted_tokens(self):
+        """Tokens made through POST /api/2.0/token/create, in order."""
+        with self.lock:
+            return [t for t in self.tokens if t.kind == "pat" and getattr(t, "minted", False)]
+
+    # ---------------------------------------------------------------- faults
+    def inject(self, route, status=503, count=1, delay=0.0, message="injected failure"):
+        """The next ``count`` requests to ``route`` sleep ``delay`` seconds and then
+        answer ``status`` (``status=None``: answer normally after the delay, which
+        makes a client with a shorter timeout time out).
+
+        Routes: "well-known", "oidc-discovery", "oidc-token", "scim-me",
+        "token/create", "token/list", "token/delete", "apps/get",
+        "workspace/<op>", "sql/statements", "gateway" (any gateway request)."""
+        with self.lock:
+            self._faults.append({"route": route, "status": status, "count": int(count),
+                                 "delay": float(delay), "message": message})
+
+    def clear_faults(self):
+        with self.lock:
+            self._faults.clear()
+
+    def _take_fault(self, route):
+        with self.lock:
+            for f in self._faults:
+                if f["route"] == route and f["count"] > 0:
+                    f["count"] -= 1
+                    return dict(f)
+        return None
+
+    # ----------------------------------------------------------- inspection
+    def gateway_requests_for(self, api=None, generation=None):
+        with self.lock:
+            return [r for r in self.gateway_requests
+                    if (api is None or r["api"] == api)
+                    and (generation is None or r["generation"] == generation)]
+
+    def clear_requests(self):
+        with self.lock:
+            self.gateway_requests.clear()
+            self.requests.clear()
+
+    def public_state(self):
+        """A JSON-safe summary without token values (served at /_fake/state)."""
+        with self.lock:
+            return {
+                "url": self.url,
+                "gateway_url": self.gateway_url,
+                "tokens": [dict(t.info(), kind=t.kind, principal=t.principal,
+                                live=t.live(), revoked=t.revoked) for t in self.tokens],
+                "gateway_requests": [
+                    {k: v for k, v in r.items() if k not in ("token", "headers", "body")}
+                    | {"headers": _redact_headers(r["headers"])}
+                    for r in self.gateway_requests],
+                "requests": list(self.requests),
+            }
+
+    # ------------------------------------------------------------- identity
+    def principal_for(self, token_value):
+        """The TokenRecord for a live token, or raise ApiError."""
+        rec = self.find_token(token_value) if token_value else None
+        if rec is None or not rec.live(self.refuse_within_seconds):
+            raise ApiError(self.invalid_token_status, "PERMISSION_DENIED"
+                           if self.invalid_token_status == 403 else "UNAUTHENTICATED",
+                           "Invalid access token.")
+        return rec
+
+    def _me(self, rec):
+        if rec.principal == self.client_id:
+            return {
+                "id": "7" + self.user_id[1:],
+                "userName": self.client_id,
+                "displayName": f"app-{self.app_name}",
+                "active": True,
+                "emails": [],
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            }
+        return {
+            "id": self.user_id,
+            "userName": rec.principal,
+            "displayName": self.display_name if rec.principal == self.user_name else rec.principal,
+            "active": True,
+            "name": {"givenName": self.display_name.split(" ")[0],
+                     "familyName": self.display_name.split(" ")[-1]},
+            "emails": [{"value": rec.principal, "type": "work", "primary": True}],
+            "groups": [{"display": "users", "value": "1"}],
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        }
+
+    # ------------------------------------------------------ workspace files
+    def _mkdirs(self, path):
+        path = _norm_ws_path(path)
+        parts = [p for p in path.split("/") if p]
+        cur = ""
+        for p in parts:
+            cur += "/" + p
+            obj = self.files.get(cur)
+            if obj is None:
+                self.files[cur] = {"object_type": "DIRECTORY"}
+            elif obj["object_type"] != "DIRECTORY":
+                raise ApiError(400, "RESOURCE_ALREADY_EXISTS",
+                               f"{cur} already exists and is not a directory")
+
+    def _status(self, path):
+        obj = self.files[path]
+        out = {"path": path, "object_type": obj["object_type"],
+               "object_id": abs(hash(path)) % (10 ** 15)}
+        if obj["object_type"] != "DIRECTORY":
+            out["size"] = len(obj.get("content", b""))
+            out["modified_at"] = obj.get("modified_at", 0)
+            out["created_at"] = obj.get("created_at", 0)
+        if obj.get("language"):
+            out["language"] = obj["language"]
+        return out
+
+    def read_file(self, path):
+        """Content (bytes) of a workspace object imported into the fake."""
+        with self.lock:
+            return self.files[_norm_ws_path(path)]["content"]
+
+
+def _norm_ws_path(path):
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", "Path must be absolute.")
+    path = "/" + "/".join(p for p in path.split("/") if p)
+    if "/../" in path + "/" or "/./" in path + "/":
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", "Path must be normalised.")
+    return path
+
+
+def _redact_headers(headers):
+    secret = {"authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie"}
+    return {k: ("<redacted>" if k in secret else v) for k, v in headers.items()}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, fake, origin):
+        self.fake = fake
+        self.origin = origin
+        super().__init__(addr, handler)
+
+
+# --------------------------------------------------------------------------
+# Reply synthesis shared by the four APIs.
+# --------------------------------------------------------------------------
+
+def _text_of(content):
+    """Plain text of a message content in any of the four APIs' shapes."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    out = []
+    for part in content:
+        if isinstance(part, str):
+            out.append(part)
+        elif isinstance(part, dict):
+            for key in ("text", "input_text", "output_text"):
+                if isinstance(part.get(key), str):
+                    out.append(part[key])
+                    break
+            else:
+                if isinstance(part.get("content"), (str, list)):
+                    out.append(_text_of(part["content"]))
+                elif isinstance(part.get("output"), str):
+                    out.append(part["output"])
+    return "\n".join(out)
+
+
+def _last_line(text):
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    line = re.sub(r"[^A-Za-z0-9 _.,:;!?=+/#@()-]", "", line)
+    return line[:80]
+
+
+def _first_line(text):
+    for ln in text.splitlines():
+        if ln.strip():
+            return re.sub(r"[^A-Za-z0-9 _.,:;!?=+/#@()-]", "", ln.strip())[:80]
+    return ""
+
+
+def _sample_from_schema(schema, depth=0):
+    """A small value that satisfies a JSON schema (for structured-output calls)."""
+    if not isinstance(schema, dict) or depth > 6:
+        return None
+    typ = schema.get("type")
+    if isinstance(typ, list):
+        typ = next((t for t in typ if t != "null"), "string")
+    typ = (typ or "").lower() if isinstance(typ, str) else typ
+    if "enum" in schema and schema["enum"]:
+        return "user" if "user" in schema["enum"] else schema["enum"][0]
+    if typ == "object" or "properties" in schema:
+        return {k: _sample_from_schema(v, depth + 1)
+                for k, v in (schema.get("properties") or {}).items()}
+    if typ == "array":
+        return []
+    if typ == "boolean":
+        return False
+    if typ in ("integer", "number"):
+        return 0
+    return "FAKE"
+
+
+def _shell_args(schema, command):
+    """Arguments for a shell-like tool from its JSON schema."""
+    props = (schema or {}).get("properties") or {}
+    required = (schema or {}).get("required") or []
+    args = {}
+    for name in ("command", "cmd"):
+        if name in props:
+            typ = props[name].get("type")
+            args[name] = ["bash", "-lc", command] if typ == "array" else command
+            break
+    else:
+        args["command"] = command
+    for name in required:
+        if name in args:
+            continue
+        spec = props.get(name) or {}
+        if name in ("description", "justification", "reason"):
+            args[name] = "fake tool call"
+        else:
+            args[name] = _sample_from_schema(spec)
+    return args
+
+
+def _pick_shell_tool(tools):
+    """tools: list of (name, schema). Returns (name, schema) or None."""
+    by_name = {name: schema for name, schema in tools}
+    for name in SHELL_TOOL_NAMES:
+        if name in by_name:
+            return name, by_name[name]
+    for name, schema in tools:
+        if "command" in ((schema or {}).get("required") or []):
+            return name, schema
+    return None
+
+
+class Turn:
+    """What the last message of a request asks for."""
+
+    def __init__(self, user_text="", tool_result=None, tools=(), schema=None):
+        self.user_text = user_text
+        self.tool_result = tool_result  # text of the tool result ending the request, or None
+        self.tools = list(tools)        # (name, schema)
+        self.schema = schema            # structured output requested
+
+    def decide(self, api, command):
+        """("text", str) or ("tool", name, args)."""
+        if self.schema is not None:
+            return "text", json.dumps(_sample_from_schema(self.schema))
+        if self.tool_result is not None:
+            return "text", f"FAKE-REPLY-{api} tool said: {_first_line(self.tool_result)}"
+        if "USE_TOOL" in self.user_text:
+            picked = _pick_shell_tool(self.tools)
+            if picked:
+                return "tool", picked[0], _shell_args(picked[1], command)
+            return "text", f"FAKE-REPLY-{api}: no shell tool was offered"
+        return "text", f"FAKE-REPLY-{api}: {_last_line(self.user_text)}"
+
+
+def _turn_anthropic(body):
+    msgs = body.get("messages") or []
+    last = msgs[-1] if msgs else {}
+    content = last.get("content")
+    tool_result = None
+    if isinstance(content, list):
+        results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if results:
+            tool_result = _text_of(results[-1].get("content"))
+    texts = [b for b in (content if isinstance(content, list) else [content])
+             if isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text")]
+    user_text = _text_of(texts[-1]) if texts else ""
+    tools = [(t["name"], t.get("input_schema")) for t in body.get("tools") or []
+             if isinstance(t, dict) and "name" in t and "input_schema" in t]
+    fmt = (body.get("output_format") or {})
+    schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
+    return Turn(user_text, tool_result, tools, schema)
+
+
+def _turn_responses(body):
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    items = items or []
+    last = items[-1] if items else {}
+    tool_result = None
+    if last.get("type") in ("function_call_output", "custom_tool_call_output",
+                            "local_shell_call_output"):
+        out = last.get("output")
+        tool_result = out if isinstance(out, str) else _text_of(out)
+        if isinstance(out, str):
+            try:  # older Codex wraps the output as JSON {"output": ..., "metadata": ...}
+                parsed = json.loads(out)
+                if isinstance(parsed, dict) and isinstance(parsed.get("output"), str):
+                    tool_result = parsed["output"]
+            except ValueError:
+                pass
+    user_msgs = [i for i in items if i.get("role") == "user"]
+    user_text = _text_of(user_msgs[-1].get("content")) if user_msgs else ""
+    tools = []
+    for t in body.get("tools") or []:
+        if t.get("type") == "function" and "name" in t:
+            tools.append((t["name"], t.get("parameters")))
+    fmt = ((body.get("text") or {}).get("format") or {})
+    schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
+    return Turn(user_text, tool_result, tools, schema)
+
+
+def _turn_chat(body):
+    msgs = body.get("messages") or []
+    last = msgs[-1] if msgs else {}
+    tool_result = _text_of(last.get("content")) if last.get("role") == "tool" else None
+    users = [m for m in msgs if m.get("role") == "user"]
+    user_text = _text_of(users[-1].get("content")) if users else ""
+    tools = []
+    for t in body.get("tools") or []:
+        fn = t.get("function") or {}
+        if "name" in fn:
+            tools.append((fn["name"], fn.get("parameters")))
+    fmt = body.get("response_format") or {}
+    schema = ((fmt.get("json_schema") or {}).get("schema")
+              if fmt.get("type") == "json_schema" else None)
+    return Turn(user_text, tool_result, tools, schema)
+
+
+def _turn_gemini(body):
+    contents = body.get("contents") or []
+    last = contents[-1] if contents else {}
+    parts = last.get("parts") or []
+    tool_result = None
+    responses = [p["functionResponse"] for p in parts
+                 if isinstance(p, dict) and "functionResponse" in p]
+    if responses:
+        resp = responses[-1].get("response") or {}
+        tool_result = resp.get("output") if isinstance(resp.get("output"), str) else json.dumps(resp)
+    texts = [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    user_text = texts[-1] if texts else ""
+    tools = []
+    for t in body.get("tools") or []:
+        for fd in t.get("functionDeclarations") or []:
+            tools.append((fd.get("name"), fd.get("parametersJsonSchema") or fd.get("parameters")))
+    cfg = body.get("generationConfig") or {}
+    schema = cfg.get("responseJsonSchema") or cfg.get("responseSchema")
+    return Turn(user_text, tool_result, tools, schema)
+
+
+# --------------------------------------------------------------------------
+# The HTTP handler.
+# --------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeDatabricks/1.0"
+
+    # -- plumbing ----------------------------------------------------------
+    @property
+    def fake(self):
+        return self.server.fake
+
+    def log_message(self, fmt, *args):  # access log without query strings
+        if self.fake.verbose:
+            sys.stderr.write(f"[fake {self.server.origin}] {self.command} "
+                             f"{self.path.split('?', 1)[0]} {fmt % args}\n")
+
+    def log_request(self, code="-", size="-"):
+        self.log_message("%s", getattr(code, "value", code))
+
+    def do_GET(self):
+        self._dispatch()
+
+    def do_POST(self):
+        self._dispatch()
+
+    def do_HEAD(self):
+        self._dispatch()
+
+    def do_DELETE(self):
+        self._dispatch()
+
+    def do_PATCH(self):
+        self._dispatch()
+
+    def do_PUT(self):
+        self._dispatch()
+
+    def _read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            for _ in range(1_000_000):  # bounded: at most a million chunks
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise ApiError(413, "REQUEST_LIMIT_EXCEEDED", "Body too large.")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ApiError(413, "REQUEST_LIMIT_EXCEEDED", "Body too large.")
+        return self.rfile.read(length) if length else b""
+
+    def _json_body(self):
+        if not self.raw_body:
+            return {}
+        try:
+            body = json.loads(self.raw_body)
+        except ValueError:
+            raise ApiError(400, "MALFORMED_REQUEST", "Request body is not JSON.")
+        if not isinstance(body, dict):
+            raise ApiError(400, "MALFORMED_REQUEST", "Request body must be a JSON object.")
+        return body
+
+    def _send(self, status, body=b"", content_type="application/json", headers=None):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._status = status
+
+    def _start_stream(self, content_type="text/event-stream"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._status = 200
+
+    def _chunk(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        if not data:
+            return
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+        if self.fake.stream_delay:
+            self.fake._stopping.wait(self.fake.stream_delay)
+
+    def _end_stream(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _bearer(self):
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip(), "authorization"
+        for h in ("x-api-key", "x-goog-api-key", "api-key"):
+            if self.headers.get(h):
+                return self.headers[h].strip(), h
+        key = urllib.parse.parse_qs(self.query).get("key")
+        if key:
+            return key[0], "query"
+        return None, None
+
+    def _dispatch(self):
+        self._status = None
+        self.parsed = urllib.parse.urlsplit(self.path)
+        self.route_path = urllib.parse.unquote(self.parsed.path)
+        self.query = self.parsed.query
+        self.principal = None
+        try:
+            self.raw_body = self._read_body()
+            if self.route_path.startswith("/_fake/"):
+                self._fake_control()
+            elif self.server.origin == "gateway":
+                self._gateway("host")
+            elif self.route_path.startswith("/ai-gateway/"):
+                self._gateway("ai-gateway")
+            elif self.route_path == "/serving-endpoints" or self.route_path.startswith("/serving-endpoints/"):
+                self._gateway("serving-endpoints")
+            else:
+                self._workspace()
+        except ApiError as e:
+            self._send(e.status, {"error_code": e.error_code, "message": e.message})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug in the fake: say so, loudly
+            sys.stderr.write(f"[fake] internal error on {self.command} {self.route_path}: {e!r}\n")
+            if self._status is None:
+                self._send(500, {"error_code": "INTERNAL_ERROR", "message": repr(e)})
+            self.close_connection = True
+        finally:
+            with self.fake.lock:
+                self.fake.requests.append({
+                    "origin": self.server.origin, "method": self.command,
+                    "path": self.route_path, "status": self._status,
+                    "principal": self.principal, "time": time.time()})
+
+    def _apply_fault(self, route):
+        fault = self.fake._take_fault(route)
+        if fault is None:
+            return
+        if fault["delay"]:
+            self.fake._stopping.wait(fault["delay"])
+        if fault["status"] is not None:
+            raise ApiError(fault["status"], "TEMPORARILY_UNAVAILABLE"
+                           if fault["status"] >= 500 else "INJECTED", fault["message"])
+
+    # -- test control ------------------------------------------------------
+    def _fake_control(self):
+        if self.route_path == "/_fake/state" and self.command == "GET":
+            return self._send(200, self.fake.public_state())
+        raise ApiError(404, "ENDPOINT_NOT_FOUND", "No such fake control endpoint.")
+
+    # -- workspace REST ----------------------------------------------------
+    def _auth(self):
+        token, _ = self._bearer()
+        if not token:
+            raise ApiError(401, "UNAUTHENTICATED",
+                           "Credential was not sent or was of an unsupported type for this API.")
+        rec = self.fake.principal_for(token)
+        self.principal = rec.principal
+        return rec
+
+    def _workspace(self):
+        fake, path, method = self.fake, self.route_path, self.command
+        qs = urllib.parse.parse_qs(self.query)
+
+        if path == "/.well-known/databricks-config" and method == "GET":
+            self._apply_fault("well-known")
+            return self._send(200, {"oidc_endpoint": f"{fake.url}/oidc",
+                                    "workspace_id": fake.workspace_id, "cloud": "aws"})
+        if path == "/oidc/.well-known/oauth-authorization-server" and method == "GET":
+            self._apply_fault("oidc-discovery")
+            return self._send(200, {
+                "issuer": f"{fake.url}/oidc",
+                "authorization_endpoint": f"{fake.url}/oidc/v1/authorize",
+                "token_endpoint": f"{fake.url}/oidc/v1/token",
+                "grant_types_supported": ["client_credentials", "authorization_code",
+                                          "refresh_token"],
+            })
+        if path == "/oidc/v1/token" and method == "POST":
+            self._apply_fault("oidc-token")
+            return self._oidc_token()
+        if path == "/api/2.0/preview/scim/v2/Me" and method == "GET":
+            rec = self._auth()
+            self._apply_fault("scim-me")
+            return self._send(200, fake._me(rec))
+        if path == "/api/2.0/token/create" and method == "POST":
+            rec = self._auth()
+            self._apply_fault("token/create")
+            return self._token_create(rec)
+        if path == "/api/2.0/token/list" and method == "GET":
+            rec = self._auth()
+            self._apply_fault("token/list")
+            with fake.lock:
+                infos = [t.info() for t in fake.tokens
+                         if t.kind == "pat" and t.principal == rec.principal and t.live()]
+            return self._send(200, {"token_infos": infos} if infos else {})
+        if path == "/api/2.0/token/delete" and method == "POST":
+            rec = self._auth()
+            self._apply_fault("token/delete")
+            body = self._json_body()
+            token_id = body.get("token_id")
+            if not isinstance(token_id, str):
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", "token_id is required.")
+            with fake.lock:
+                target = next((t for t in fake.tokens if t.token_id == token_id and t.kind == "pat"
+                               and t.principal == rec.principal and not t.revoked), None)
+                if target is None:
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST",
+                                   f"Token with id {token_id} does not exist.")
+                target.revoked, target.revoked_at = True, time.time()
+            return self._send(200, {})
+        m = re.fullmatch(r"/api/2\.0/apps/([^/]+)", path)
+        if m and method == "GET":
+            self._auth()
+            self._apply_fault("apps/get")
+            if m.group(1) != fake.app_name:
+                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"App {m.group(1)} does not exist.")
+            return self._send(200, {
+                "name": fake.app_name,
+                "creator": fake.app_creator,
+                "service_principal_client_id": fake.client_id,
+                "service_principal_name": f"app-{fake.app_name}",
+                "url": f"https://{fake.app_name}-{fake.workspace_id}.aws.databricksapps.com",
+                "app_status": {"state": "RUNNING", "message": "App is running"},
+                "compute_status": {"state": "ACTIVE", "message": "App compute is active."},
+                "create_time": "2026-01-01T00:00:00Z",
+            })
+        m = re.fullmatch(r"/api/2\.0/workspace/(import|export|mkdirs|delete|get-status|list)", path)
+        if m:
+            self._auth()
+            self._apply_fault("workspace/" + m.group(1))
+            return self._workspace_files(m.group(1), method, qs)
+        if path == "/api/2.0/sql/statements" and method == "POST":
+            rec = self._auth()
+            self._apply_fault("sql/statements")
+            body = self._json_body()
+            if not isinstance(body.get("statement"), str):
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement is required.")
+            sid = "01f0" + secrets.token_hex(14)
+            with fake.lock:
+                fake.sql_statements.append(dict(body, statement_id=sid, principal=rec.principal))
+            return self._send(200, {"statement_id": sid, "status": {"state": "SUCCEEDED"},
+                                    "manifest": {"format": "JSON_ARRAY", "total_row_count": 0,
+                                                 "schema": {"column_count": 0, "columns": []}},
+                                    "result": {"row_count": 0, "data_array": []}})
+        m = re.fullmatch(r"/api/2\.0/sql/statements/([^/]+)", path)
+        if m and method == "GET":
+            self._auth()
+            with fake.lock:
+                known = any(s["statement_id"] == m.group(1) for s in fake.sql_statements)
+            if not known:
+                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", "No such statement.")
+            return self._send(200, {"statement_id": m.group(1), "status": {"state": "SUCCEEDED"}})
+        raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+
+    def _oidc_token(self):
+        fake = self.fake
+        form = urllib.parse.parse_qs(self.raw_body.decode("latin-1"))
+        client_id = (form.get("client_id") or [None])[0]
+        client_secret = (form.get("client_secret") or [None])[0]
+        auth = self.headers.get("Authorization", "")
+        if auth[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(auth[6:].strip()).decode()
+                client_id, _, client_secret = decoded.partition(":")
+                client_id = urllib.parse.unquote(client_id)
+                client_secret = urllib.parse.unquote(client_secret)
+            except ValueError:
+                pass
+        grant = (form.get("grant_type") or [None])[0]
+        if grant != "client_credentials":
+            return self._send(400, {"error": "unsupported_grant_type",
+                                    "error_description": "Only client_credentials is supported."})
+        if client_id != fake.client_id or client_secret != fake.client_secret:
+            return self._send(401, {"error": "invalid_client",
+                                    "error_description": "Client authentication failed."})
+        rec = TokenRecord("eyJfake." + secrets.token_urlsafe(32), fake.client_id, "oauth",
+                          "oauth m2m", fake.oauth_token_lifetime_seconds)
+        with fake.lock:
+            fake.tokens.append(rec)
+        self.principal = fake.client_id
+        return self._send(200, {"access_token": rec.value, "token_type": "Bearer",
+                                "expires_in": fake.oauth_token_lifetime_seconds,
+                                "scope": (form.get("scope") or ["all-apis"])[0]})
+
+    def _token_create(self, rec):
+        fake = self.fake
+        body = self._json_body()
+        lifetime = body.get("lifetime_seconds")
+        comment = body.get("comment") or ""
+        if lifetime is not None and (not isinstance(lifetime, int) or isinstance(lifetime, bool)):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "lifetime_seconds must be an integer.")
+        if not rec.can_mint:
+            raise ApiError(403, "PERMISSION_DENIED",
+                           "This token does not have the scope required to create tokens.")
+        cap = fake.max_token_lifetime_seconds
+        if cap is not None and (lifetime is None or lifetime <= 0 or lifetime > cap):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                           f"Token lifetime exceeds the maximum lifetime of {cap} seconds "
+                           "set by the workspace administrator.")
+        with fake.lock:
+            live = [t for t in fake.tokens
+                    if t.kind == "pat" and t.principal == rec.principal and t.live()]
+            if len(live) >= fake.token_quota:
+                raise ApiError(400, "QUOTA_EXCEEDED",
+                               f"Cannot create more than {fake.token_quota} tokens.")
+            new = TokenRecord("dapi" + secrets.token_hex(16), rec.principal, "pat", comment,
+                              lifetime if lifetime and lifetime > 0 else None)
+            new.minted = True
+            fake.tokens.append(new)
+        return self._send(200, {"token_value": new.value, "token_info": new.info()})
+
+    def _workspace_files(self, op, method, qs):
+        fake = self.fake
+        if op in ("get-status", "list", "export"):
+            if method != "GET":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", f"Use GET for workspace/{op}.")
+            params = {k: v[0] for k, v in qs.items()}
+        else:
+            if method != "POST":
+                raise ApiError(405, "METHOD_NOT_ALLOWED", f"Use POST for workspace/{op}.")
+            params = self._multipart() if op == "import" and self.headers.get(
+                "Content-Type", "").startswith("multipart/") else self._json_body()
+        path = _norm_ws_path(params.get("path"))
+        with fake.lock:
+            obj = fake.files.get(path)
+            if op == "get-status":
+                if obj is None:
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Path ({path}) doesn't exist.")
+                return self._send(200, fake._status(path))
+            if op == "list":
+                if obj is None:
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Path ({path}) doesn't exist.")
+                if obj["object_type"] != "DIRECTORY":
+                    return self._send(200, {"objects": [fake._status(path)]})
+                prefix = path.rstrip("/") + "/"
+                kids = sorted(p for p in fake.files
+                              if p.startswith(prefix) and "/" not in p[len(prefix):] and p != "/")
+                return self._send(200, {"objects": [fake._status(p) for p in kids]} if kids else {})
+            if op == "export":
+                if obj is None or obj["object_type"] == "DIRECTORY":
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Path ({path}) doesn't exist.")
+                if str(params.get("direct_download", "")).lower() == "true":
+                    return self._send(200, obj["content"], "application/octet-stream")
+                return self._send(200, {"content": base64.b64encode(obj["content"]).decode(),
+                                        "file_type": path.rsplit(".", 1)[-1] if "." in path else ""})
+            if op == "mkdirs":
+                fake._mkdirs(path)
+                return self._send(200, {})
+            if op == "delete":
+                if obj is None:
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Path ({path}) doesn't exist.")
+                prefix = path.rstrip("/") + "/"
+                kids = [p for p in fake.files if p.startswith(prefix)]
+                if kids and not params.get("recursive"):
+                    raise ApiError(400, "DIRECTORY_NOT_EMPTY", f"Folder ({path}) is not empty.")
+                if path == "/":
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE", "Cannot delete the root.")
+                for p in kids + [path]:
+                    fake.files.pop(p, None)
+                return self._send(200, {})
+            # import
+            parent = path.rsplit("/", 1)[0] or "/"
+            if fake.files.get(parent, {}).get("object_type") != "DIRECTORY":
+                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST",
+                               f"The parent folder ({parent}) does not exist.")
+            overwrite = str(params.get("overwrite", "")).lower() in ("true", "1")
+            if obj is not None and (not overwrite or obj["object_type"] == "DIRECTORY"):
+                raise ApiError(400, "RESOURCE_ALREADY_EXISTS", f"Path ({path}) already exists.")
+            content = params.get("content", b"")
+            if isinstance(content, str):
+                try:
+                    content = base64.b64decode(content, validate=True)
+                except ValueError:
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE", "content must be base64.")
+            fmt = (params.get("format") or "SOURCE").upper()
+            language = params.get("language")
+            kind = "NOTEBOOK" if fmt in ("SOURCE", "JUPYTER", "DBC") and language else "FILE"
+            if fmt == "AUTO" and content.startswith(b"# Databricks notebook source"):
+                kind = "NOTEBOOK"
+            now = _now_ms()
+            fake.files[path] = {"object_type": kind, "content": content, "language": language,
+                                "created_at": (obj or {}).get("created_at", now),
+                                "modified_at": now}
+            return self._send(200, {})
+
+    def _multipart(self):
+        head = f"Content-Type: {self.headers.get('Content-Type')}\r\n\r\n".encode()
+        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + self.raw_body)
+        if not msg.is_multipart():
+            raise ApiError(400, "MALFORMED_REQUEST", "Bad multipart body.")
+        out = {}
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if not name:
+                continue
+            data = part.get_payload(decode=True) or b""
+            out[name] = data if name == "content" else data.decode("utf-8", "replace")
+        return out
+
+    # -- the AI Gateway ----------------------------------------------------
+    def _record_gateway(self, generation, api, base, model, token, via, body):
+        fake = self.fake
+        rec = fake.find_token(token) if token else None
+        entry = {
+            "time": time.time(), "origin": self.server.origin, "generation": generation,
+            "method": self.command, "path": self.route_path,
+            "query": re.sub(r"(^|&)key=[^&]*", r"\1key=<redacted>", self.query),
+            "base": base, "api": api, "model": model,
+            "token": token, "token_id": rec.token_id if rec else None,
+            "token_live": bool(rec and rec.live(fake.refuse_within_seconds)),
+            "auth_via": via, "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body, "status": None,
+        }
+        with fake.lock:
+            fake.gateway_requests.append(entry)
+        return entry
+
+    def _gateway(self, generation):
+        fake, path, method = self.fake, self.route_path, self.command
+        if generation in fake.disabled_generations:
+            raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+        if generation == "host" and not any(path == p or path.startswith(p + "/")
+                                            for p in GATEWAY_HOST_PREFIXES):
+            raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+
+        api, base, model = "probe", path, None
+        m = re.fullmatch(r"(.*)/(v1beta|v1alpha|v1)/models/([^/:]+):(\w+)", path)
+        if m and method == "POST":
+            base, model = m.group(1), m.group(3)
+            api = {"streamGenerateContent": "gemini", "generateContent": "gemini",
+                   "countTokens": "gemini-count"}.get(m.group(4), "unknown")
+        elif method == "POST" and path.endswith("/v1/messages"):
+            api, base = "anthropic", path[:-len("/v1/messages")]
+        elif method == "POST" and path.endswith("/v1/messages/count_tokens"):
+            api, base = "anthropic-count", path[:-len("/v1/messages/count_tokens")]
+        elif method == "POST" and path.endswith("/responses"):
+            api, base = "responses", path[:-len("/responses")]
+        elif method == "POST" and path.endswith("/chat/completions"):
+            api, base = "chat", path[:-len("/chat/completions")]
+        elif method == "POST" and path.endswith("/invocations"):
+            api, base = "chat", path[:-len("/invocations")]
+            model = path.rsplit("/", 2)[-2]
+        elif method == "GET" and re.search(r"/models(/[^/]+)?$", path):
+            api = "models"
+            base = re.sub(r"(/v1beta|/v1)?/models(/[^/]+)?$", "", path)
+        elif method in ("HEAD", "GET"):
+            api = "probe"
+        else:
+            api = "unknown"
+
+        body = {}
+        if method == "POST":
+            try:
+                body = self._json_body()
+            except ApiError:
+                body = {"_raw": self.raw_body[:2000].decode("utf-8", "replace")}
+        model = model or body.get("model")
+        token, via = self._bearer()
+        entry = self._record_gateway(generation, api, base, model, token, via, body)
+        try:
+            self._gateway_answer(entry, api, body)
+        finally:
+            entry["status"] = self._status
+
+    def _gateway_error(self, api, status, message):
+        if api.startswith("anthropic"):
+            kind = {401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 429: "rate_limit_error"}.get(status, "api_error")
+            return self._send(status, {"type": "error", "error": {"type": kind, "message": message}})
+        if api.startswith("gemini"):
+            code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                    429: "RESOURCE_EXHAUSTED"}.get(status, "UNAVAILABLE")
+            return self._send(status, {"error": {"code": status, "message": message, "status": code}})
+        return self._send(status, {"error": {"message": message, "type": "invalid_request_error"
+                                             if status < 500 else "server_error",
+                                             "code": str(status)}})
+
+    def _gateway_answer(self, entry, api, body):
+        fake = self.fake
+        if self.command == "HEAD":  # Claude Code's reachability check, sent before auth
+            return self._send(200, b"", "text/plain")
+        if not entry["token_live"]:
+            return self._gateway_error(api, fake.gateway_auth_failure_status,
+                                       "Invalid access token." if entry["token"]
+                                       else "Missing access token.")
+        self.principal = fake.find_token(entry["token"]).principal
+        fault = fake._take_fault("gateway")
+        if fault:
+            if fault["delay"]:
+                fake._stopping.wait(fault["delay"])
+            if fault["status"] is not None:
+                return self._gateway_error(api, fault["status"], fault["message"])
+        if api == "probe":
+            return self._send(200, {"status": "ok"})
+        if api == "unknown":
+            return self._gateway_error(api, 404, f"No route for {self.command} {self.route_path}")
+        if api == "models":
+            return self._models(entry)
+        if api == "anthropic-count":
+            return self._send(200, {"input_tokens": 42})
+        if api == "gemini-count":
+            return self._send(200, {"totalTokens": 42})
+        if api == "anthropic":
+            return self._anthropic(body, _turn_anthropic(body).decide("anthropic", fake.tool_command))
+        if api == "responses":
+            return self._responses(body, _turn_responses(body).decide("responses", fake.tool_command))
+        if api == "chat":
+            return self._chat(body, entry["model"],
+                              _turn_chat(body).decide("chat", fake.tool_command))
+        if api == "gemini":
+            stream = self.route_path.endswith(":streamGenerateContent")
+            return self._gemini(entry["model"], stream,
+                                _turn_gemini(body).decide("gemini", fake.tool_command))
+        return self._gateway_error(api, 404, "No such route.")
+
+    def _models(self, entry):
+        models, base = self.fake.models, entry["base"]
+        if "gemini" in base or "google" in base:
+            return self._send(200, {"models": [
+                {"name": f"models/{m}", "displayName": m, "inputTokenLimit": 1048576,
+                 "outputTokenLimit": 65536,
+                 "supportedGenerationMethods": ["generateContent", "countTokens"]}
+                for m in models]})
+        if "anthropic" in base:
+            data = [{"id": m, "type": "model", "display_name": m,
+                     "created_at": "2026-01-01T00:00:00Z"} for m in models]
+            return self._send(200, {"data": data, "has_more": False,
+                                    "first_id": models[0], "last_id": models[-1]})
+        one = re.search(r"/models/([^/]+)$", self.route_path)
+        if one:
+            return self._send(200, {"id": one.group(1), "object": "model", "created": 0,
+                                    "owned_by": "databricks"})
+        return self._send(200, {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "databricks"}
+            for m in models]})
+
+    @staticmethod
+    def _pieces(text):
+        """Split a reply into a few deltas, to exercise clients' accumulation."""
+        n = max(1, min(3, len(text) // 8))
+        step = -(-len(text) // n)
+        return [text[i:i + step] for i in range(0, len(text), step)] or [""]
+
+    def _anthropic(self, body, decision):
+        model = body.get("model") or "unknown"
+        msg_id = "msg_fake" + secrets.token_hex(8)
+        usage = {"input_tokens": 42, "output_tokens": 7,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        if decision[0] == "tool":
+            block = {"type": "tool_use", "id": "toolu_fake" + secrets.token_hex(8),
+                     "name": decision[1], "input": decision[2]}
+            stop = "tool_use"
+        else:
+            block = {"type": "text", "text": decision[1]}
+            stop = "end_turn"
+        if not body.get("stream"):
+            return self._send(200, {"id": msg_id, "type": "message", "role": "assistant",
+                                    "model": model, "content": [block], "stop_reason": stop,
+                                    "stop_sequence": None, "usage": usage})
+
+        def ev(name, data):
+            self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n")
+
+        self._start_stream()
+        ev("message_start", {"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": dict(usage, output_tokens=1)}})
+        if block["type"] == "text":
+            ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})
+            ev("ping", {"type": "ping"})
+            for piece in self._pieces(block["text"]):
+                ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": piece}})
+        else:
+            ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": dict(block, input={})})
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "input_json_delta",
+                                                 "partial_json": json.dumps(block["input"])}})
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+        ev("message_delta", {"type": "message_delta",
+                             "delta": {"stop_reason": stop, "stop_sequence": None},
+                             "usage": {"output_tokens": 7}})
+        ev("message_stop", {"type": "message_stop"})
+        self._end_stream()
+
+    def _responses(self, body, decision):
+        model = body.get("model") or "unknown"
+        resp_id = "resp_fake" + secrets.token_hex(8)
+        created = int(time.time())
+        usage = {"input_tokens": 42, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": 49}
+        if decision[0] == "tool":
+            item = {"type": "function_call", "id": "fc_fake" + secrets.token_hex(8),
+                    "call_id": "call_fake" + secrets.token_hex(8), "name": decision[1],
+                    "arguments": json.dumps(decision[2]), "status": "completed"}
+        else:
+            item = {"type": "message", "id": "msg_fake" + secrets.token_hex(8),
+                    "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": decision[1], "annotations": []}]}
+        base = {"id": resp_id, "object": "response", "created_at": created, "model": model,
+                "status": "in_progress", "output": [], "usage": None}
+        done = dict(base, status="completed", output=[item], usage=usage)
+        if body.get("stream") is False:
+            return self._send(200, done)
+        seq = iter(range(1000))
+
+        def ev(name, data):
+            data = dict(data, type=name, sequence_number=next(seq))
+            self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n")
+
+        self._start_stream()
+        ev("response.created", {"response": base})
+        ev("response.in_progress", {"response": base})
+        if item["type"] == "message":
+            text = decision[1]
+            ev("response.output_item.added", {"output_index": 0, "item": dict(
+                item, status="in_progress", content=[])})
+            ev("response.content_part.added", {"item_id": item["id"], "output_index": 0,
+                                               "content_index": 0, "part": {
+                                                   "type": "output_text", "text": "",
+                                                   "annotations": []}})
+            for piece in self._pieces(text):
+                ev("response.output_text.delta", {"item_id": item["id"], "output_index": 0,
+                                                  "content_index": 0, "delta": piece})
+            ev("response.output_text.done", {"item_id": item["id"], "output_index": 0,
+                                             "content_index": 0, "text": text})
+            ev("response.content_part.done", {"item_id": item["id"], "output_index": 0,
+                                              "content_index": 0, "part": item["content"][0]})
+        else:
+            ev("response.output_item.added", {"output_index": 0, "item": dict(
+                item, status="in_progress", arguments="")})
+            ev("response.function_call_arguments.delta", {"item_id": item["id"],
+                                                          "output_index": 0,
+                                                          "delta": item["arguments"]})
+            ev("response.function_call_arguments.done", {"item_id": item["id"],
+                                                         "output_index": 0,
+                                                         "arguments": item["arguments"]})
+        ev("response.output_item.done", {"output_index": 0, "item": item})
+        ev("response.completed", {"response": done})
+        self._end_stream()
+
+    def _chat(self, body, model, decision):
+        model = model or "unknown"
+        cid = "chatcmpl-fake" + secrets.token_hex(8)
+        created = int(time.time())
+        usage = {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}
+        if decision[0] == "tool":
+            call = {"id": "call_fake" + secrets.token_hex(8), "type": "function",
+                    "function": {"name": decision[1], "arguments": json.dumps(decision[2])}}
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": decision[1]}
+            finish = "stop"
+        if not body.get("stream"):
+            return self._send(200, {"id": cid, "object": "chat.completion", "created": created,
+                                    "model": model, "choices": [{"index": 0, "message": message,
+                                                                 "finish_reason": finish}],
+                                    "usage": usage})
+
+        def chunk(delta, finish_reason=None, **extra):
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": [{"index": 0, "delta": delta,
+                                                 "finish_reason": finish_reason}]}
+            data.update(extra)
+            self._chunk(f"data: {json.dumps(data)}\n\n")
+
+        self._start_stream()
+        chunk({"role": "assistant", "content": ""})
+        if finish == "stop":
+            for piece in self._pieces(message["content"]):
+                chunk({"content": piece})
+        else:
+            call = message["tool_calls"][0]
+            chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                   "function": {"name": call["function"]["name"],
+                                                "arguments": ""}}]})
+            chunk({"tool_calls": [{"index": 0, "function": {
+                "arguments": call["function"]["arguments"]}}]})
+        chunk({}, finish)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self._chunk("data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
+                                               "created": created, "model": model,
+                                               "choices": [], "usage": usage}) + "\n\n")
+        self._chunk("data: [DONE]\n\n")
+        self._end_stream()
+
+    def _gemini(self, model, stream, decision):
+        usage = {"promptTokenCount": 42, "candidatesTokenCount": 7, "totalTokenCount": 49}
+        if decision[0] == "tool":
+            parts = [{"functionCall": {"name": decision[1], "args": decision[2]}}]
+        else:
+            parts = [{"text": decision[1]}]
+
+        def candidate(ps, finish=None):
+            c = {"content": {"role": "model", "parts": ps}, "index": 0}
+            if finish:
+                c["finishReason"] = finish
+            return {"candidates": [c], "usageMetadata": usage, "modelVersion": model,
+                    "responseId": "fake" + secrets.token_hex(6)}
+
+        if not stream:
+            return self._send(200, candidate(parts, "STOP"))
+        self._start_stream()
+        if decision[0] == "text":
+            pieces = self._pieces(decision[1])
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                self._chunk("data: " + json.dumps(candidate([{"text": piece}],
+                                                            "STOP" if last else None)) + "\r\n\r\n")
+        else:
+            self._chunk("data: " + json.dumps(candidate(parts, "STOP")) + "\r\n\r\n")
+        self._end_stream()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Run a fake Databricks workspace + AI Gateway.")
+    ap.add_argument("--port", type=int, default=0, help="workspace port (default: a free one)")
+    ap.add_argument("--gateway-port", type=int, default=0,
+                    help="gateway-host port (default: a free one)")
+    ap.add_argument("--token-file", help="write a fresh bootstrap PAT here (mode 0600)")
+    ap.add_argument("--token-value", help="register this value as a bootstrap PAT")
+    ap.add_argument("--user", default="alice@example.com")
+    ap.add_argument("--app-name", default="coda")
+    ap.add_argument("--client-id", default="fake-sp-client-id")
+    ap.add_argument("--client-secret", default="fake-sp-secret")
+    ap.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    args = ap.parse_args(argv)
+    fw = FakeWorkspace(port=args.port, gateway_port=args.gateway_port, user_name=args.user,
+                       app_name=args.app_name, client_id=args.client_id,
+                       client_secret=args.client_secret, verbose=not args.quiet).start()
+    if args.token_value:
+        fw.add_token(comment="bootstrap (command line)", value=args.token_value)
+    if args.token_file:
+        value = fw.add_token(comment="bootstrap (token file)")
+        fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+    print(f"FAKE_WORKSPACE_URL={fw.url}", flush=True)
+    print(f"FAKE_GATEWAY_URL={fw.gateway_url}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()  # until SIGTERM or Ctrl+C
+    fw.stop()
+
+
+if __name__ == "__main__":
+    main()
