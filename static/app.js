@@ -1,0 +1,1397 @@
+// CoDA browser terminal.
+//
+// Sections, in order: settings and storage, themes and fonts, HTTP helpers,
+// the transport (one WebSocket per tab, long-poll Worker as fallback), panes,
+// tabs and layout, session picker, setup and token cards, search, voice,
+// uploads, keyboard shortcuts, boot.
+//
+// Wire contract: shared PROTOCOL.md. Offsets are raw PTY byte offsets; every
+// pane remembers how far it has handed bytes to xterm (`pane.offset`) and how
+// far xterm has rendered them (`pane.rendered`), so any reconnect or switch of
+// transport resumes exactly where the pane is, without loss or repeats.
+'use strict';
+
+(() => {
+
+// ---------------------------------------------------------------------------
+// Settings and storage
+// ---------------------------------------------------------------------------
+
+const IS_MAC = /Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent);
+const MAX_TABS = 10;
+const ACK_EVERY = 64 * 1024;       // PROTOCOL: ack at least every 64 KiB rendered
+const INPUT_CHUNK = 64 * 1024;     // keep client frames far below the 1 MiB cap
+const POLL_BACKLOG = 1024 * 1024;  // unrendered bytes before the poller waits
+const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
+
+// localStorage may be unavailable (private modes, quotas): never let that
+// break the terminal, just forget.
+const store = {
+  get(key, fallback) {
+    try {
+      const raw = localStorage.getItem('coda.' + key);
+      return raw === null ? fallback : JSON.parse(raw);
+    } catch (_) { return fallback; }
+  },
+  set(key, value) {
+    try { localStorage.setItem('coda.' + key, JSON.stringify(value)); } catch (_) { /* forget */ }
+  },
+};
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === 'class') node.className = v;
+    else if (k === 'text') node.textContent = v;
+    else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+// ---------------------------------------------------------------------------
+// Themes and fonts (data, not code)
+// ---------------------------------------------------------------------------
+
+// name, dark?, background, foreground, cursor, selection, then the 16 ANSI
+// colours black red green yellow blue magenta cyan white, normal then bright.
+const THEME_TABLE = [
+  ['Dark', true, '#1e1e1e', '#d4d4d4', '#d4d4d4', '#264f78',
+    '#000000 #cd3131 #0dbc79 #e5e510 #2472c8 #bc3fbc #11a8cd #e5e5e5 #666666 #f14c4c #23d18b #f5f543 #3b8eea #d670d6 #29b8db #ffffff'],
+  ['Light', false, '#ffffff', '#333333', '#333333', '#add6ff',
+    '#000000 #cd3131 #00bc00 #949800 #0451a5 #bc05bc #0598bc #555555 #666666 #cd3131 #14ce14 #b5ba00 #0451a5 #bc05bc #0598bc #a5a5a5'],
+  ['Dracula', true, '#282a36', '#f8f8f2', '#f8f8f2', '#44475a',
+    '#21222c #ff5555 #50fa7b #f1fa8c #bd93f9 #ff79c6 #8be9fd #f8f8f2 #6272a4 #ff6e6e #69ff94 #ffffa5 #d6acff #ff92df #a4ffff #ffffff'],
+  ['Solarized Dark', true, '#002b36', '#839496', '#93a1a1', '#073642',
+    '#073642 #dc322f #859900 #b58900 #268bd2 #d33682 #2aa198 #eee8d5 #586e75 #cb4b16 #586e75 #657b83 #839496 #6c71c4 #93a1a1 #fdf6e3'],
+  ['Solarized Light', false, '#fdf6e3', '#657b83', '#586e75', '#eee8d5',
+    '#073642 #dc322f #859900 #b58900 #268bd2 #d33682 #2aa198 #eee8d5 #586e75 #cb4b16 #586e75 #657b83 #839496 #6c71c4 #93a1a1 #fdf6e3'],
+  ['Nord', true, '#2e3440', '#d8dee9', '#d8dee9', '#434c5e',
+    '#3b4252 #bf616a #a3be8c #ebcb8b #81a1c1 #b48ead #88c0d0 #e5e9f0 #4c566a #bf616a #a3be8c #ebcb8b #81a1c1 #b48ead #8fbcbb #eceff4'],
+  ['Monokai', true, '#272822', '#f8f8f2', '#f8f8f0', '#49483e',
+    '#272822 #f92672 #a6e22e #f4bf75 #66d9ef #ae81ff #a1efe4 #f8f8f2 #75715e #f92672 #a6e22e #f4bf75 #66d9ef #ae81ff #a1efe4 #f9f8f5'],
+  ['GitHub Dark', true, '#0d1117', '#c9d1d9', '#c9d1d9', '#264f78',
+    '#484f58 #ff7b72 #3fb950 #d29922 #58a6ff #bc8cff #39c5cf #b1bac4 #6e7681 #ffa198 #56d364 #e3b341 #79c0ff #d2a8ff #56d4dd #ffffff'],
+];
+const ANSI_NAMES = ['black', 'red', 'green', 'yellow', 'blue', 'magenta', 'cyan', 'white'];
+const THEMES = {};
+for (const [name, dark, background, foreground, cursor, selection, colours] of THEME_TABLE) {
+  const theme = { background, foreground, cursor, cursorAccent: background, selectionBackground: selection };
+  colours.split(' ').forEach((c, i) => {
+    const base = ANSI_NAMES[i % 8];
+    theme[i < 8 ? base : 'bright' + base[0].toUpperCase() + base.slice(1)] = c;
+  });
+  THEMES[name] = { name, dark, theme };
+}
+
+// Every family falls back to the system monospace font when not installed;
+// nothing is fetched from anywhere.
+const SYSTEM_MONO = 'ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", "Liberation Mono", monospace';
+const FONTS = {
+  'System default': SYSTEM_MONO,
+  'JetBrains Mono': '"JetBrains Mono", ' + SYSTEM_MONO,
+  'Fira Code': '"Fira Code", ' + SYSTEM_MONO,
+  'Cascadia Code': '"Cascadia Code", ' + SYSTEM_MONO,
+  'Source Code Pro': '"Source Code Pro", ' + SYSTEM_MONO,
+};
+
+const prefersDark = window.matchMedia && window.matchMedia('(prefers-color-scheme: dark)').matches;
+const prefs = {
+  theme: THEMES[store.get('theme')] ? store.get('theme') : (prefersDark ? 'Dark' : 'Light'),
+  lastDark: store.get('lastDark', 'Dark'),
+  lastLight: store.get('lastLight', 'Light'),
+  font: FONTS[store.get('font')] ? store.get('font') : 'System default',
+  fontSize: clampFont(store.get('fontSize', FONT_DEFAULT)),
+  // 'dom' forces xterm's DOM renderer for machines whose WebGL misbehaves.
+  renderer: store.get('renderer', 'webgl'),
+};
+
+function clampFont(size) {
+  const n = Number(size);
+  return Number.isFinite(n) ? Math.min(FONT_MAX, Math.max(FONT_MIN, Math.round(n))) : FONT_DEFAULT;
+}
+
+function applyTheme(name) {
+  const t = THEMES[name] || THEMES.Dark;
+  prefs.theme = t.name;
+  store.set('theme', t.name);
+  if (t.dark) { prefs.lastDark = t.name; store.set('lastDark', t.name); }
+  else { prefs.lastLight = t.name; store.set('lastLight', t.name); }
+  const root = document.documentElement.style;
+  root.setProperty('--bg', t.theme.background);
+  root.setProperty('--fg', t.theme.foreground);
+  root.setProperty('--accent', t.theme.blue);
+  root.setProperty('--danger', t.theme.red);
+  root.setProperty('--ok', t.theme.green);
+  document.documentElement.dataset.mode = t.dark ? 'dark' : 'light';
+  $('meta[name="theme-color"]').setAttribute('content', t.theme.background);
+  $('#theme-select').value = t.name;
+  for (const pane of allPanes()) pane.term.options.theme = t.theme;
+}
+
+function toggleMode() {
+  applyTheme(THEMES[prefs.theme].dark ? prefs.lastLight : prefs.lastDark);
+}
+
+function applyFont(name, size) {
+  prefs.font = FONTS[name] ? name : 'System default';
+  prefs.fontSize = clampFont(size);
+  store.set('font', prefs.font);
+  store.set('fontSize', prefs.fontSize);
+  $('#font-select').value = prefs.font;
+  $('#font-size').textContent = String(prefs.fontSize);
+  for (const pane of allPanes()) {
+    pane.term.options.fontFamily = FONTS[prefs.font];
+    pane.term.options.fontSize = prefs.fontSize;
+    pane.fit();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP helpers, banner, toasts
+// ---------------------------------------------------------------------------
+
+// Every /api answer is JSON; failures carry {"error"}. Returns {status, data}
+// and never throws, so callers handle one shape.
+async function api(method, path, body) {
+  const opts = { method, credentials: 'same-origin', headers: {} };
+  if (body instanceof FormData) opts.body = body;
+  else if (body !== undefined) {
+    opts.headers['Content-Type'] = 'application/json';
+    opts.body = JSON.stringify(body);
+  }
+  let resp;
+  try { resp = await fetch(path, opts); } catch (err) {
+    return { status: 0, data: { error: 'CoDA is not reachable.' } };
+  }
+  let data = {};
+  try { data = await resp.json(); } catch (_) { /* not JSON: keep {} */ }
+  if (resp.status === 403) showAuthExpired();
+  return { status: resp.status, data };
+}
+
+let bannerKind = null;
+function showBanner(kind, text) {
+  // Auth expiry outranks everything: the page cannot heal by itself.
+  if (bannerKind === 'auth' && kind !== 'auth') return;
+  bannerKind = kind;
+  const b = $('#banner');
+  b.textContent = text;
+  b.dataset.kind = kind;
+  b.hidden = false;
+  if (kind === 'auth') {
+    b.append(' ', el('button', { text: 'Reload', onclick: () => location.reload() }));
+  }
+}
+function hideBanner(kind) {
+  if (kind && bannerKind !== kind) return;
+  bannerKind = null;
+  $('#banner').hidden = true;
+}
+function showAuthExpired() {
+  transport.stopForAuth();
+  showBanner('auth', 'Authentication expired \u2014 reload the page to sign in again.');
+}
+
+function toast(text, kind) {
+  const t = el('div', { class: 'toast ' + (kind || ''), text });
+  $('#toasts').append(t);
+  setTimeout(() => t.remove(), kind === 'error' ? 8000 : 4000);
+}
+
+// ---------------------------------------------------------------------------
+// Transport: one WebSocket per browser tab, HTTP long-poll as the fallback
+// ---------------------------------------------------------------------------
+
+const transport = {
+  mode: 'connecting',   // 'ws' | 'poll' | 'connecting' | 'auth'
+  ws: null,
+  everOpened: false,
+  failures: 0,          // consecutive connects that never opened
+  drops: [],            // times of recent drops of an open socket
+  retryTimer: null,
+  worker: null,
+  pollOutstanding: 0,   // write callbacks still pending for the last poll batch
+  pollWaiting: false,   // the worker waits for our go-ahead
+  shuttingDown: false,
+
+  start() { this.connect(); },
+
+  connect() {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    if (this.mode === 'auth') return;
+    const url = new URL('ws', location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    let ws;
+    try {
+      ws = new WebSocket(url.href);
+    } catch (_) {
+      this.onFailedConnect();
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      this.everOpened = true;
+      this.failures = 0;
+      this.shuttingDown = false;
+      hideBanner('net');
+      hideBanner('restart');
+      // Back from polling: stop the worker first; any answer it still sends
+      // is harmless because panes drop bytes they already have.
+      this.stopPolling();
+      this.mode = 'ws';
+      for (const pane of allPanes()) pane.join();
+      updateStatus();
+    };
+    ws.onmessage = (ev) => {
+      if (typeof ev.data === 'string') this.onText(ev.data);
+      else this.onBinary(ev.data);
+    };
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (opened) {
+        const now = Date.now();
+        this.drops = this.drops.filter((t) => now - t < 60000).concat(now);
+        if (this.mode === 'ws') this.mode = 'connecting';
+        // A socket that keeps dropping is as bad as none: poll meanwhile.
+        if (this.drops.length >= 3) this.startPolling();
+      }
+      if (!opened) this.onFailedConnect();
+      else this.scheduleRetry();
+      updateStatus();
+    };
+  },
+
+  onFailedConnect() {
+    this.failures += 1;
+    // Cannot connect: fall back to polling at once (before any socket ever
+    // worked) or after a second failure, so the terminal is never dead.
+    if (!this.everOpened || this.failures >= 2) this.startPolling();
+    if (this.failures >= 3 && !this.shuttingDown) {
+      this.checkAuth();
+      if (this.mode !== 'poll') showBanner('net', 'Connection lost \u2014 retrying\u2026');
+    }
+    this.scheduleRetry();
+  },
+
+  // The browser hides the status of a refused upgrade; ask over HTTP.
+  async checkAuth() {
+    await api('GET', 'api/version');
+  },
+
+  scheduleRetry() {
+    if (this.retryTimer || this.mode === 'auth') return;
+    // Exponential backoff with jitter, capped at 30 s.
+    const n = Math.min(this.failures + this.drops.length, 6);
+    const delay = Math.min(30000, 500 * 2 ** n) * (0.5 + Math.random());
+    this.retryTimer = setTimeout(() => this.connect(), delay);
+  },
+
+  stopForAuth() {
+    this.mode = 'auth';
+    clearTimeout(this.retryTimer);
+    this.stopPolling();
+    if (this.ws) { const ws = this.ws; this.ws = null; ws.close(); }
+  },
+
+  wsOpen() { return this.ws && this.ws.readyState === WebSocket.OPEN; },
+
+  send(msg) {
+    if (!this.wsOpen()) return false;
+    this.ws.send(JSON.stringify(msg));
+    return true;
+  },
+
+  onText(text) {
+    let msg;
+    try { msg = JSON.parse(text); } catch (_) { return; }
+    const pane = msg.session_id ? paneBySession(msg.session_id) : null;
+    switch (msg.type) {
+      case 'joined': if (pane) pane.onJoined(msg); break;
+      case 'session_exited': if (pane) pane.onExit(msg.exit_code); break;
+      case 'session_closed': if (pane) pane.onExit(null); break;
+      case 'shutting_down': this.onShuttingDown(); break;
+      case 'error':
+        if (pane && /not found|unknown/i.test(msg.message || '')) pane.onExit(null, msg.message);
+        else if (msg.message) console.warn('CoDA:', msg.message);
+        break;
+      default: break;
+    }
+  },
+
+  onBinary(buf) {
+    if (buf.byteLength < 10) return;
+    const view = new DataView(buf);
+    if (view.getUint8(0) !== 0x01) return;
+    const offset = Number(view.getBigUint64(1));
+    const n = view.getUint8(9);
+    const id = String.fromCharCode(...new Uint8Array(buf, 10, n));
+    const pane = paneBySession(id);
+    if (pane) pane.receive(offset, new Uint8Array(buf, 10 + n));
+  },
+
+  onShuttingDown() {
+    this.shuttingDown = true;
+    showBanner('restart', 'CoDA is restarting\u2026 reconnecting when it is back.');
+  },
+
+  // Keystrokes: over the socket when it is open, else over HTTP, so typing
+  // works during a reconnect too.
+  input(pane, data) {
+    for (let i = 0; i < data.length; i += INPUT_CHUNK) {
+      const chunk = data.slice(i, i + INPUT_CHUNK);
+      if (!this.send({ type: 'terminal_input', session_id: pane.sessionId, input: chunk })) {
+        api('POST', 'api/input', { session_id: pane.sessionId, input: chunk });
+      }
+    }
+  },
+
+  resize(pane, cols, rows) {
+    if (!this.send({ type: 'terminal_resize', session_id: pane.sessionId, cols, rows })) {
+      api('POST', 'api/resize', { session_id: pane.sessionId, cols, rows });
+    }
+  },
+
+  ack(pane, offset) {
+    this.send({ type: 'ack', session_id: pane.sessionId, offset });
+  },
+
+  join(pane) {
+    if (this.mode === 'ws') {
+      this.send({ type: 'join_session', session_id: pane.sessionId, since: pane.offset });
+    } else if (this.mode === 'poll') {
+      this.worker.postMessage({ type: 'add', session_id: pane.sessionId, since: pane.offset });
+    }
+  },
+
+  leave(pane) {
+    this.send({ type: 'leave_session', session_id: pane.sessionId });
+    if (this.worker) this.worker.postMessage({ type: 'remove', session_id: pane.sessionId });
+  },
+
+  heartbeat() {
+    const ids = allPanes().filter((p) => p.sessionId && !p.exited).map((p) => p.sessionId);
+    if (!ids.length) return;
+    if (!this.send({ type: 'heartbeat', session_ids: ids })) {
+      api('POST', 'api/heartbeat', { session_ids: ids });
+    }
+  },
+
+  // ---- long-poll fallback, in a Worker so a background tab keeps pace ----
+
+  startPolling() {
+    if (this.mode === 'poll' || this.mode === 'auth') return;
+    this.mode = 'poll';
+    if (!this.worker) {
+      this.worker = new Worker('static/poll-worker.js');
+      this.worker.onmessage = (ev) => this.onWorker(ev.data);
+    }
+    const since = {};
+    for (const pane of allPanes()) if (pane.sessionId && !pane.exited) since[pane.sessionId] = pane.offset;
+    this.pollOutstanding = 0;
+    this.worker.postMessage({ type: 'start', since });
+    updateStatus();
+  },
+
+  stopPolling() {
+    if (this.worker) this.worker.postMessage({ type: 'stop' });
+    if (this.mode === 'poll') this.mode = 'connecting';
+  },
+
+  onWorker(msg) {
+    if (msg.type === 'status') {
+      if (msg.status === 403) showAuthExpired();
+      return;
+    }
+    if (msg.type !== 'outputs' || this.mode !== 'poll') return;
+    if (msg.shutting_down) this.onShuttingDown();
+    else if (this.shuttingDown) { this.shuttingDown = false; hideBanner('restart'); }
+    for (const [id, out] of Object.entries(msg.outputs || {})) {
+      const pane = paneBySession(id);
+      if (!pane) continue;
+      if (out.error) { pane.onExit(null, out.error); continue; }
+      if (out.output) {
+        this.pollOutstanding += 1;
+        pane.receive(out.offset, new TextEncoder().encode(out.output), () => this.pollRendered());
+      }
+      // Exited with output still coming: the next answer carries the rest.
+      if (out.exited && !out.output) pane.onExit(out.exit_code);
+    }
+    // Ask for more at once unless xterm is far behind; then wait until the
+    // batch is rendered, which is the poller's flow control.
+    if (this.pollOutstanding === 0 || unrenderedBytes() < POLL_BACKLOG) this.worker.postMessage({ type: 'next' });
+    else this.pollWaiting = true;
+  },
+
+  pollRendered() {
+    this.pollOutstanding -= 1;
+    if (this.pollWaiting && (this.pollOutstanding === 0 || unrenderedBytes() < POLL_BACKLOG)) {
+      this.pollWaiting = false;
+      if (this.worker && this.mode === 'poll') this.worker.postMessage({ type: 'next' });
+    }
+  },
+};
+
+function unrenderedBytes() {
+  return allPanes().reduce((sum, p) => sum + (p.offset - p.rendered), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Panes: one xterm each, bound to one server session
+// ---------------------------------------------------------------------------
+
+let serverVersion = '';
+let wasmAllowed = false;   // decided at boot from the page's CSP
+
+// Compiling WebAssembly under a CSP without 'wasm-unsafe-eval' is a CSP
+// violation, so read the policy the server sends rather than try it.
+async function checkWasmAllowed() {
+  try {
+    const resp = await fetch(location.pathname, { method: 'HEAD', credentials: 'same-origin' });
+    const csp = resp.headers.get('content-security-policy') || '';
+    const script = (csp.split(';').find((d) => /^\s*script-src\s/.test(d)) ||
+      csp.split(';').find((d) => /^\s*default-src\s/.test(d)) || '');
+    return !script || /'(wasm-unsafe-eval|unsafe-eval)'/.test(script);
+  } catch (_) { return false; }
+}
+
+class Pane {
+  constructor(tab) {
+    this.tab = tab;
+    this.sessionId = null;
+    this.offset = 0;      // next byte to hand to xterm
+    this.rendered = 0;    // xterm has rendered every byte before this
+    this.acked = 0;
+    this.exited = false;
+    this.replayUntil = -1; // after a reload: nudge a resize once replay is drawn
+
+    this.el = el('div', { class: 'pane' });
+    this.host = el('div', { class: 'term-host' });
+    this.el.append(this.host);
+    this.el.addEventListener('mousedown', () => setActivePane(this));
+
+    const term = new Terminal({
+      allowProposedApi: true,   // unicode11 and search decorations need it
+      cursorBlink: true,
+      fontFamily: FONTS[prefs.font],
+      fontSize: prefs.fontSize,
+      scrollback: 10000,
+      theme: THEMES[prefs.theme].theme,
+      macOptionIsMeta: false,
+    });
+    this.term = term;
+    this.fitAddon = new FitAddon.FitAddon();
+    this.search = new SearchAddon.SearchAddon();
+    term.loadAddon(this.fitAddon);
+    term.loadAddon(this.search);
+    term.loadAddon(new WebLinksAddon.WebLinksAddon());
+    term.loadAddon(new ClipboardAddon.ClipboardAddon());   // OSC 52 copy
+    term.loadAddon(new Unicode11Addon.Unicode11Addon());
+    term.unicode.activeVersion = '11';
+    term.open(this.host);
+    this.loadRenderer();
+    // Sixel decoding compiles WebAssembly, which the page's CSP may forbid;
+    // iTerm inline images work either way.
+    try { term.loadAddon(new ImageAddon.ImageAddon({ sixelSupport: wasmAllowed })); } catch (err) { console.warn('CoDA: images off:', err); }
+
+    term.attachCustomKeyEventHandler((ev) => terminalKey(this, ev));
+    term.onData((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
+    term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
+    term.onResize(({ cols, rows }) => this.sendSize(cols, rows));
+    term.textarea.addEventListener('focus', () => setActivePane(this, true));
+    this.search.onDidChangeResults((r) => { if (this === activePane()) showSearchCount(r); });
+
+    // Refit whenever the pane's box changes (window, divider, tab switch).
+    this.resizeObserver = new ResizeObserver(() => this.fit());
+    this.resizeObserver.observe(this.host);
+  }
+
+  loadRenderer() {
+    if (prefs.renderer === 'dom') return;
+    try {
+      const webgl = new WebglAddon.WebglAddon();
+      // A lost context (GPU reset, too many contexts) drops to the DOM renderer.
+      webgl.onContextLoss(() => webgl.dispose());
+      this.term.loadAddon(webgl);
+    } catch (_) { /* no WebGL here: the DOM renderer stays */ }
+  }
+
+  fit() {
+    if (!this.host.offsetWidth || !this.host.offsetHeight) return;
+    try { this.fitAddon.fit(); } catch (_) { /* not laid out yet */ }
+  }
+
+  sendSize(cols, rows) {
+    if (!this.sessionId || this.exited) return;
+    clearTimeout(this.resizeTimer);
+    this.resizeTimer = setTimeout(() => transport.resize(this, cols, rows), 50);
+  }
+
+  // A new session on the server, with the splash.
+  async create(label) {
+    this.fit();
+    const { status, data } = await api('POST', 'api/session', { label, cols: this.term.cols, rows: this.term.rows });
+    if (status !== 200 || !data.session_id) {
+      this.showCreateError(status, data.error);
+      return false;
+    }
+    this.term.write(splashText());
+    this.bind(data.session_id, 0);
+    return true;
+  }
+
+  showCreateError(status, message) {
+    let text = message || 'Could not start a session.';
+    if (status === 429) {
+      text += ' Close a session (Ctrl+Shift+S lists them) or raise MAX_CONCURRENT_SESSIONS in the server\u2019s environment.';
+    }
+    this.term.write('\r\n\x1b[31m' + text + '\x1b[0m\r\n');
+    this.offerNewSession(status === 429 ? 'Try again' : 'New session');
+    toast(text, 'error');
+  }
+
+  // Attach to a session and stream it from `since` (0 replays what is kept).
+  bind(sessionId, since, replayUntil) {
+    this.sessionId = sessionId;
+    this.offset = this.rendered = this.acked = since;
+    this.exited = false;
+    this.replayUntil = replayUntil === undefined ? -1 : replayUntil;
+    this.clearCard('exit');
+    this.join();
+    saveLayout();
+    refreshBadge();
+  }
+
+  join() {
+    if (this.sessionId && !this.exited) transport.join(this);
+  }
+
+  onJoined(msg) {
+    if (this.replayUntil >= 0 && this.rendered >= this.replayUntil) this.nudge();
+  }
+
+  // Output at byte `offset`. Bytes before this.offset were already handed to
+  // xterm (a rejoin, a transport switch): drop them. A gap means the server
+  // no longer keeps them (truncated): carry on from what arrived.
+  receive(offset, bytes, done) {
+    const end = offset + bytes.length;
+    if (end <= this.offset) { if (done) done(); return; }
+    if (offset < this.offset) bytes = bytes.subarray(this.offset - offset);
+    if (offset > this.offset) this.rendered = Math.max(this.rendered, offset);
+    this.offset = end;
+    this.term.write(bytes, () => {
+      this.rendered = Math.max(this.rendered, end);
+      if (this.rendered - this.acked >= ACK_EVERY || this.rendered === this.offset) this.ackNow();
+      if (this.replayUntil >= 0 && this.rendered >= this.replayUntil) this.nudge();
+      if (done) done();
+    });
+  }
+
+  ackNow() {
+    if (this.rendered <= this.acked || transport.mode !== 'ws') return;
+    this.acked = this.rendered;
+    transport.ack(this, this.rendered);
+  }
+
+  // After replaying a full-screen program's output, a size change makes it
+  // repaint cleanly at the real size (SIGWINCH twice).
+  nudge() {
+    this.replayUntil = -1;
+    const { cols, rows } = this.term;
+    if (!this.sessionId || this.exited || rows < 2) return;
+    transport.resize(this, cols, rows - 1);
+    setTimeout(() => transport.resize(this, cols, rows), 100);
+  }
+
+  onExit(code, reason) {
+    if (this.exited) return;
+    this.exited = true;
+    transport.leave(this);
+    const what = reason ? reason : (code === null || code === undefined ? 'session closed' : `process exited (code ${code})`);
+    this.term.write(`\r\n\x1b[2m[${what}]\x1b[0m\r\n`);
+    this.offerNewSession('New session');
+    refreshBadge();
+  }
+
+  offerNewSession(label) {
+    this.clearCard('exit');
+    const card = el('div', { class: 'card exit-card', 'data-card': 'exit' },
+      el('button', {
+        text: label,
+        onclick: async () => {
+          card.remove();
+          if (this.sessionId) transport.leave(this);
+          this.sessionId = null;
+          this.term.reset();
+          if (!(await this.create(this.tab.name))) return;
+          this.term.focus();
+        },
+      }));
+    this.el.append(card);
+  }
+
+  clearCard(name) {
+    for (const c of this.el.querySelectorAll(`[data-card="${name}"]`)) c.remove();
+  }
+
+  // Closing a pane ends its session: the session cap is small, and a closed
+  // pane that kept a shell alive would be invisible until the picker.
+  dispose() {
+    if (this.sessionId && !this.exited) {
+      transport.leave(this);
+      api('POST', 'api/session/close', { session_id: this.sessionId }).then(() => refreshBadge());
+    }
+    this.resizeObserver.disconnect();
+    this.term.dispose();
+    this.el.remove();
+  }
+}
+
+function splashText() {
+  const dim = '\x1b[2m', bold = '\x1b[1m', off = '\x1b[0m';
+  const help = IS_MAC ? 'Cmd+/' : 'Ctrl+/';
+  return `${bold}CoDA${off}${serverVersion ? ' ' + serverVersion : ''}${dim} \u00b7 ${help} for shortcuts \u00b7 ` +
+    `sessions persist until you type exit and expire after the idle timeout${off}\r\n`;
+}
+
+// ---------------------------------------------------------------------------
+// Tabs and layout
+// ---------------------------------------------------------------------------
+
+const tabs = [];          // [{name, panes: [Pane, Pane?], split, el, tabEl, active}]
+let activeTab = null;
+let nextShellNumber = 1;
+
+function allPanes() { return tabs.flatMap((t) => t.panes); }
+function paneBySession(id) { return allPanes().find((p) => p.sessionId === id) || null; }
+function activePane() { return activeTab ? (activeTab.focused || activeTab.panes[0]) : null; }
+
+function makeTab(name) {
+  const tab = { name, panes: [], split: 50, focused: null };
+  tab.el = el('div', { class: 'tab-view' });
+  tab.tabEl = el('button', { class: 'tab', role: 'tab' });
+  tab.tabEl.append(el('span', { class: 'tab-name', text: name }),
+    el('span', { class: 'tab-close', title: 'Close tab', text: '\u00d7', onclick: (ev) => { ev.stopPropagation(); closeTab(tab); } }));
+  tab.tabEl.addEventListener('click', () => showTab(tab));
+  tab.tabEl.addEventListener('dblclick', () => renameTab(tab));
+  $('#tabs').append(tab.tabEl);
+  $('#workspace').append(tab.el);
+  tabs.push(tab);
+  return tab;
+}
+
+function shellName() {
+  // The lowest "Shell N" not in use, so names stay short after closing tabs.
+  const used = new Set(tabs.map((t) => t.name));
+  for (let n = 1; ; n += 1) if (!used.has('Shell ' + n)) return 'Shell ' + n;
+}
+
+async function newTab(sessionId, replayUntil) {
+  if (tabs.length >= MAX_TABS) { toast(`At most ${MAX_TABS} tabs.`, 'error'); return null; }
+  const tab = makeTab(shellName());
+  showTab(tab);
+  const pane = addPane(tab);
+  if (sessionId) pane.bind(sessionId, 0, replayUntil);
+  else await pane.create(tab.name);
+  saveLayout();
+  pane.term.focus();
+  return tab;
+}
+
+function addPane(tab) {
+  const pane = new Pane(tab);
+  if (tab.panes.length === 1) {
+    tab.divider = el('div', { class: 'divider', title: 'Drag to resize' });
+    tab.divider.addEventListener('pointerdown', (ev) => dragDivider(tab, ev));
+    tab.el.append(tab.divider);
+  }
+  tab.panes.push(pane);
+  tab.el.append(pane.el);
+  layoutTab(tab);
+  setActivePane(pane);
+  return pane;
+}
+
+function layoutTab(tab) {
+  const [a, b] = tab.panes;
+  if (a) a.el.style.flex = b ? `0 0 calc(${tab.split}% - 3px)` : '1 1 auto';
+  if (b) b.el.style.flex = '1 1 0';
+  if (tab.divider) tab.divider.hidden = !b;
+  for (const p of tab.panes) p.fit();
+}
+
+async function splitPane() {
+  const tab = activeTab;
+  if (!tab) return;
+  if (tab.panes.length >= 2) { toast('A tab holds two panes.', ''); return; }
+  const pane = addPane(tab);
+  await pane.create(tab.name);
+  saveLayout();
+  pane.term.focus();
+}
+
+function closePane(pane) {
+  pane = pane || activePane();
+  if (!pane) return;
+  const tab = pane.tab;
+  if (tab.panes.length === 1) { closeTab(tab); return; }
+  pane.dispose();
+  tab.panes = tab.panes.filter((p) => p !== pane);
+  tab.focused = tab.panes[0];
+  layoutTab(tab);
+  tab.panes[0].term.focus();
+  saveLayout();
+}
+
+function closeTab(tab) {
+  for (const p of tab.panes) p.dispose();
+  tab.el.remove();
+  tab.tabEl.remove();
+  const i = tabs.indexOf(tab);
+  tabs.splice(i, 1);
+  if (activeTab === tab) {
+    activeTab = null;
+    if (tabs.length) showTab(tabs[Math.max(0, i - 1)]);
+  }
+  saveLayout();
+  refreshBadge();
+}
+
+function showTab(tab) {
+  if (!tab) return;
+  activeTab = tab;
+  for (const t of tabs) {
+    const on = t === tab;
+    t.el.classList.toggle('active', on);
+    t.tabEl.classList.toggle('active', on);
+    t.tabEl.setAttribute('aria-selected', String(on));
+  }
+  // Panes hidden while another tab showed have no size: fit now.
+  requestAnimationFrame(() => {
+    for (const p of tab.panes) p.fit();
+    const p = activePane();
+    if (p) { p.term.focus(); setActivePane(p); }
+  });
+  saveLayout();
+}
+
+function cycleTab(step) {
+  if (!activeTab || tabs.length < 2) return;
+  const i = tabs.indexOf(activeTab);
+  showTab(tabs[(i + step + tabs.length) % tabs.length]);
+}
+
+function cyclePane(step) {
+  const panes = allPanes();
+  if (panes.length < 2) return;
+  const i = panes.indexOf(activePane());
+  const next = panes[(i + step + panes.length) % panes.length];
+  if (next.tab !== activeTab) showTab(next.tab);
+  setActivePane(next);
+  next.term.focus();
+}
+
+function setActivePane(pane, fromFocus) {
+  const tab = pane.tab;
+  tab.focused = pane;
+  for (const p of allPanes()) p.el.classList.toggle('focused', p === pane && p.tab.panes.length > 1);
+  if (fromFocus) saveLayout();
+}
+
+function renameTab(tab) {
+  const nameEl = tab.tabEl.querySelector('.tab-name');
+  const input = el('input', { class: 'tab-rename', value: tab.name, maxlength: '100', 'aria-label': 'Tab name' });
+  nameEl.replaceWith(input);
+  input.select();
+  let done = false;
+  const finish = (commit) => {
+    if (done) return;
+    done = true;
+    const name = input.value.replace(/[\x00-\x1f\x7f]/g, '').trim().slice(0, 100);
+    if (commit && name) {
+      tab.name = name;
+      for (const p of tab.panes) {
+        if (p.sessionId) api('POST', 'api/session/label', { session_id: p.sessionId, label: name });
+      }
+      saveLayout();
+    }
+    nameEl.textContent = tab.name;
+    input.replaceWith(nameEl);
+    const p = activePane();
+    if (p) p.term.focus();
+  };
+  input.addEventListener('keydown', (ev) => {
+    ev.stopPropagation();
+    if (ev.key === 'Enter') finish(true);
+    if (ev.key === 'Escape') finish(false);
+  });
+  input.addEventListener('blur', () => finish(true));
+}
+
+function dragDivider(tab, ev) {
+  ev.preventDefault();
+  const divider = tab.divider;
+  divider.setPointerCapture(ev.pointerId);
+  document.body.classList.add('dragging');
+  let frame = 0;
+  const move = (e) => {
+    const box = tab.el.getBoundingClientRect();
+    tab.split = Math.min(85, Math.max(15, ((e.clientX - box.left) / box.width) * 100));
+    // Refit while dragging, at most once per frame.
+    if (!frame) frame = requestAnimationFrame(() => { frame = 0; layoutTab(tab); });
+  };
+  const up = () => {
+    divider.removeEventListener('pointermove', move);
+    divider.removeEventListener('pointerup', up);
+    divider.removeEventListener('pointercancel', up);
+    document.body.classList.remove('dragging');
+    layoutTab(tab);
+    saveLayout();
+  };
+  divider.addEventListener('pointermove', move);
+  divider.addEventListener('pointerup', up);
+  divider.addEventListener('pointercancel', up);
+}
+
+// The layout survives a reload: tab names, split, and each pane's session.
+let restoring = false;
+function saveLayout() {
+  if (restoring) return;
+  store.set('layout', {
+    active: tabs.indexOf(activeTab),
+    tabs: tabs.map((t) => ({
+      name: t.name,
+      split: t.split,
+      focused: t.panes.indexOf(t.focused),
+      sessions: t.panes.map((p) => p.sessionId),
+    })),
+  });
+}
+
+async function restoreLayout(live) {
+  const saved = store.get('layout', null);
+  if (!saved || !Array.isArray(saved.tabs)) return false;
+  const byId = new Map(live.map((s) => [s.session_id, s]));
+  restoring = true;
+  for (const t of saved.tabs.slice(0, MAX_TABS)) {
+    const ids = (t.sessions || []).filter((id) => id && byId.has(id)).slice(0, 2);
+    if (!ids.length) continue;
+    const tab = makeTab(typeof t.name === 'string' && t.name ? t.name.slice(0, 100) : shellName());
+    tab.split = Math.min(85, Math.max(15, Number(t.split) || 50));
+    showTab(tab);
+    for (const id of ids) {
+      const pane = addPane(tab);
+      // since 0: replay everything the server kept; nudge once it is drawn.
+      pane.bind(id, 0, byId.get(id).offset || 0);
+    }
+    const f = tab.panes[t.focused] || tab.panes[0];
+    setActivePane(f);
+  }
+  restoring = false;
+  if (!tabs.length) return false;
+  showTab(tabs[saved.active] || tabs[0]);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Session picker and badge
+// ---------------------------------------------------------------------------
+
+async function listSessions() {
+  const { status, data } = await api('GET', 'api/sessions');
+  return status === 200 && Array.isArray(data) ? data : [];
+}
+
+async function refreshBadge(list) {
+  const sessions = list || await listSessions();
+  const n = sessions.filter((s) => !s.exited).length;
+  $('#sessions-badge').textContent = `${n} active session${n === 1 ? '' : 's'}`;
+}
+
+function since(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return s + 's';
+  if (s < 3600) return Math.floor(s / 60) + 'm';
+  if (s < 86400) return Math.floor(s / 3600) + 'h ' + Math.floor((s % 3600) / 60) + 'm';
+  return Math.floor(s / 86400) + 'd';
+}
+
+function epochSeconds(v) {
+  if (typeof v === 'number') return v > 1e12 ? v / 1000 : v;
+  const t = Date.parse(v);
+  return Number.isFinite(t) ? t / 1000 : Date.now() / 1000;
+}
+
+async function openSessions() {
+  openModal('#sessions-modal');
+  await renderSessions();
+}
+
+async function renderSessions() {
+  const sessions = await listSessions();
+  refreshBadge(sessions);
+  const body = $('#sessions-table tbody');
+  body.textContent = '';
+  const now = Date.now() / 1000;
+  for (const s of sessions) {
+    const open = paneBySession(s.session_id);
+    const attach = el('button', {
+      text: open ? 'Open here' : 'Attach',
+      title: open ? 'Already open in a pane of this page' : 'Open in a new tab',
+      onclick: async () => {
+        if (open) { showTab(open.tab); setActivePane(open); closeModal(); open.term.focus(); return; }
+        closeModal();
+        await newTab(s.session_id, s.offset || 0);
+      },
+    });
+    if (open) attach.disabled = false;
+    const kill = el('button', {
+      class: 'danger', text: 'Kill',
+      onclick: async () => {
+        await api('POST', 'api/session/close', { session_id: s.session_id });
+        renderSessions();
+      },
+    });
+    body.append(el('tr', {},
+      el('td', { text: s.label || s.session_id }),
+      el('td', { text: s.exited ? 'exited' : (s.process || '') }),
+      el('td', { text: since(now - epochSeconds(s.created_at)) }),
+      el('td', { text: since(s.idle_seconds || 0) }),
+      el('td', { class: 'actions' }, attach, kill)));
+  }
+  $('#sessions-empty').hidden = sessions.length > 0;
+  $('#sessions-kill-all').disabled = sessions.length === 0;
+}
+
+async function killAll() {
+  const sessions = await listSessions();
+  await Promise.all(sessions.map((s) => api('POST', 'api/session/close', { session_id: s.session_id })));
+  renderSessions();
+}
+
+function openModal(sel) {
+  $('#modal-backdrop').hidden = false;
+  for (const m of document.querySelectorAll('.modal')) m.hidden = true;
+  $(sel).hidden = false;
+}
+
+function closeModal() {
+  $('#modal-backdrop').hidden = true;
+  const p = activePane();
+  if (p) p.term.focus();
+}
+
+function modalOpen() { return !$('#modal-backdrop').hidden; }
+
+// ---------------------------------------------------------------------------
+// Setup progress and the Databricks token card (first pane)
+// ---------------------------------------------------------------------------
+
+const STATE_WORDS = { pending: 'pending', running: 'running', complete: 'done', failed: 'failed', skipped: 'skipped' };
+
+function firstPane() { return tabs.length ? tabs[0].panes[0] : null; }
+
+function duration(step) {
+  if (!step.started_at) return '';
+  const start = epochSeconds(step.started_at);
+  const end = step.finished_at ? epochSeconds(step.finished_at) : Date.now() / 1000;
+  return (Math.max(0, end - start)).toFixed(1) + 's';
+}
+
+async function watchSetup() {
+  const deadline = Date.now() + 30 * 60 * 1000;   // setup runs minutes, not hours
+  let dismissed = false, first = true;
+  while (Date.now() < deadline && !dismissed) {
+    const { status, data } = await api('GET', 'api/setup-status');
+    const pane = firstPane();
+    if (status !== 200 || !pane) { await sleep(3000); continue; }
+    const steps = Array.isArray(data.steps) ? data.steps : [];
+    const done = data.status === 'complete' || data.status === 'failed';
+    pane.clearCard('setup');
+    // Nothing to show: no steps, or a clean setup finished before this page.
+    if (!steps.length || (first && data.status === 'complete')) return;
+    first = false;
+    const list = el('ul', {});
+    for (const s of steps) {
+      const li = el('li', { class: 'step ' + s.status },
+        el('span', { class: 'step-state', text: STATE_WORDS[s.status] || s.status }),
+        el('span', { class: 'step-label', text: s.label || s.id }),
+        el('span', { class: 'step-time', text: duration(s) }));
+      if (s.error) li.append(el('div', { class: 'step-error', text: String(s.error).split('\n')[0] }));
+      list.append(li);
+    }
+    const hide = el('button', { class: 'icon', text: '\u2715', title: 'Hide', 'aria-label': 'Hide setup progress' });
+    const card = el('div', { class: 'card setup-card', 'data-card': 'setup' },
+      el('div', { class: 'card-title' }, el('span', { text: `Setup: ${STATE_WORDS[data.status] || data.status}` }), hide),
+      list);
+    hide.addEventListener('click', () => { dismissed = true; card.remove(); });
+    pane.el.append(card);
+    if (done) {
+      // Failures stay visible; a clean finish folds away by itself.
+      if (data.status === 'complete') { await sleep(4000); card.remove(); }
+      return;
+    }
+    await sleep(1000);
+  }
+}
+
+async function checkToken() {
+  const app = await api('GET', 'api/app-state');
+  // Databricks Apps mode only: locally without workspace settings, no prompt.
+  if (app.status !== 200 || !app.data.workspace_host || !app.data.owner) return;
+  const pat = await api('GET', 'api/pat-status');
+  if (pat.status !== 200 || pat.data.valid) return;
+  const pane = firstPane();
+  if (!pane) return;
+  const host = String(app.data.workspace_host).replace(/\/+$/, '');
+  const origin = /^https?:\/\//.test(host) ? host : 'https://' + host;
+  const input = el('input', { type: 'password', placeholder: 'dapi\u2026', autocomplete: 'off', spellcheck: 'false', 'aria-label': 'Databricks personal access token' });
+  const message = el('div', { class: 'pat-message' });
+  const submit = el('button', { text: 'Connect' });
+  const card = el('form', { class: 'card pat-card', 'data-card': 'pat' },
+    el('div', { class: 'card-title', text: 'Connect your Databricks token' }),
+    el('p', {}, 'The coding agents call the workspace with your personal access token. ',
+      el('a', { href: origin + '/settings/user/developer/access-tokens', target: '_blank', rel: 'noopener noreferrer', text: 'Create one here' }), '.'),
+    el('div', { class: 'pat-row' }, input, submit), message);
+  // Keys typed here belong to the field, not to the terminal shortcuts.
+  input.addEventListener('keydown', (ev) => ev.stopPropagation());
+  card.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const token = input.value.trim();
+    if (!token) { message.textContent = 'Paste a token first.'; return; }
+    submit.disabled = true;
+    message.className = 'pat-message';
+    message.textContent = 'Checking\u2026';
+    const { status, data } = await api('POST', 'api/configure-pat', { token });
+    submit.disabled = false;
+    if (status === 200) {
+      input.value = '';
+      message.className = 'pat-message ok';
+      message.textContent = `Connected as ${data.user || 'you'}.`;
+      setTimeout(() => card.remove(), 4000);
+    } else {
+      message.className = 'pat-message error';
+      message.textContent = data.error || 'That token did not work.';
+    }
+  });
+  pane.el.append(card);
+  input.focus();
+}
+
+function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+// ---------------------------------------------------------------------------
+// Search
+// ---------------------------------------------------------------------------
+
+const SEARCH_DECORATIONS = {
+  matchBackground: '#806000', matchBorder: '#c09000', matchOverviewRuler: '#c09000',
+  activeMatchBackground: '#d07000', activeMatchBorder: '#ffb000', activeMatchColorOverviewRuler: '#ffb000',
+};
+
+function openSearch() {
+  const panel = $('#search-panel');
+  panel.hidden = false;
+  const input = $('#search-input');
+  input.focus();
+  input.select();
+  if (input.value) runSearch(true);
+}
+
+function runSearch(forward, incremental) {
+  const pane = activePane();
+  const q = $('#search-input').value;
+  if (!pane) return;
+  if (!q) { pane.search.clearDecorations(); $('#search-count').textContent = ''; return; }
+  const opts = { decorations: SEARCH_DECORATIONS, incremental: !!incremental };
+  const found = forward ? pane.search.findNext(q, opts) : pane.search.findPrevious(q, opts);
+  if (!found) $('#search-count').textContent = 'no matches';
+}
+
+function showSearchCount({ resultIndex, resultCount }) {
+  if ($('#search-panel').hidden) return;
+  $('#search-count').textContent = resultCount ? `${resultIndex + 1} of ${resultCount}` : 'no matches';
+}
+
+function closeSearch() {
+  $('#search-panel').hidden = true;
+  $('#search-count').textContent = '';
+  for (const p of allPanes()) p.search.clearDecorations();
+  const p = activePane();
+  if (p) { p.term.clearSelection(); p.term.focus(); }
+}
+
+// ---------------------------------------------------------------------------
+// Voice input (Web Speech API; hidden where the browser has none)
+// ---------------------------------------------------------------------------
+
+const Recognition = window.SpeechRecognition || window.webkitSpeechRecognition;
+let voice = null;
+
+function startVoice() {
+  if (!Recognition) { toast('This browser has no speech recognition.', 'error'); return; }
+  if (voice) { stopVoice(false); return; }
+  const rec = new Recognition();
+  rec.continuous = true;
+  rec.interimResults = true;
+  rec.lang = navigator.language || 'en-US';
+  voice = { rec, text: '' };
+  $('#voice-text').textContent = '';
+  $('#voice-panel').hidden = false;
+  rec.onresult = (ev) => {
+    let finalText = '', interim = '';
+    for (const r of ev.results) (r.isFinal ? (finalText += r[0].transcript) : (interim += r[0].transcript));
+    voice.text = finalText + interim;
+    $('#voice-text').textContent = voice.text;
+  };
+  rec.onerror = (ev) => { toast('Voice input: ' + ev.error, 'error'); stopVoice(false); };
+  rec.start();
+}
+
+function stopVoice(send) {
+  if (!voice) return;
+  const { rec, text } = voice;
+  voice = null;
+  try { rec.abort(); } catch (_) { /* already stopped */ }
+  $('#voice-panel').hidden = true;
+  const pane = activePane();
+  if (send && pane && text.trim() && pane.sessionId && !pane.exited) transport.input(pane, text.trim());
+  if (pane) pane.term.focus();
+}
+
+// ---------------------------------------------------------------------------
+// Uploads: paste or drop a file, type its path into the active pane
+// ---------------------------------------------------------------------------
+
+async function upload(file) {
+  const pane = activePane();
+  const form = new FormData();
+  form.append('file', file, file.name || 'pasted.png');
+  const { status, data } = await api('POST', 'api/upload', form);
+  if (status === 200 && data.path) {
+    if (pane && pane.sessionId && !pane.exited) transport.input(pane, data.path + ' ');
+    toast(`Uploaded ${data.path}`, 'ok');
+  } else if (status === 413) {
+    toast(data.error || 'That file is too large to upload.', 'error');
+  } else {
+    toast('Upload failed: ' + (data.error || `HTTP ${status}`), 'error');
+  }
+  if (pane) pane.term.focus();
+}
+
+function filesOf(transfer, imagesOnly) {
+  const files = [];
+  for (const item of transfer ? transfer.items || [] : []) {
+    if (item.kind !== 'file') continue;
+    if (imagesOnly && !item.type.startsWith('image/')) continue;
+    const f = item.getAsFile();
+    if (f) files.push(f);
+  }
+  return files;
+}
+
+function wireUploads() {
+  // Capture phase: see an image paste before xterm turns it into text.
+  document.addEventListener('paste', (ev) => {
+    const files = filesOf(ev.clipboardData, true);
+    if (!files.length) return;
+    ev.preventDefault();
+    ev.stopPropagation();
+    for (const f of files) upload(f);
+  }, true);
+  let depth = 0;
+  const hint = $('#drop-hint');
+  document.addEventListener('dragenter', (ev) => {
+    if (!ev.dataTransfer || ![...ev.dataTransfer.types].includes('Files')) return;
+    depth += 1;
+    hint.hidden = false;
+  });
+  document.addEventListener('dragleave', () => { depth = Math.max(0, depth - 1); if (!depth) hint.hidden = true; });
+  document.addEventListener('dragover', (ev) => { if (ev.dataTransfer) ev.preventDefault(); });
+  document.addEventListener('drop', (ev) => {
+    depth = 0;
+    hint.hidden = true;
+    const files = filesOf(ev.dataTransfer, false);
+    if (!files.length) return;
+    ev.preventDefault();
+    for (const f of files) upload(f);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Keyboard shortcuts
+// ---------------------------------------------------------------------------
+
+// `mod` is Ctrl, or Cmd on macOS. Keys match event.code, so layouts and the
+// macOS Option key (which changes event.key) do not get in the way.
+const SHORTCUTS = [
+  { keys: 'Mod+Shift+T', mod: true, shift: true, code: 'KeyT', desc: 'New tab', run: () => newTab() },
+  { keys: 'Alt+Shift+T', alt: true, shift: true, code: 'KeyT', desc: 'New tab', run: () => newTab() },
+  { keys: 'Mod+Shift+W', mod: true, shift: true, code: 'KeyW', desc: 'Close pane (ends its session)', run: () => closePane() },
+  { keys: 'Alt+Shift+W', alt: true, shift: true, code: 'KeyW', desc: 'Close pane (ends its session)', run: () => closePane() },
+  { keys: 'Mod+Shift+[', mod: true, shift: true, code: 'BracketLeft', desc: 'Previous tab', run: () => cycleTab(-1) },
+  { keys: 'Mod+Shift+]', mod: true, shift: true, code: 'BracketRight', desc: 'Next tab', run: () => cycleTab(1) },
+  ...[1, 2, 3, 4, 5, 6, 7, 8, 9].map((n) => ({
+    keys: `Mod+Shift+${n}`, mod: true, shift: true, code: 'Digit' + n, desc: `Tab ${n}`, hidden: n > 1,
+    run: () => showTab(tabs[n - 1]),
+  })),
+  { keys: 'Alt+Shift+D', alt: true, shift: true, code: 'KeyD', desc: 'Split pane', run: () => splitPane() },
+  { keys: 'Alt+Shift+[', alt: true, shift: true, code: 'BracketLeft', desc: 'Previous pane', run: () => cyclePane(-1) },
+  { keys: 'Alt+Shift+]', alt: true, shift: true, code: 'BracketRight', desc: 'Next pane', run: () => cyclePane(1) },
+  { keys: 'Mod+Shift+F', mod: true, shift: true, code: 'KeyF', desc: 'Search', run: () => openSearch() },
+  { keys: 'Alt+V', alt: true, code: 'KeyV', desc: 'Voice input', run: () => startVoice(), voice: true },
+  { keys: 'Mod+=', mod: true, code: 'Equal', desc: 'Larger font', run: () => applyFont(prefs.font, prefs.fontSize + 1) },
+  { keys: 'Mod+-', mod: true, code: 'Minus', desc: 'Smaller font', run: () => applyFont(prefs.font, prefs.fontSize - 1) },
+  { keys: 'Mod+0', mod: true, code: 'Digit0', desc: 'Default font size', run: () => applyFont(prefs.font, FONT_DEFAULT) },
+  { keys: 'Mod+Shift+S', mod: true, shift: true, code: 'KeyS', desc: 'Sessions', run: () => openSessions() },
+  { keys: 'Mod+/', mod: true, code: 'Slash', desc: 'This help', run: () => openHelp() },
+];
+
+function modKey(ev) { return IS_MAC ? ev.metaKey : ev.ctrlKey; }
+
+function findShortcut(ev) {
+  const mod = modKey(ev);
+  const other = IS_MAC ? ev.ctrlKey : ev.metaKey;
+  if (other) return null;
+  return SHORTCUTS.find((s) => s.code === ev.code && !!s.mod === mod && !!s.alt === ev.altKey &&
+    !!s.shift === ev.shiftKey && (!s.voice || Recognition)) || null;
+}
+
+function onKeyDown(ev) {
+  if (ev.key === 'Escape') {
+    if (voice) { ev.preventDefault(); stopVoice(false); return; }
+    if (modalOpen()) { ev.preventDefault(); closeModal(); return; }
+  }
+  if (voice && ev.key === 'Enter') { ev.preventDefault(); stopVoice(true); return; }
+  const s = findShortcut(ev);
+  if (!s) return;
+  ev.preventDefault();
+  ev.stopPropagation();
+  s.run();
+}
+
+// Inside a terminal: shortcuts are ours, Ctrl+C copies only with a selection,
+// Ctrl+Shift+C/V copy and paste. Returning false keeps xterm from sending it.
+function terminalKey(pane, ev) {
+  if (ev.type !== 'keydown') return !findShortcut(ev);
+  if (findShortcut(ev)) return false;
+  const ctrlOnly = ev.ctrlKey && !ev.altKey && !ev.metaKey;
+  if (ctrlOnly && ev.code === 'KeyC' && (ev.shiftKey || pane.term.hasSelection())) {
+    const text = pane.term.getSelection();
+    if (text && navigator.clipboard) navigator.clipboard.writeText(text).catch(() => toast('Copy was not allowed.', 'error'));
+    if (!ev.shiftKey) pane.term.clearSelection();
+    ev.preventDefault();
+    return false;
+  }
+  // Ctrl+Shift+V: let the browser raise its native paste event, which xterm
+  // (or the image upload) takes; xterm must not send ^V.
+  if (ctrlOnly && ev.shiftKey && ev.code === 'KeyV') return false;
+  return true;
+}
+
+function openHelp() {
+  const body = $('#help-table tbody');
+  body.textContent = '';
+  const mod = IS_MAC ? 'Cmd' : 'Ctrl';
+  const rows = SHORTCUTS.filter((s) => !s.hidden && (!s.voice || Recognition)).map((s) => [s.keys.replace('Mod', mod).replace(`${mod}+Shift+1`, `${mod}+Shift+1\u20269`), s.desc]);
+  rows.push(['Ctrl+C', 'Copy when text is selected, else interrupt'], ['Ctrl+Shift+C / V', 'Copy / paste']);
+  for (const [k, d] of rows) body.append(el('tr', {}, el('td', {}, el('kbd', { text: k })), el('td', { text: d })));
+  openModal('#help-modal');
+}
+
+// ---------------------------------------------------------------------------
+// Boot
+// ---------------------------------------------------------------------------
+
+function updateStatus() {
+  document.documentElement.dataset.transport = transport.mode;
+}
+
+function wireChrome() {
+  const themeSelect = $('#theme-select');
+  for (const name of Object.keys(THEMES)) themeSelect.append(el('option', { value: name, text: name }));
+  themeSelect.addEventListener('change', () => applyTheme(themeSelect.value));
+  const fontSelect = $('#font-select');
+  for (const name of Object.keys(FONTS)) fontSelect.append(el('option', { value: name, text: name }));
+  fontSelect.addEventListener('change', () => applyFont(fontSelect.value, prefs.fontSize));
+  $('#mode-btn').addEventListener('click', toggleMode);
+  $('#font-up').addEventListener('click', () => applyFont(prefs.font, prefs.fontSize + 1));
+  $('#font-down').addEventListener('click', () => applyFont(prefs.font, prefs.fontSize - 1));
+  $('#new-tab').addEventListener('click', () => newTab());
+  $('#split-btn').addEventListener('click', () => splitPane());
+  $('#search-btn').addEventListener('click', openSearch);
+  $('#help-btn').addEventListener('click', openHelp);
+  $('#sessions-badge').addEventListener('click', openSessions);
+  $('#sessions-new').addEventListener('click', () => { closeModal(); newTab(); });
+  $('#sessions-kill-all').addEventListener('click', killAll);
+  for (const b of document.querySelectorAll('.modal-close')) b.addEventListener('click', closeModal);
+  $('#modal-backdrop').addEventListener('mousedown', (ev) => { if (ev.target === ev.currentTarget) closeModal(); });
+  const voiceBtn = $('#voice-btn');
+  voiceBtn.hidden = !Recognition;
+  voiceBtn.addEventListener('click', startVoice);
+
+  const input = $('#search-input');
+  input.addEventListener('input', () => runSearch(true, true));
+  input.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter') { ev.preventDefault(); runSearch(!ev.shiftKey); }
+    else if (ev.key === 'Escape') { ev.preventDefault(); closeSearch(); }
+    else return;
+    ev.stopPropagation();
+  });
+  $('#search-next').addEventListener('click', () => runSearch(true));
+  $('#search-prev').addEventListener('click', () => runSearch(false));
+  $('#search-close').addEventListener('click', closeSearch);
+
+  window.addEventListener('keydown', onKeyDown, true);
+  wireUploads();
+}
+
+// A read-only view for tests and debugging; changes nothing.
+function exposeDebug() {
+  const text = (pane) => {
+    const buf = pane.term.buffer.active;
+    const lines = [];
+    for (let i = 0; i < buf.length; i += 1) lines.push(buf.getLine(i).translateToString(true));
+    return lines.join('\n');
+  };
+  window.coda = Object.freeze({
+    get transport() { return transport.mode; },
+    get tabs() { return tabs.map((t) => ({ name: t.name, sessions: t.panes.map((p) => p.sessionId) })); },
+    paneText: (tabIndex, paneIndex) => text(tabs[tabIndex].panes[paneIndex || 0]),
+    activeText: () => { const p = activePane(); return p ? text(p) : ''; },
+    offsets: () => allPanes().map((p) => ({ session: p.sessionId, offset: p.offset, rendered: p.rendered })),
+  });
+}
+
+async function boot() {
+  wireChrome();
+  applyTheme(prefs.theme);
+  applyFont(prefs.font, prefs.fontSize);
+  exposeDebug();
+  const [version, live, wasm] = await Promise.all([api('GET', 'api/version'), listSessions(), checkWasmAllowed()]);
+  wasmAllowed = wasm;
+  if (version.status === 200) serverVersion = version.data.version || '';
+  if (transport.mode === 'auth') return;
+  transport.start();
+  if (!(await restoreLayout(live))) await newTab();
+  refreshBadge();
+  watchSetup();
+  checkToken();
+  // Keep sessions from the idle reaper while the page is open, and the
+  // badge honest about sessions started elsewhere.
+  setInterval(() => transport.heartbeat(), 30000);
+  setInterval(() => refreshBadge(), 15000);
+  window.addEventListener('resize', () => { if (activeTab) for (const p of activeTab.panes) p.fit(); });
+}
+
+boot();
+
+})();
