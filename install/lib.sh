@@ -64,6 +64,7 @@ pinned_version() {
 
 # Sets OS (linux, darwin) and ARCH (amd64, arm64, 386, arm): the Go names
 # that gh and the Databricks CLI use. micro.sh maps them to its own names.
+# shellcheck disable=SC2034  # OS and ARCH are read by the sourcing script
 detect_platform() {
     local kernel machine
     kernel="$(uname -s)"

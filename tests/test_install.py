@@ -186,7 +186,7 @@ def home(tmp_path):
 
 
 def fake_uname_dir(tmp_path, machine, kernel="Linux"):
-    directory = tmp_path / f"uname-{machine}"
+    directory = tmp_path / f"uname-{kernel}-{machine}"
     directory.mkdir(exist_ok=True)
     script = directory / "uname"
     script.write_text(
@@ -197,12 +197,12 @@ def fake_uname_dir(tmp_path, machine, kernel="Linux"):
     return directory
 
 
-def script_env(tmp_path, home, mirror_url, machine="x86_64", path=None, **extra):
+def script_env(tmp_path, home, mirror_url, machine="x86_64", kernel="Linux", path=None, **extra):
     temp = tmp_path / "tmp"
     temp.mkdir(exist_ok=True)
     dead_proxy = "http://127.0.0.1:9"
     env = {
-        "PATH": f"{fake_uname_dir(tmp_path, machine)}:{path or os.environ['PATH']}",
+        "PATH": f"{fake_uname_dir(tmp_path, machine, kernel)}:{path or os.environ['PATH']}",
         "HOME": str(home),
         "TMPDIR": str(temp),
         "LANG": "C.UTF-8",
@@ -378,6 +378,23 @@ def test_unsupported_architecture_is_named(tool, tmp_path, home, mirror):
     assert result.returncode != 0
     assert "unsupported CPU architecture 'sparc64'" in result.stderr
     assert mirror.requests == []
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_unsupported_operating_system_is_named(tool, tmp_path, home, mirror):
+    result = run(tool, script_env(tmp_path, home, mirror.url, kernel="FreeBSD"))
+    assert result.returncode != 0
+    assert "unsupported operating system 'FreeBSD'" in result.stderr
+    assert mirror.requests == []
+
+
+def test_scripts_pass_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    scripts = ["lib.sh", "micro.sh", "gh.sh", "databricks.sh", "gh-login"]
+    result = subprocess.run(["shellcheck", "-x", *scripts], cwd=INSTALL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
 
 
 # ---------------------------------------------------------------- gh-login
