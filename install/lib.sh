@@ -143,10 +143,13 @@ sha256_of() {
 }
 
 # verify_sha256 FILE SUMS NAME: FILE's SHA-256 must be the one SUMS lists for
-# NAME (lines "<hex>  <name>" or "<hex> *<name>", as sha256sum writes them).
+# NAME (lines "<hex>  <name>" or "<hex> *<name>", as sha256sum writes them;
+# a directory before the name and CRLF line ends are tolerated).
 verify_sha256() {
     local file="$1" sums="$2" name="$3" expected actual
-    expected="$(awk -v n="$name" '{f=$2; sub(/^\*/, "", f)} f == n {print tolower($1); exit}' "$sums")"
+    expected="$(awk -v n="$name" '
+        { sub(/\r$/, ""); f = $2; sub(/^\*/, "", f); sub(/.*\//, "", f) }
+        f == n { print tolower($1); exit }' "$sums")"
     [ -n "$expected" ] || die "no checksum for $name in $(basename "$sums"); refusing to install"
     actual="$(sha256_of "$file")"
     if [ "$actual" != "$expected" ]; then

@@ -397,6 +397,41 @@ def test_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
+# ---------------------------------------------------------------- checksum file formats
+
+def verify_in_lib(tmp_path, sums_text, name="tool_1.0_linux_amd64.tar.gz"):
+    archive = tmp_path / name
+    archive.write_bytes(b"the archive")
+    sums = tmp_path / "SUMS"
+    sums.write_bytes(sums_text.encode())
+    return subprocess.run(["bash", "-c", f'. "{INSTALL}/lib.sh"; verify_sha256 "$1" "$2" "$3"', "-",
+                           str(archive), str(sums), name],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("line", [
+    "{digest}  {name}\n",                     # sha256sum, text mode
+    "{digest} *{name}\n",                     # sha256sum, binary mode
+    "{digest}  dist/{name}\n",                # with the build directory
+    "{upper}  {name}\r\n",                   # capitals and CRLF
+    "{other}  {name}.sig\n{digest}  {name}\n",  # a longer name first
+])
+def test_checksum_line_formats_are_understood(line, tmp_path):
+    digest = sha256(b"the archive")
+    name = "tool_1.0_linux_amd64.tar.gz"
+    text = line.format(digest=digest, upper=digest.upper(), other="0" * 64, name=name)
+    result = verify_in_lib(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert "checksum ok" in result.stdout
+
+
+def test_a_similar_name_is_not_taken_for_the_archive(tmp_path):
+    digest = sha256(b"the archive")
+    result = verify_in_lib(tmp_path, f"{digest}  tool_1.0_linux_amd64.tar.gz.sbom\n")
+    assert result.returncode != 0
+    assert "no checksum for tool_1.0_linux_amd64.tar.gz" in result.stderr
+
+
 # ---------------------------------------------------------------- gh-login
 
 @pytest.fixture
