@@ -344,14 +344,26 @@ const transport = {
   },
 
   // Keystrokes: over the socket when it is open, else over HTTP, so typing
-  // works during a reconnect too.
+  // works during a reconnect and in polling mode too. HTTP input goes one
+  // request at a time per pane, so keystrokes cannot overtake each other.
   input(pane, data) {
-    for (let i = 0; i < data.length; i += INPUT_CHUNK) {
-      const chunk = data.slice(i, i + INPUT_CHUNK);
-      if (!this.send({ type: 'terminal_input', session_id: pane.sessionId, input: chunk })) {
-        api('POST', 'api/input', { session_id: pane.sessionId, input: chunk });
-      }
+    if (!pane.httpBusy && this.wsOpen()) {
+      for (const chunk of chunks(data)) this.send({ type: 'terminal_input', session_id: pane.sessionId, input: chunk });
+      return;
     }
+    pane.httpQueue += data;
+    if (pane.httpBusy) return;
+    pane.httpBusy = true;
+    (async () => {
+      while (pane.httpQueue && pane.sessionId) {
+        const [chunk] = chunks(pane.httpQueue);
+        pane.httpQueue = pane.httpQueue.slice(chunk.length);
+        const { status } = await api('POST', 'api/input', { session_id: pane.sessionId, input: chunk });
+        if (status === 0) { pane.httpQueue = chunk + pane.httpQueue; await sleep(1000); }
+        else if (status !== 200) pane.httpQueue = '';   // gone or refused: do not retry forever
+      }
+      pane.httpBusy = false;
+    })();
   },
 
   resize(pane, cols, rows) {
@@ -440,6 +452,21 @@ const transport = {
   },
 };
 
+// Split input into pieces far below the 1 MiB frame cap, never between the
+// two halves of a surrogate pair (that would corrupt an emoji).
+function chunks(text) {
+  const out = [];
+  let i = 0;
+  while (i < text.length) {
+    let end = Math.min(text.length, i + INPUT_CHUNK);
+    const last = text.charCodeAt(end - 1);
+    if (end < text.length && last >= 0xd800 && last <= 0xdbff) end -= 1;
+    out.push(text.slice(i, end));
+    i = end;
+  }
+  return out;
+}
+
 function unrenderedBytes() {
   return allPanes().reduce((sum, p) => sum + (p.offset - p.rendered), 0);
 }
@@ -472,6 +499,8 @@ class Pane {
     this.acked = 0;
     this.exited = false;
     this.replayUntil = -1; // after a reload: nudge a resize once replay is drawn
+    this.httpQueue = '';   // keystrokes waiting for HTTP (no socket open)
+    this.httpBusy = false;
 
     this.el = el('div', { class: 'pane' });
     this.host = el('div', { class: 'term-host' });
@@ -551,7 +580,8 @@ class Pane {
   showCreateError(status, message) {
     let text = message || 'Could not start a session.';
     if (status === 429) {
-      text += ' Close a session (Ctrl+Shift+S lists them) or raise MAX_CONCURRENT_SESSIONS in the server\u2019s environment.';
+      if (!/MAX_CONCURRENT_SESSIONS/.test(text)) text += ' Close a session or raise MAX_CONCURRENT_SESSIONS in the server\u2019s environment.';
+      text += ` ${IS_MAC ? 'Cmd' : 'Ctrl'}+Shift+S lists the sessions.`;
     }
     this.term.write('\r\n\x1b[31m' + text + '\x1b[0m\r\n');
     this.offerNewSession(status === 429 ? 'Try again' : 'New session');
@@ -680,7 +710,9 @@ function makeTab(name) {
   tab.tabEl = el('button', { class: 'tab', role: 'tab' });
   tab.tabEl.append(el('span', { class: 'tab-name', text: name }),
     el('span', { class: 'tab-close', title: 'Close tab', text: '\u00d7', onclick: (ev) => { ev.stopPropagation(); closeTab(tab); } }));
-  tab.tabEl.addEventListener('click', () => showTab(tab));
+  // Clicking the shown tab again does nothing: a double-click to rename
+  // must not have the terminal steal focus from the name field.
+  tab.tabEl.addEventListener('click', () => { if (activeTab !== tab) showTab(tab); });
   tab.tabEl.addEventListener('dblclick', () => renameTab(tab));
   $('#tabs').append(tab.tabEl);
   $('#workspace').append(tab.el);
@@ -810,6 +842,7 @@ function renameTab(tab) {
   const nameEl = tab.tabEl.querySelector('.tab-name');
   const input = el('input', { class: 'tab-rename', value: tab.name, maxlength: '100', 'aria-label': 'Tab name' });
   nameEl.replaceWith(input);
+  input.focus();
   input.select();
   let done = false;
   const finish = (commit) => {
@@ -1367,6 +1400,7 @@ function exposeDebug() {
     get tabs() { return tabs.map((t) => ({ name: t.name, sessions: t.panes.map((p) => p.sessionId) })); },
     paneText: (tabIndex, paneIndex) => text(tabs[tabIndex].panes[paneIndex || 0]),
     activeText: () => { const p = activePane(); return p ? text(p) : ''; },
+    selection: () => { const p = activePane(); return p ? p.term.getSelection() : ''; },
     offsets: () => allPanes().map((p) => ({ session: p.sessionId, offset: p.offset, rendered: p.rendered })),
   });
 }

@@ -1,0 +1,389 @@
+"""The browser terminal, driven in real headless Chromium against the real coda.py.
+
+Chromium is Debian's (`/usr/bin/chromium`); Playwright only drives it. The
+page's CSP forbids eval, so conditions are polled with `page.evaluate` (which
+the DevTools protocol runs outside the CSP) rather than `wait_for_function`.
+Terminal text is read from xterm's buffer through the read-only `window.coda`.
+"""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "static" / "screenshots"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+
+# Every page records JavaScript errors and CSP violations; each test ends by
+# asserting there were none.
+WATCH_ERRORS = """
+window.__codaProblems = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__codaProblems.push('CSP: ' + e.violatedDirective + ' ' + e.blockedURI);
+});
+"""
+
+# Makes every WebSocket fail to construct, as a proxy that refuses upgrades would.
+BLOCK_WEBSOCKET = """
+window.WebSocket = function () { throw new Error('WebSocket blocked by the test'); };
+"""
+
+
+def wait(page, script, arg=None, timeout=10.0, what=None):
+    """Poll a JS expression (a function source taking `arg`) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(script, arg)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = page.evaluate("window.coda ? window.coda.activeText() : '(no window.coda)'")
+            raise AssertionError(f"timed out waiting for {what or script}; terminal shows:\n{text[-1500:]}")
+        time.sleep(0.05)
+
+
+def wait_text(page, needle, tab=None, pane=0, timeout=10.0):
+    """Wait until the terminal (the active pane, or tabs[tab].panes[pane]) contains `needle`."""
+    if tab is None:
+        script = "(n) => window.coda && window.coda.activeText().includes(n)"
+        return wait(page, script, needle, timeout, what=repr(needle))
+    script = "([n, t, p]) => window.coda && window.coda.tabs.length > t && window.coda.paneText(t, p).includes(n)"
+    return wait(page, script, [needle, tab, pane], timeout, what=repr(needle))
+
+
+def text(page, tab=None, pane=0):
+    if tab is None:
+        return page.evaluate("window.coda.activeText()")
+    return page.evaluate("([t, p]) => window.coda.paneText(t, p)", [tab, pane])
+
+
+def wait_ready(page):
+    """The page is up, with one tab whose shell has printed its prompt."""
+    wait(page, "() => window.coda && window.coda.tabs.length > 0 && window.coda.tabs[0].sessions[0]",
+         what="a first session")
+    wait_text(page, "@", timeout=15)   # the shell prompt (user@host)
+
+
+def shot(page, name):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Tab:
+    """Opens pages on one server with one browser context (shared localStorage)."""
+
+    def __init__(self, browser, server, init_scripts=(), http_errors_expected=False):
+        self.server = server
+        # Chrome logs every 4xx answer as a console error; a test that provokes
+        # one on purpose says so.
+        self.http_errors_expected = http_errors_expected
+        self.context = browser.new_context(viewport={"width": 1200, "height": 720})
+        self.context.add_init_script(WATCH_ERRORS)
+        for script in init_scripts:
+            self.context.add_init_script(script)
+        self.problems = []
+        self.pages = []
+
+    def open(self):
+        page = self.context.new_page()
+        page.on("pageerror", lambda err: self.problems.append(f"page error: {err}"))
+        page.on("console", self.on_console)
+        page.goto(f"{self.server.url}/?token={self.server.token}")
+        self.pages.append(page)
+        return page
+
+    def on_console(self, msg):
+        if msg.type != "error":
+            return
+        if self.http_errors_expected and msg.text.startswith("Failed to load resource"):
+            return
+        self.problems.append(f"console: {msg.text}")
+
+    def reload(self, page):
+        self.collect(page)
+        page.reload()
+        return page
+
+    def collect(self, page):
+        try:
+            self.problems += page.evaluate("window.__codaProblems || []")
+        except playwright_api.Error:
+            pass
+
+    def close(self):
+        for page in self.pages:
+            if not page.is_closed():
+                self.collect(page)
+        self.context.close()
+
+
+@pytest.fixture
+def open_tab(browser, coda_server):
+    """open_tab(init_scripts=()) -> a page on the shared server, logged in."""
+    tabs = []
+
+    def opener(init_scripts=(), server=None):
+        tab = Tab(browser, server or coda_server, init_scripts)
+        tabs.append(tab)
+        return tab, tab.open()
+
+    yield opener
+    problems = []
+    for tab in tabs:
+        tab.close()
+        problems += tab.problems
+    # Leave no session behind for the next test (the cap is small).
+    for session in coda_server.get("/api/sessions").json():
+        coda_server.post("/api/session/close", {"session_id": session["session_id"]})
+    assert not problems, "JavaScript errors or CSP violations:\n" + "\n".join(problems)
+
+
+def test_type_a_command_and_read_its_output(open_tab, coda_server):
+    _, page = open_tab()
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == "ws"
+    page.keyboard.type("echo hello-$((6*7))\n")
+    wait_text(page, "hello-42")
+    # The splash of a new session: version, help shortcut, persistence.
+    version = coda_server.get("/api/version").json()["version"]
+    assert f"CoDA {version}" in text(page)
+    assert "Ctrl+/" in text(page) and "idle timeout" in text(page)
+    assert page.inner_text("#sessions-badge") == "1 active session"
+    shot(page, "terminal")
+
+
+def test_split_and_type_in_both_panes(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    page.keyboard.press("Alt+Shift+D")
+    wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
+         what="a second pane with its session")
+    wait_text(page, "@", tab=0, pane=1)
+    page.keyboard.type("echo right-$((1+1))\n")
+    wait_text(page, "right-2", tab=0, pane=1)
+    # Back to the left pane with the pane shortcut, type there.
+    page.keyboard.press("Alt+Shift+BracketLeft")
+    page.keyboard.type("echo left-$((2+2))\n")
+    wait_text(page, "left-4", tab=0, pane=0)
+    assert "left-4" not in text(page, 0, 1) and "right-2" not in text(page, 0, 0)
+    assert page.locator(".pane.focused").count() == 1
+    # Drag the divider: the split stays within 15-85 %.
+    box = page.locator(".tab-view.active .divider").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(20, box["y"] + 100, steps=5)
+    page.mouse.up()
+    left = page.locator(".tab-view.active .pane").first.bounding_box()["width"]
+    assert 0.14 * 1200 < left < 0.3 * 1200
+    shot(page, "split")
+
+
+def test_theme_and_font_persist_across_reload(open_tab):
+    tab, page = open_tab()
+    wait_ready(page)
+    page.select_option("#theme-select", "Dracula")
+    page.select_option("#font-select", "Fira Code")
+    page.click(".xterm")
+    page.keyboard.press("Control+Equal")
+    page.keyboard.press("Control+Equal")
+    assert page.inner_text("#font-size") == "16"
+    tab.reload(page)
+    wait_ready(page)
+    assert page.input_value("#theme-select") == "Dracula"
+    assert page.input_value("#font-select") == "Fira Code"
+    assert page.inner_text("#font-size") == "16"
+    background = page.evaluate("getComputedStyle(document.documentElement).getPropertyValue('--bg').trim()")
+    assert background == "#282a36"
+    # The light/dark toggle goes to the last light theme and back to Dracula.
+    page.click("#mode-btn")
+    assert page.input_value("#theme-select") == "Light"
+    page.click("#mode-btn")
+    assert page.input_value("#theme-select") == "Dracula"
+    shot(page, "dracula")
+
+
+def test_search_finds_and_highlights_scrollback(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    # The marker scrolls far out of view, into the scrollback.
+    page.keyboard.type("echo needle-$((40+2)); seq 1 300\n")
+    wait_text(page, "\n300")
+    page.keyboard.press("Control+Shift+F")
+    page.wait_for_selector("#search-panel:not([hidden])")
+    page.keyboard.type("needle-42")
+    wait(page, "() => document.querySelector('#search-count').textContent === '1 of 1'",
+         what="one match counted")
+    # The match is outlined (the active one in its own colour) and selected,
+    # which scrolled the viewport back up to it.
+    wait(page, "() => [...document.querySelectorAll('.xterm-find-result-decoration')]"
+               ".some((d) => d.style.outline.includes('255, 176, 0'))",
+         what="the active match highlighted")
+    assert page.evaluate("window.coda.selection()") == "needle-42"
+    shot(page, "search")
+    page.keyboard.press("Escape")
+    assert page.locator("#search-panel").is_hidden()
+    wait(page, "() => document.querySelectorAll('.xterm-find-result-decoration').length === 0",
+         what="highlights cleared")
+
+
+def test_long_poll_when_websocket_is_blocked(open_tab):
+    _, page = open_tab(init_scripts=[BLOCK_WEBSOCKET])
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == "poll"
+    page.keyboard.type("echo polled-$((3*3))\n")
+    wait_text(page, "polled-9")
+    # A long output arrives whole and in order over polling too.
+    page.keyboard.type("seq 1 2000 | tail -n 3; echo done-$((5+5))\n")
+    wait_text(page, "done-10")
+    assert "1998\n1999\n2000" in text(page)
+
+
+def test_reload_restores_layout_and_replays_output(open_tab):
+    tab, page = open_tab()
+    wait_ready(page)
+    page.keyboard.type("echo before-$((7*6))\n")
+    wait_text(page, "before-42")
+    page.keyboard.press("Alt+Shift+D")
+    wait(page, "() => window.coda.tabs[0].sessions[1]", what="a second pane")
+    wait_text(page, "@", tab=0, pane=1)
+    page.keyboard.type("echo second-$((1+2))\n")
+    wait_text(page, "second-3", tab=0, pane=1)
+    page.keyboard.press("Alt+Shift+T")
+    wait(page, "() => window.coda.tabs.length === 2 && window.coda.tabs[1].sessions[0]", what="a second tab")
+    layout = page.evaluate("window.coda.tabs")
+
+    tab.reload(page)
+    wait(page, "(n) => window.coda && window.coda.tabs.length === n", len(layout), what="tabs restored")
+    assert page.evaluate("window.coda.tabs") == layout
+    wait_text(page, "before-42", tab=0, pane=0)
+    wait_text(page, "second-3", tab=0, pane=1)
+    # Replayed once: the command and its output, no duplicates.
+    assert len(re.findall(r"^before-42$", text(page, 0, 0), re.M)) == 1
+    assert len(re.findall(r"^second-3$", text(page, 0, 1), re.M)) == 1
+    # And the restored panes are live.
+    page.click(".tab >> nth=0")
+    page.click(".tab-view.active .pane >> nth=0")
+    page.keyboard.type("echo after-$((2*4))\n")
+    wait_text(page, "after-8", tab=0, pane=0)
+    shot(page, "restored")
+
+
+def test_yes_then_ctrl_c_leaves_the_page_responsive(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    page.keyboard.type("yes\n")
+    wait(page, "() => (window.coda.activeText().match(/^y$/gm) || []).length > 20", what="yes flooding")
+    page.keyboard.press("Control+c")
+    page.keyboard.type("echo alive-$((9+9))\n")
+    started = time.monotonic()
+    wait_text(page, "alive-18", timeout=5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, f"echo after Ctrl+C took {elapsed:.2f}s"
+
+
+def test_image_paste_uploads_and_types_the_path(open_tab, coda_server):
+    _, page = open_tab()
+    wait_ready(page)
+    page.keyboard.type("echo ")
+    # A 1x1 PNG pasted from the clipboard.
+    page.evaluate("""() => {
+      const bytes = Uint8Array.from(atob('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=='), (c) => c.charCodeAt(0));
+      const data = new DataTransfer();
+      data.items.add(new File([bytes], 'shot.png', { type: 'image/png' }));
+      const event = new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true });
+      document.querySelector('.xterm-helper-textarea').dispatchEvent(event);
+    }""")
+    uploads = coda_server.home / "uploads"
+    typed = wait_text(page, str(uploads) + "/")
+    assert typed
+    match = re.search(re.escape(str(uploads)) + r"/(\S+shot\.png) ", text(page))
+    assert match, text(page)
+    saved = uploads / match.group(1)
+    assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wait(page, "() => [...document.querySelectorAll('.toast')].some((t) => t.textContent.startsWith('Uploaded'))",
+         what="a success toast")
+    # The path is typed, not run: Enter runs it.
+    page.keyboard.press("Enter")
+    wait(page, "(p) => window.coda.activeText().split('\\n').some((l) => l.trim() === p)", str(saved),
+         what="the echoed path")
+
+
+def test_exit_shows_code_and_offers_a_new_session(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    first = page.evaluate("window.coda.tabs[0].sessions[0]")
+    page.keyboard.type("exit 3\n")
+    wait_text(page, "process exited (code 3)")
+    page.click(".exit-card button")
+    wait(page, "(old) => { const s = window.coda.tabs[0].sessions[0]; return s && s !== old; }", first,
+         what="a new session in the pane")
+    wait_text(page, "@")
+    page.keyboard.type("echo reborn-$((1+4))\n")
+    wait_text(page, "reborn-5")
+
+
+def test_rename_tab_renames_the_session(open_tab, coda_server):
+    _, page = open_tab()
+    wait_ready(page)
+    session = page.evaluate("window.coda.tabs[0].sessions[0]")
+    page.dblclick(".tab-name")
+    page.fill(".tab-rename", "builds")
+    page.keyboard.press("Enter")
+    assert page.inner_text(".tab-name") == "builds"
+
+    def label():
+        return {s["session_id"]: s["label"] for s in coda_server.get("/api/sessions").json()}.get(session)
+
+    deadline = time.monotonic() + 5
+    while label() != "builds":
+        assert time.monotonic() < deadline, label()
+        time.sleep(0.05)
+
+
+def test_session_picker_lists_and_kills(open_tab, coda_server):
+    _, page = open_tab()
+    wait_ready(page)
+    other = coda_server.new_session(label="elsewhere")
+    page.keyboard.press("Control+Shift+S")
+    page.wait_for_selector("#sessions-modal:not([hidden])")
+    row = page.locator("#sessions-table tr", has_text="elsewhere")
+    row.wait_for()
+    shot(page, "sessions")
+    row.locator("button", has_text="Attach").click()
+    wait(page, "(id) => window.coda.tabs.some((t) => t.sessions.includes(id))", other, what="attached in a tab")
+    page.keyboard.press("Control+Shift+S")
+    page.locator("#sessions-kill-all").click()
+    wait(page, "() => document.querySelector('#sessions-empty') && !document.querySelector('#sessions-empty').hidden",
+         what="no sessions left")
+    assert coda_server.get("/api/sessions").json() == []
+
+
+def test_session_cap_explains_how_to_raise_it(browser, start_coda):
+    server = start_coda(env={"MAX_CONCURRENT_SESSIONS": "1"})
+    tab = Tab(browser, server, http_errors_expected=True)
+    try:
+        page = tab.open()
+        wait_ready(page)
+        page.click("#new-tab")
+        wait(page, "() => [...document.querySelectorAll('.toast')].some((t) => t.textContent.includes('MAX_CONCURRENT_SESSIONS'))",
+             what="the 429 toast")
+        assert "MAX_CONCURRENT_SESSIONS" in text(page)
+    finally:
+        tab.close()
+    assert not tab.problems, tab.problems
