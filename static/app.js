@@ -177,6 +177,7 @@ let bannerKind = null;
 function showBanner(kind, text) {
   // Auth expiry outranks everything: the page cannot heal by itself.
   if (bannerKind === 'auth' && kind !== 'auth') return;
+  if (bannerKind === 'restart' && kind === 'net') return;
   bannerKind = kind;
   const b = $('#banner');
   b.textContent = text;
@@ -275,7 +276,7 @@ const transport = {
     // Cannot connect: fall back to polling at once (before any socket ever
     // worked) or after a second failure, so the terminal is never dead.
     if (!this.everOpened || this.failures >= 2) this.startPolling();
-    if (this.failures >= 3 && !this.shuttingDown) {
+    if (this.failures >= 3) {
       this.checkAuth();
       if (this.mode !== 'poll') showBanner('net', 'Connection lost \u2014 retrying\u2026');
     }
@@ -289,9 +290,9 @@ const transport = {
 
   scheduleRetry() {
     if (this.retryTimer || this.mode === 'auth') return;
-    // Exponential backoff with jitter, capped at 30 s.
-    const n = Math.min(this.failures + this.drops.length, 6);
-    const delay = Math.min(30000, 500 * 2 ** n) * (0.5 + Math.random());
+    // Exponential backoff with jitter, capped at 10 s: someone is waiting.
+    const n = Math.min(this.failures + this.drops.length, 5);
+    const delay = Math.min(10000, 500 * 2 ** n) * (0.5 + Math.random());
     this.retryTimer = setTimeout(() => this.connect(), delay);
   },
 
@@ -421,9 +422,11 @@ const transport = {
   onWorker(msg) {
     if (msg.type === 'status') {
       if (msg.status === 403) showAuthExpired();
+      else if (msg.failures >= 3 && this.mode === 'poll') showBanner('net', 'Connection lost \u2014 retrying\u2026');
       return;
     }
     if (msg.type !== 'outputs' || this.mode !== 'poll') return;
+    hideBanner('net');
     if (msg.shutting_down) this.onShuttingDown();
     else if (this.shuttingDown) { this.shuttingDown = false; hideBanner('restart'); }
     for (const [id, out] of Object.entries(msg.outputs || {})) {
@@ -938,13 +941,15 @@ async function restoreLayout(live) {
 // Session picker and badge
 // ---------------------------------------------------------------------------
 
+// null when the server did not answer, so callers can keep what they show.
 async function listSessions() {
   const { status, data } = await api('GET', 'api/sessions');
-  return status === 200 && Array.isArray(data) ? data : [];
+  return status === 200 && Array.isArray(data) ? data : null;
 }
 
 async function refreshBadge(list) {
   const sessions = list || await listSessions();
+  if (!sessions) return;
   const n = sessions.filter((s) => !s.exited).length;
   $('#sessions-badge').textContent = `${n} active session${n === 1 ? '' : 's'}`;
 }
@@ -969,7 +974,7 @@ async function openSessions() {
 }
 
 async function renderSessions() {
-  const sessions = await listSessions();
+  const sessions = (await listSessions()) || [];
   refreshBadge(sessions);
   const body = $('#sessions-table tbody');
   body.textContent = '';
@@ -1005,7 +1010,7 @@ async function renderSessions() {
 }
 
 async function killAll() {
-  const sessions = await listSessions();
+  const sessions = (await listSessions()) || [];
   await Promise.all(sessions.map((s) => api('POST', 'api/session/close', { session_id: s.session_id })));
   renderSessions();
 }
@@ -1415,7 +1420,7 @@ async function boot() {
   if (version.status === 200) serverVersion = version.data.version || '';
   if (transport.mode === 'auth') return;
   transport.start();
-  if (!(await restoreLayout(live))) await newTab();
+  if (!(await restoreLayout(live || []))) await newTab();
   refreshBadge();
   watchSetup();
   checkToken();

@@ -12,7 +12,7 @@
 //               {type:'next'}                      ready for the next answer
 //               {type:'stop'}                      stop polling
 // Messages out: {type:'outputs', outputs, shutting_down}
-//               {type:'status', status}            an HTTP failure (403, 503...)
+//               {type:'status', status, failures}  a failed poll (status 0: no answer)
 'use strict';
 
 const WAIT_SECONDS = 25;         // the server caps `wait` at 30
@@ -99,10 +99,10 @@ async function loop(id) {
     if (!current()) break;
     if (gen !== generation) continue;   // the set changed meanwhile: ask again
     if (!resp || !resp.ok) {
-      if (resp) self.postMessage({ type: 'status', status: resp.status });
+      failures += 1;
+      self.postMessage({ type: 'status', status: resp ? resp.status : 0, failures });
       if (resp && resp.status === 403) { running = false; break; }   // the page shows the banner
       // Back off, with jitter, up to 10 s; a change of sessions retries early.
-      failures += 1;
       await pause(Math.min(10000, 250 * 2 ** failures) * (0.5 + Math.random()));
       continue;
     }

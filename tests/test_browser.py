@@ -8,10 +8,15 @@ Terminal text is read from xterm's buffer through the read-only `window.coda`.
 
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import ROOT, TOKEN, free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -387,3 +392,54 @@ def test_session_cap_explains_how_to_raise_it(browser, start_coda):
     finally:
         tab.close()
     assert not tab.problems, tab.problems
+
+
+def test_restart_shows_a_banner_and_reconnects(browser, tmp_path):
+    """SIGTERM: "CoDA is restarting"; the server comes back on the same port; the page recovers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
+    env.update(HOME=str(tmp_path), CODA_TOKEN=TOKEN, CODA_INSTALL="0")
+
+    def start():
+        proc = subprocess.Popen([sys.executable, str(ROOT / "coda.py"), "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                return proc
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "coda.py did not start"
+                time.sleep(0.05)
+
+    class Server:
+        url, token = f"http://127.0.0.1:{port}", TOKEN
+
+    first = start()
+    tab = Tab(browser, Server(), http_errors_expected=True)
+    second = None
+    try:
+        page = tab.open()
+        wait_ready(page)
+        first.send_signal(signal.SIGTERM)
+        wait(page, "() => !document.querySelector('#banner').hidden && "
+                   "document.querySelector('#banner').textContent.includes('CoDA is restarting')",
+             what="the restarting banner")
+        shot(page, "restarting")
+        first.wait(15)
+        second = start()
+        # Back: the banner goes, the old session is gone, a new one starts.
+        wait(page, "() => document.querySelector('#banner').hidden", timeout=20, what="the banner to go")
+        page.click(".exit-card button", timeout=20000)
+        wait_text(page, "@", timeout=15)
+        page.keyboard.type("echo back-$((2*5))\n")
+        wait_text(page, "back-10")
+    finally:
+        tab.close()
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # Chrome logs the refused reconnects as console errors; nothing else may appear.
+    unexpected = [p for p in tab.problems if "WebSocket connection" not in p]
+    assert not unexpected, unexpected
