@@ -311,6 +311,8 @@ class Stream:
         self._changed = gevent.event.Event()
 
     def append(self, data):
+        if not data:
+            return
         if self.chunks and len(self.chunks[-1][1]) < CHUNK_BYTES:
             self.chunks[-1][1] += data
         else:
@@ -485,7 +487,7 @@ class Session:
         try:
             _set_winsize(master, cols, rows)
             self.proc = subprocess.Popen(
-                [config.shell, "-l"], stdin=slave, stdout=slave, stderr=slave, cwd=projects,
+                [config.shell], stdin=slave, stdout=slave, stderr=slave, cwd=projects,
                 env=shell_environment(config), preexec_fn=_become_terminal_leader)
         except BaseException:
             os.close(master)
@@ -1029,7 +1031,9 @@ class BoundedWebSocket(WebSocket):
         try:
             return super().receive()
         except MessageTooBig:
+            sock = self.handler.socket
             self.close(1009, b"message too big")
+            _drain(sock)
             return None
         except WebSocketError:
             return None
@@ -1037,6 +1041,26 @@ class BoundedWebSocket(WebSocket):
     def send_frame(self, message, opcode):
         with self.send_lock:
             super().send_frame(message, opcode)
+
+    def close(self, code=1000, message=b""):
+        """Close with a real status code (the library's close frame leaves it out)."""
+        with self.send_lock:
+            if not self.closed:
+                try:
+                    self.send_frame(struct.pack("!H", code) + (message or b""), self.OPCODE_CLOSE)
+                except WebSocketError:
+                    pass
+            self.closed = True
+            self.stream = self.raw_write = self.raw_read = self.environ = None
+
+
+def _drain(sock, limit=4 * MIB, seconds=1.0):
+    """Read what a client is still sending, briefly, so that closing the socket
+    does not reset the connection before the client has read our close frame."""
+    taken = 0
+    with gevent.Timeout(seconds, False):
+        while taken < limit and (data := sock.recv(64 * KIB)):
+            taken += len(data)
 
 
 _ws_handler.WebSocket = BoundedWebSocket  # the handler builds its sockets by this name

@@ -1,0 +1,727 @@
+"""The terminal server against PROTOCOL.md: the real coda.py, real PTYs, real sockets."""
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+
+from conftest import TOKEN, Coda
+
+UTF8_LINE = "é漢🙂 ascii \x1b[31mred\x1b[0m ü ß 日本語 👍🏽\n"
+
+
+def session_ids_of(server):
+    return [s["session_id"] for s in server.get("/api/sessions").json()]
+
+
+def server_children(pid):
+    """(pid, state) of every process whose parent is `pid`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append((int(name), fields[0]))
+    return found
+
+
+def processes_in_session(sid):
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(name))
+    return found
+
+
+def shell_pid(server, session_id):
+    server.type(session_id, "echo PID=$$ END$((6+1))\r")
+    text, _ = server.read_until(session_id, "END7")
+    return int(re.findall(r"PID=(\d+) END7", text)[-1])
+
+
+# --- start, health, auth --------------------------------------------------------
+
+def test_health_needs_no_token_and_reports_state(coda_server):
+    answer = requests.get(coda_server.url + "/health").json()
+    assert answer["status"] == "healthy"
+    assert answer["version"] == coda_server.api("/api/version", None) if False else answer["version"]
+    assert isinstance(answer["active_sessions"], int)
+    assert answer["setup_status"] in ("pending", "running", "complete", "failed")
+
+
+def test_version_and_databricks_endpoints_have_their_empty_shapes(coda_server):
+    assert coda_server.get("/api/version").json() == {"version": requests.get(coda_server.url + "/health").json()["version"]}
+    pat = coda_server.get("/api/pat-status").json()
+    assert pat == {"configured": False, "valid": False, "user": None, "workspace_host": None, "expires_at": None}
+    state = coda_server.get("/api/app-state").json()
+    assert set(state) == {"owner", "workspace_host", "pat_configured", "last_rotation"}
+    setup = coda_server.get("/api/setup-status").json()
+    assert set(setup) == {"status", "steps"}
+
+
+def test_every_route_but_health_needs_the_token(coda_server):
+    for path in ("/", "/api/sessions", "/api/version", "/static/app.js"):
+        assert requests.get(coda_server.url + path).status_code == 403, path
+        assert requests.get(coda_server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    answer = requests.post(coda_server.url + "/api/session", json={})
+    assert answer.status_code == 403 and "token" in answer.json()["error"]
+
+
+def test_url_token_becomes_an_httponly_cookie_and_a_redirect(coda_server):
+    answer = requests.get(coda_server.url + f"/?token={TOKEN}", allow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["Location"] == "/"
+    cookie = answer.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    with requests.Session() as browser:
+        assert browser.get(coda_server.url + f"/?token={TOKEN}").status_code == 200
+        assert browser.get(coda_server.url + "/api/sessions").status_code == 200
+        assert TOKEN not in browser.get(coda_server.url + "/").text
+
+
+def test_foreign_host_and_origin_are_refused(coda_server):
+    headers = dict(coda_server.headers)
+    assert requests.get(coda_server.url + "/api/version", headers={**headers, "Host": "evil.example"}).status_code == 403
+    evil = requests.post(coda_server.url + "/api/session", json={}, headers={**headers, "Origin": "http://evil.example"})
+    assert evil.status_code == 403
+    same = requests.post(coda_server.url + "/api/heartbeat", json={"session_ids": []},
+                         headers={**headers, "Origin": f"http://127.0.0.1:{coda_server.port}"})
+    assert same.status_code == 200
+    forwarded = requests.get(coda_server.url + "/api/version",
+                             headers={**headers, "Host": "evil.example", "X-Forwarded-Host": f"127.0.0.1:{coda_server.port}"})
+    assert forwarded.status_code == 403  # never trusted locally
+
+
+def test_websocket_upgrade_runs_the_same_checks(coda_server):
+    url = f"ws://127.0.0.1:{coda_server.port}/ws"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url, timeout=5)
+    assert refused.value.status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url, timeout=5, header=[f"Authorization: Bearer {TOKEN}"], origin="http://evil.example")
+    assert refused.value.status_code == 403
+    ok = websocket.create_connection(url, timeout=5, header=[f"Cookie: coda_token={TOKEN}"],
+                                     origin=f"http://127.0.0.1:{coda_server.port}")
+    ok.close()
+
+
+def test_security_headers_on_every_answer(coda_server):
+    for answer in (coda_server.get("/"), coda_server.get("/api/version"), coda_server.get("/nope"),
+                   requests.get(coda_server.url + "/api/version"), requests.get(coda_server.url + "/health")):
+        csp = answer.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Referrer-Policy"]
+
+
+def test_apps_mode_admits_only_the_owner(start_coda):
+    server = start_coda({"DATABRICKS_APP_NAME": "coda-test", "APP_OWNER": "Owner@Example.com", "CODA_TOKEN": None})
+    url = server.url + "/api/version"
+    assert requests.get(url, headers={"X-Forwarded-Email": "owner@example.COM"}).status_code == 200
+    assert requests.get(url, headers={"X-Forwarded-Email": "someone@example.com"}).status_code == 403
+    assert requests.get(url).status_code == 403
+    assert requests.get(server.url + "/health").status_code == 200
+    proxied = {"X-Forwarded-Email": "owner@example.com", "Host": "internal:8000",
+               "X-Forwarded-Host": "coda-test.example.com", "Origin": "https://coda-test.example.com"}
+    assert requests.post(server.url + "/api/heartbeat", json={"session_ids": []}, headers=proxied).status_code == 200
+    proxied["Origin"] = "https://evil.example"
+    assert requests.post(server.url + "/api/heartbeat", json={"session_ids": []}, headers=proxied).status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws", timeout=5,
+                                    header=["X-Forwarded-Email: intruder@example.com"])
+
+
+def test_apps_mode_without_an_owner_fails_closed(start_coda):
+    server = start_coda({"DATABRICKS_APP_NAME": "coda-test", "CODA_TOKEN": None})
+    answer = requests.get(server.url + "/api/version", headers={"X-Forwarded-Email": "anyone@example.com"})
+    assert answer.status_code == 403
+    assert "owner" in requests.get(server.url + "/health").json()["owner_error"]
+
+
+def test_empty_coda_token_switches_local_auth_off_with_a_warning(start_coda):
+    server = start_coda({"CODA_TOKEN": ""})
+    assert requests.get(server.url + "/api/version").status_code == 200
+    assert "CODA_TOKEN is set but empty" in server.log()
+
+
+def test_generated_token_is_printed_once_as_a_url(start_coda):
+    server = start_coda({"CODA_TOKEN": None})
+    line = next(l for l in server.log().splitlines() if "?token=" in l)
+    token = line.split("?token=")[1].strip()
+    assert len(token) >= 24
+    assert requests.get(server.url + "/api/version", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert server.log().count(token) == 1
+
+
+# --- errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,body,status", [
+    ("/api/session", "not json", 400),
+    ("/api/session", "[1, 2]", 400),
+    ("/api/session", {"cols": "wide"}, 400),
+    ("/api/session", {"cols": 0}, 400),
+    ("/api/session", {"rows": 1001}, 400),
+    ("/api/input", {"input": "x"}, 400),
+    ("/api/input", {"session_id": 7, "input": "x"}, 400),
+    ("/api/input", {"session_id": "nope", "input": "x"}, 404),
+    ("/api/resize", {"session_id": "nope", "cols": 10, "rows": 10}, 404),
+    ("/api/output", {"session_id": "nope"}, 404),
+    ("/api/output", {"session_id": "nope", "since": -1}, 400),
+    ("/api/session/attach", {"session_id": "nope"}, 404),
+    ("/api/session/close", {}, 400),
+    ("/api/session/label", {"session_id": "nope", "label": "x"}, 404),
+    ("/api/output-batch", {"session_ids": "abc"}, 400),
+])
+def test_bad_requests_get_their_status_and_one_sentence(coda_server, path, body, status):
+    data = body if isinstance(body, str) else json.dumps(body)
+    answer = requests.post(coda_server.url + path, data=data, headers=coda_server.headers)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert error.endswith(".") and "Traceback" not in error
+
+
+def test_shape_is_checked_before_the_session_lookup(coda_server):
+    sid = coda_server.new_session()
+    answer = coda_server.post("/api/resize", {"session_id": sid, "cols": 0, "rows": 10})
+    assert answer.status_code == 400
+    coda_server.close_session(sid)
+
+
+def test_oversized_bodies_are_refused(coda_server):
+    sid = coda_server.new_session()
+    big = coda_server.post("/api/input", {"session_id": sid, "input": "x" * (1024 * 1024 + 1)})
+    assert big.status_code == 413
+    # Refused from Content-Length alone: the body is never sent.
+    headers = {**coda_server.headers, "Content-Length": str(64 * 1024 * 1024), "Content-Type": "application/json"}
+    import socket
+    with socket.create_connection(("127.0.0.1", coda_server.port), timeout=5) as raw:
+        raw.sendall(f"POST /api/input HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() +
+                    "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 413")
+    coda_server.close_session(sid)
+
+
+def test_unknown_route_is_json_404(coda_server):
+    answer = coda_server.get("/api/nothing-here")
+    assert answer.status_code == 404 and answer.json()["error"]
+
+
+# --- sessions -------------------------------------------------------------------
+
+def test_create_list_label_and_close(coda_server):
+    sid = coda_server.api("/api/session", {"label": "build", "cols": 100, "rows": 30})["session_id"]
+    [entry] = [s for s in coda_server.get("/api/sessions").json() if s["session_id"] == sid]
+    assert entry["label"] == "build" and entry["exited"] is False
+    assert set(entry) == {"session_id", "label", "created_at", "last_activity", "idle_seconds", "process", "offset", "exited"}
+    coda_server.api("/api/session/label", {"session_id": sid, "label": "tests\x1b[31m\x07 " + "x" * 200})
+    [entry] = [s for s in coda_server.get("/api/sessions").json() if s["session_id"] == sid]
+    assert entry["label"].startswith("tests[31m ") and len(entry["label"]) == 100
+    coda_server.close_session(sid)
+    assert sid not in session_ids_of(coda_server)
+    assert coda_server.post("/api/session/close", {"session_id": sid}).status_code == 404
+
+
+def test_concurrent_closes_both_succeed(coda_server):
+    sid = coda_server.new_session()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: coda_server.post("/api/session/close", {"session_id": sid}), range(4)))
+    assert sorted(a.status_code for a in answers)[0] == 200
+    assert all(a.status_code in (200, 404) for a in answers)
+    assert sid not in session_ids_of(coda_server)
+
+
+def test_shell_environment_is_clean_and_ready(start_coda):
+    server = start_coda({"DATABRICKS_TOKEN": "dapi0123456789abcdef0123456789abcdef", "DATABRICKS_HOST": "https://x",
+                         "DATABRICKS_CLIENT_SECRET": "s3cr3t-value", "MY_API_KEY": "k-value-1", "DB_PASSWORD": "pw-value-1",
+                         "CLAUDECODE": "1", "GITHUB_TOKEN": "gh-value-1", "HARMLESS": "kept", "LANG": "", "LC_ALL": "", "LC_CTYPE": ""})
+    sid = server.new_session()
+    server.type(sid, "env | sort; echo CWD=$(pwd) CHARMAP=$(locale charmap); echo END$((1))ENV\r")
+    text, _ = server.read_until(sid, "END1ENV\r\n")
+    for name in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CLIENT_SECRET", "MY_API_KEY", "DB_PASSWORD",
+                 "CLAUDECODE", "GITHUB_TOKEN", "CODA_TOKEN"):
+        assert f"\n{name}=" not in text, name
+    for secret in ("dapi0123", "s3cr3t", "k-value", "pw-value", "gh-value", TOKEN):
+        assert secret not in text
+    assert "HARMLESS=kept" in text and "TERM=xterm-256color" in text and "COLORTERM=truecolor" in text
+    assert "CHARMAP=UTF-8" in text
+    assert f"PATH={server.home}/.local/bin:" in text
+    assert f"CWD={server.home}/projects" in text
+
+
+def test_signals_are_reset_even_when_coda_started_with_sigint_ignored(tmp_path):
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    original = subprocess.Popen
+    server = None
+    try:
+        subprocess.Popen = lambda *a, **kw: original(*a, preexec_fn=ignore_sigint, **kw)
+        server = Coda(tmp_path / "home")
+    finally:
+        subprocess.Popen = original
+    try:
+        sid = server.new_session()
+        server.type(sid, "grep SigIgn /proc/self/status; echo DONE$((1))\r")
+        text, offset = server.read_until(sid, "DONE1\r\n")
+        ignored = int(text.split("SigIgn:")[-1].split()[0], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1))
+        server.type(sid, "sleep 30; echo AFTER-$((1+1))\r")
+        time.sleep(0.5)
+        started = time.time()
+        server.type(sid, "\x03")
+        server.type(sid, "echo INTER$((2+3))\r")
+        text, _ = server.read_until(sid, "INTER5", since=offset, timeout=5)
+        assert time.time() - started < 5 and "AFTER-2" not in text
+    finally:
+        server.stop()
+
+
+def test_job_control_ctrl_z_and_fg(coda_server):
+    sid = coda_server.new_session()
+    coda_server.type(sid, "sleep 30\r")
+    time.sleep(0.5)
+    coda_server.type(sid, "\x1a")
+    text, offset = coda_server.read_until(sid, "Stopped")
+    coda_server.type(sid, "jobs; kill %1; echo JOB$((4*4))\r")
+    coda_server.read_until(sid, "JOB16", since=offset)
+    coda_server.close_session(sid)
+
+
+def test_exit_code_is_reported_on_both_transports(coda_server):
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(sid)
+    coda_server.type(sid, "exit 3\r")
+    deadline = time.time() + 10
+    while True:
+        assert time.time() < deadline
+        item = sock.receive()
+        if item[0] == "event" and item[1]["type"] == "session_exited":
+            assert item[1] == {"type": "session_exited", "session_id": sid, "exit_code": 3}
+            break
+    answer = coda_server.api("/api/output", {"session_id": sid, "since": 0})
+    assert answer["exited"] is True and answer["exit_code"] == 3
+    assert [s for s in coda_server.get("/api/sessions").json() if s["session_id"] == sid][0]["exited"]
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_resize_shows_in_stty_size(coda_server):
+    sid = coda_server.new_session(cols=90, rows=20)
+    coda_server.type(sid, "stty size\r")
+    _, offset = coda_server.read_until(sid, "20 90")
+    coda_server.api("/api/resize", {"session_id": sid, "cols": 132, "rows": 43})
+    coda_server.type(sid, "stty size\r")
+    coda_server.read_until(sid, "43 132", since=offset)
+    sock = coda_server.websocket()
+    sock.join(sid)
+    sock.send(type="terminal_resize", session_id=sid, cols=70, rows=11)
+    sock.send(type="terminal_input", session_id=sid, input="stty size\r")
+    sock.collect(sid, b"11 70")
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_session_cap_is_race_safe(start_coda):
+    server = start_coda({"MAX_CONCURRENT_SESSIONS": "5"})
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: server.post("/api/session", {}), range(20)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] * 5 + [429] * 15
+    assert "MAX_CONCURRENT_SESSIONS" in [a for a in answers if a.status_code == 429][0].json()["error"]
+
+
+def test_bad_cap_falls_back_to_five_with_a_log_line(start_coda):
+    server = start_coda({"MAX_CONCURRENT_SESSIONS": "lots"})
+    codes = [server.post("/api/session", {}).status_code for _ in range(6)]
+    assert codes == [200] * 5 + [429]
+    assert "MAX_CONCURRENT_SESSIONS" in server.log()
+
+
+def test_no_fd_leak_and_no_zombies_after_200_cycles(start_coda):
+    server = start_coda({"MAX_CONCURRENT_SESSIONS": "3"})
+    fds = lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    warm = server.new_session()
+    server.close_session(warm)
+    time.sleep(0.2)
+    baseline = fds()
+    for _ in range(200):
+        server.close_session(server.new_session())
+    time.sleep(0.2)
+    assert fds() <= baseline  # one leaked descriptor per cycle would show as +200
+    assert [p for p, state in server_children(server.proc.pid) if state == "Z"] == []
+    assert server_children(server.proc.pid) == []
+
+
+def test_close_kills_the_whole_terminal_session(coda_server):
+    sid = coda_server.new_session()
+    pid = shell_pid(coda_server, sid)
+    coda_server.type(sid, "sleep 300 & trap '' HUP; (trap '' HUP; sleep 301) & echo B$((1))G\r")
+    coda_server.read_until(sid, "B1G\r\n")
+    assert len(processes_in_session(pid)) >= 3
+    coda_server.close_session(sid)
+    assert processes_in_session(pid) == []
+
+
+def test_idle_reaper_closes_abandoned_sessions_but_spares_heartbeats(start_coda):
+    server = start_coda({"SESSION_TIMEOUT_SECONDS": "2"})
+    chatty = server.new_session()   # output alone must not keep it alive
+    kept = server.new_session()
+    server.type(chatty, "while :; do echo tick; sleep 0.2; done\r")
+    deadline = time.time() + 6
+    while time.time() < deadline:
+        server.api("/api/heartbeat", {"session_ids": [kept]})
+        time.sleep(0.3)
+    ids = session_ids_of(server)
+    assert kept in ids and chatty not in ids
+
+
+# --- streams over both transports ------------------------------------------------
+
+def make_utf8_file(home, repeat=5000):
+    path = Path(home) / "utf8.txt"
+    path.write_text(UTF8_LINE * repeat)
+    return path, (UTF8_LINE * repeat).replace("\n", "\r\n")
+
+
+def test_multibyte_utf8_arrives_intact_over_both_transports(coda_server):
+    path, expected = make_utf8_file(coda_server.home)
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    joined = sock.join(sid, since=0)
+    coda_server.type(sid, f"stty -echo; echo BE$((1))GIN; cat {path}; echo E$((1))ND\r")
+    data, _ = sock.collect(sid, b"E1ND\r\n", start=joined["offset"])
+    ws_text = data.decode("utf-8")  # strict: a split character would fail here
+    assert expected in ws_text
+    polled, offset = coda_server.read_until(sid, "E1ND\r\n", since=0)
+    assert expected in polled and "\ufffd" not in polled
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_switching_from_websocket_to_long_poll_loses_and_repeats_nothing(coda_server):
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(sid, since=0)
+    coda_server.type(sid, "stty -echo; for i in $(seq 1 3000); do echo line-$i; done; echo DO$((0))NE\r")
+    head, offset = sock.collect(sid, b"line-1000\r\n", start=0)
+    sock.close()
+    rest = b""
+    while b"DO0NE\r\n" not in rest:
+        answer = coda_server.api("/api/output", {"session_id": sid, "since": offset, "wait": 2})
+        assert answer["offset"] == offset
+        rest += answer["output"].encode()
+        offset = answer["next_offset"]
+    whole = (head + rest).decode()
+    assert re.findall(r"line-\d+", whole) == [f"line-{i}" for i in range(1, 3001)]
+    coda_server.close_session(sid)
+
+
+def test_two_readers_each_get_the_whole_stream(coda_server):
+    sid = coda_server.new_session()
+    first, second = coda_server.websocket(), coda_server.websocket()
+    first.join(sid, since=0)
+    second.join(sid, since=0)
+    coda_server.type(sid, "stty -echo; seq 1 20000; echo F$((1))N\r")
+    a, _ = first.collect(sid, b"F1N\r\n", start=0)
+    b, _ = second.collect(sid, b"F1N\r\n", start=0)
+    polled, _ = coda_server.read_until(sid, "F1N\r\n", since=0)
+    assert a == b == polled.encode()
+    assert b"\r\n".join(str(i).encode() for i in range(1, 20001)) in a
+    first.close()
+    second.close()
+    coda_server.close_session(sid)
+
+
+def test_small_scrollback_truncates_and_says_so(start_coda):
+    server = start_coda({"CODA_SCROLLBACK_BYTES": "4096"})
+    sid = server.new_session()
+    server.type(sid, "seq 1 20000; echo MA$((1))RK\r")
+    _, end = server.read_until(sid, "MA1RK\r\n", since=0)
+    answer = server.api("/api/session/attach", {"session_id": sid, "since": 0})
+    assert answer["truncated"] is True
+    assert answer["offset"] >= end - 4096 - 3 and answer["next_offset"] == end
+    assert len(answer["output"].encode()) <= 4096
+    assert "20000\r\nMA1RK\r\n" in answer["output"]
+    sock = server.websocket()
+    joined = sock.join(sid, since=0)
+    assert joined["truncated"] is True and joined["offset"] > 0
+    sock.close()
+
+
+def test_attach_returns_kept_output_and_join_without_since_is_live_only(coda_server):
+    sid = coda_server.new_session()
+    coda_server.type(sid, "echo OLD-$((5*5))\r")
+    _, end = coda_server.read_until(sid, "OLD-25")
+    answer = coda_server.api("/api/session/attach", {"session_id": sid})
+    assert "OLD-25" in answer["output"] and answer["offset"] == 0 and answer["truncated"] is False
+    assert set(answer) >= {"session_id", "label", "created_at", "process", "exited", "output", "offset", "next_offset", "truncated"}
+    sock = coda_server.websocket()
+    joined = sock.join(sid)
+    assert joined["offset"] >= end
+    coda_server.type(sid, "echo NEW-$((6*6))\r")
+    data, _ = sock.collect(sid, b"NEW-36")
+    assert b"OLD-25" not in data
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_long_poll_without_since_uses_the_server_cursor(coda_server):
+    sid = coda_server.new_session()
+    coda_server.type(sid, "echo ONE-$((1))\r")
+    seen = ""
+    deadline = time.time() + 10
+    while "ONE-1" not in seen:
+        assert time.time() < deadline
+        seen += coda_server.api("/api/output", {"session_id": sid, "wait": 1})["output"]
+    coda_server.type(sid, "echo TWO-$((2))\r")
+    later = ""
+    while "TWO-2" not in later:
+        assert time.time() < deadline
+        later += coda_server.api("/api/output", {"session_id": sid, "wait": 1})["output"]
+    assert "ONE-1" not in later.replace("echo ONE", "")
+    coda_server.close_session(sid)
+
+
+def test_long_poll_waits_then_answers_empty(coda_server):
+    sid = coda_server.new_session()
+    offset = coda_server.wait_prompt(sid)
+    time.sleep(0.3)
+    offset = coda_server.api("/api/session/attach", {"session_id": sid})["next_offset"]
+    started = time.time()
+    answer = coda_server.api("/api/output", {"session_id": sid, "since": offset + 0, "wait": 1})
+    assert answer["output"] == "" and time.time() - started >= 0.9
+    assert answer["next_offset"] == offset
+    coda_server.close_session(sid)
+
+
+def test_output_batch_answers_when_any_session_has_output(coda_server):
+    a, b = coda_server.new_session(), coda_server.new_session()
+    end_a, end_b = coda_server.wait_prompt(a), coda_server.wait_prompt(b)
+    time.sleep(0.3)
+    end_a = coda_server.api("/api/session/attach", {"session_id": a})["next_offset"]
+
+    def type_later():
+        time.sleep(0.5)
+        coda_server.type(b, "echo BATCH-$((3*3))\r")
+
+    threading.Thread(target=type_later).start()
+    answer = {"outputs": {}}
+    text = ""
+    deadline = time.time() + 10
+    while "BATCH-9" not in text:
+        assert time.time() < deadline
+        answer = coda_server.api("/api/output-batch", {"session_ids": [a, b, "missing"],
+                                                       "since": {a: end_a, b: end_b}, "wait": 5})
+        text += answer["outputs"][b]["output"]
+        end_b = answer["outputs"][b]["next_offset"]
+    assert answer["outputs"]["missing"] == {"error": "Session not found", "exited": True}
+    assert answer["shutting_down"] is False and answer["outputs"][a]["output"] == ""
+    coda_server.close_session(a)
+    coda_server.close_session(b)
+
+
+# --- WebSocket specifics --------------------------------------------------------
+
+def test_bad_messages_get_errors_and_the_socket_stays_open(coda_server):
+    sock = coda_server.websocket()
+    for message in ("not json", "[1]", json.dumps({"type": "dance"}), json.dumps({"type": "terminal_input"}),
+                    json.dumps({"type": "terminal_input", "session_id": "nope", "input": "x"})):
+        sock.ws.send(message)
+        kind, event = sock.receive()
+        assert event["type"] == "error" and event["message"]
+    sock.ws.send_binary(b"\x00\x01")
+    assert sock.receive()[1]["type"] == "error"
+    sid = coda_server.new_session()
+    sock.join(sid)
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_messages_over_one_mebibyte_close_with_1009(coda_server):
+    sock = coda_server.websocket()
+    sock.ws.send(json.dumps({"type": "heartbeat", "session_ids": ["x" * (1024 * 1024)]}))
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        while True:
+            opcode, data = sock.ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                assert int.from_bytes(data[:2], "big") == 1009
+                raise websocket.WebSocketConnectionClosedException()
+
+
+def test_closing_a_session_tells_joined_sockets(coda_server):
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(sid)
+    coda_server.close_session(sid)
+    deadline = time.time() + 10
+    while True:
+        assert time.time() < deadline
+        item = sock.receive()
+        if item[0] == "event" and item[1]["type"] == "session_closed":
+            assert item[1]["session_id"] == sid
+            break
+    sock.close()
+
+
+def test_non_acking_client_gets_all_of_a_20_mb_cat(coda_server):
+    path = coda_server.home / "big.bin"
+    rng = random.Random(7)
+    lines = [f"{i:08d} {'x' * rng.randint(0, 120)}\n" for i in range(240000)]
+    content = "".join(lines)
+    while len(content) < 20 * 1024 * 1024:
+        content += content[:20 * 1024 * 1024 - len(content)]
+    path.write_text(content)
+    expected = content.replace("\n", "\r\n").encode()
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    joined = sock.join(sid, since=0)
+    coda_server.type(sid, f"stty -echo; echo BE$((1))GIN; cat {path}; echo E$((1))ND\r")
+    data, _ = sock.collect(sid, b"E1ND\r\n", start=joined["offset"], timeout=120)
+    body = data.split(b"BE1GIN\r\n", 1)[1].rsplit(b"E1ND\r\n", 1)[0]
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected).hexdigest()
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def test_a_client_that_stops_acking_pauses_the_producer_and_ctrl_c_still_works(start_coda):
+    server = start_coda({"CODA_FLOW_HIGH": str(256 * 1024), "CODA_FLOW_LOW": str(64 * 1024)})
+    sid = server.new_session()
+    sock = server.websocket()
+    sock.join(sid, since=0)
+    sock.send(type="ack", session_id=sid, offset=0)
+    sock.send(type="terminal_input", session_id=sid, input="yes\r")
+    offset = lambda: [s for s in server.get("/api/sessions").json() if s["session_id"] == sid][0]["offset"]
+    deadline = time.time() + 10
+    while offset() < 256 * 1024:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    paused_at = offset()
+    time.sleep(1.0)
+    assert offset() == paused_at, "the PTY kept being read although the client stopped acking"
+    assert paused_at < 256 * 1024 + 2 * 256 * 1024
+    sock.send(type="terminal_input", session_id=sid, input="\x03")
+    sock.send(type="terminal_input", session_id=sid, input="echo STOP$((7*6))\r")
+    # Acking again lets the reader catch up with what Ctrl+C left behind.
+    received, acked, deadline = 0, 0, time.time() + 20
+    tail = b""
+    while b"STOP42" not in tail:
+        assert time.time() < deadline
+        item = sock.receive()
+        if item[0] == "output":
+            end = item[2] + len(item[3])
+            tail = (tail + item[3])[-4096:]
+            sock.send(type="ack", session_id=sid, offset=end)
+    sock.close()
+
+
+def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
+    flood, quiet = coda_server.new_session(), coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(flood, since=0)
+    sock.join(quiet, since=0)
+    sock.send(type="terminal_input", session_id=flood, input="yes | head -c 30000000\r")
+    sock.send(type="terminal_input", session_id=quiet, input="echo QUIET$((9*9))\r")
+    seen, acks, deadline = b"", {}, time.time() + 30
+    while b"QUIET81\r\n" not in seen:
+        assert time.time() < deadline
+        item = sock.receive()
+        if item[0] != "output":
+            continue
+        _, session_id, offset, payload = item
+        if session_id == quiet:
+            seen += payload
+        else:
+            sock.send(type="ack", session_id=flood, offset=offset + len(payload))
+    sock.close()
+    coda_server.close_session(flood)
+    coda_server.close_session(quiet)
+
+
+# --- uploads --------------------------------------------------------------------
+
+def test_upload_stays_in_uploads_with_a_clean_name(coda_server):
+    answer = coda_server.post("/api/upload", files={"file": ("../../etc/passwd", b"root:x:0:0")}, headers=coda_server.headers)
+    assert answer.status_code == 200
+    path = Path(answer.json()["path"])
+    assert path.parent == coda_server.home / "uploads" and path.name.endswith("_passwd")
+    assert path.read_bytes() == b"root:x:0:0" and oct(path.stat().st_mode & 0o777) == "0o600"
+    image = coda_server.post("/api/upload", files={"file": ("shot 1.png", b"\x89PNG...")}, headers=coda_server.headers)
+    assert Path(image.json()["path"]).name.endswith("_shot_1.png")
+    missing = coda_server.post("/api/upload", data=b"x", headers=coda_server.headers)
+    assert missing.status_code == 400
+
+
+def test_upload_over_the_limit_is_413(start_coda):
+    server = start_coda({"CODA_MAX_UPLOAD_BYTES": "1000"})
+    answer = server.post("/api/upload", files={"file": ("a.bin", b"x" * 2000)}, headers=server.headers)
+    assert answer.status_code == 413 and "MiB" in answer.json()["error"] or "CODA_MAX_UPLOAD_BYTES" in answer.json()["error"]
+    big = server.post("/api/upload", files={"file": ("a.bin", b"x" * 200_000)}, headers=server.headers)
+    assert big.status_code == 413
+    assert list((server.home / "uploads").glob("*")) == [] if (server.home / "uploads").exists() else True
+
+
+# --- shutdown -------------------------------------------------------------------
+
+def test_sigterm_tells_clients_and_leaves_no_process_behind(start_coda):
+    server = start_coda()
+    sid = server.new_session()
+    pid = shell_pid(server, sid)
+    server.type(sid, "sleep 400 & (trap '' HUP; sleep 401) & echo B$((1))G\r")
+    server.read_until(sid, "B1G\r\n")
+    sock = server.websocket()
+    sock.join(sid)
+    _, offset = server.read_until(sid, "B1G\r\n")
+    poll_result = {}
+
+    def poll():
+        poll_result["answer"] = server.api("/api/output", {"session_id": sid, "since": offset + 10**6, "wait": 20})
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.5)
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    events = []
+    try:
+        while True:
+            item = sock.receive()
+            if item[0] == "event":
+                events.append(item[1]["type"])
+                if "shutting_down" in events:
+                    break
+    except websocket.WebSocketException:
+        pass
+    assert "shutting_down" in events
+    poller.join(15)
+    assert poll_result["answer"]["shutting_down"] is True
+    server.proc.wait(12)
+    assert time.time() - started < 10
+    assert processes_in_session(pid) == []
+    assert server.proc.returncode == 0
+
+
+def test_no_token_in_logs(coda_server):
+    coda_server.get(f"/?token={TOKEN}")
+    assert TOKEN not in coda_server.log()
