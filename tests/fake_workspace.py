@@ -68,6 +68,15 @@ SHELL_TOOL_NAMES = [
 ]
 # Gateway-host prefixes (the workspace-id gateway origin).
 GATEWAY_HOST_PREFIXES = ["/anthropic", "/openai/v1", "/gemini", "/mlflow/v1"]
+# Base paths answering a plain GET/HEAD (reachability probes); other unknown
+# paths under a gateway are 404, as clients' own probes (Hermes asks for
+# /props, /api/tags, /version...) must not look like a llama.cpp or Ollama server.
+KNOWN_BASES = set(GATEWAY_HOST_PREFIXES) | {
+    "/ai-gateway/anthropic", "/ai-gateway/codex/v1", "/ai-gateway/openai/v1",
+    "/ai-gateway/gemini", "/ai-gateway/mlflow/v1",
+    "/serving-endpoints", "/serving-endpoints/anthropic", "/serving-endpoints/openai/v1",
+    "/serving-endpoints/google",
+}
 
 
 class ApiError(Exception):
@@ -685,6 +694,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
+        self._set_status(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -693,15 +703,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _set_status(self, status):
+        """Record the answer's status before any byte of it leaves, so a client
+        that has its answer always finds the request recorded."""
         self._status = status
+        with self.fake.lock:
+            for entry in (self._entry, self._gateway_entry):
+                if entry is not None:
+                    entry["status"] = status
+                    entry["principal"] = entry.get("principal") or self.principal
 
     def _start_stream(self, content_type="text/event-stream"):
+        self._set_status(200)
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self._status = 200
 
     def _chunk(self, data):
         if isinstance(data, str):
@@ -731,10 +750,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._status = None
+        self._gateway_entry = None
         self.parsed = urllib.parse.urlsplit(self.path)
         self.route_path = urllib.parse.unquote(self.parsed.path)
         self.query = self.parsed.query
         self.principal = None
+        self._entry = {"origin": self.server.origin, "method": self.command,
+                       "path": self.route_path, "status": None, "principal": None,
+                       "time": time.time()}
+        with self.fake.lock:
+            self.fake.requests.append(self._entry)
         try:
             self.raw_body = self._read_body()
             if self.route_path.startswith("/_fake/"):
@@ -756,12 +781,6 @@ class _Handler(BaseHTTPRequestHandler):
             if self._status is None:
                 self._send(500, {"error_code": "INTERNAL_ERROR", "message": repr(e)})
             self.close_connection = True
-        finally:
-            with self.fake.lock:
-                self.fake.requests.append({
-                    "origin": self.server.origin, "method": self.command,
-                    "path": self.route_path, "status": self._status,
-                    "principal": self.principal, "time": time.time()})
 
     def _apply_fault(self, route):
         fault = self.fake._take_fault(route)
@@ -1044,6 +1063,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         with fake.lock:
             fake.gateway_requests.append(entry)
+        self._gateway_entry = entry
         return entry
 
     def _gateway(self, generation):
@@ -1074,7 +1094,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "GET" and re.search(r"/models(/[^/]+)?$", path):
             api = "models"
             base = re.sub(r"(/v1beta|/v1)?/models(/[^/]+)?$", "", path)
-        elif method in ("HEAD", "GET"):
+        elif method in ("HEAD", "GET") and path.rstrip("/") in KNOWN_BASES:
             api = "probe"
         else:
             api = "unknown"
@@ -1088,10 +1108,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = model or body.get("model")
         token, via = self._bearer()
         entry = self._record_gateway(generation, api, base, model, token, via, body)
-        try:
-            self._gateway_answer(entry, api, body)
-        finally:
-            entry["status"] = self._status
+        self._gateway_answer(entry, api, body)
 
     def _gateway_error(self, api, status, message):
         if api.startswith("anthropic"):
@@ -1108,7 +1125,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _gateway_answer(self, entry, api, body):
         fake = self.fake
-        if self.command == "HEAD":  # Claude Code's reachability check, sent before auth
+        if self.command == "HEAD" and api == "probe":  # a reachability check, without auth
             return self._send(200, b"", "text/plain")
         if not entry["token_live"]:
             return self._gateway_error(api, fake.gateway_auth_failure_status,

@@ -466,3 +466,13 @@ def test_standalone_main(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_unknown_gateway_paths_are_404(fw):
+    tok = fw.add_token()
+    auth = {"Authorization": "Bearer " + tok}
+    for url in (fw.gateway_url + "/mlflow/v1/props", fw.gateway_url + "/mlflow/api/tags",
+                fw.url + "/serving-endpoints/version"):
+        assert requests.get(url, headers=auth).status_code == 404, url
+    assert requests.get(fw.gateway_url + "/mlflow/v1", headers=auth).status_code == 200
+    assert requests.get(fw.gateway_url + "/mlflow/v1").status_code == 401
