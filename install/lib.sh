@@ -184,7 +184,11 @@ extract() {
 reports_version() {
     local binary="$1" version="$2" output
     [ -x "$binary" ] || return 1
-    output="$("$binary" --version 2>&1)" || return 1
+    if command -v timeout >/dev/null 2>&1; then
+        output="$(timeout 30 "$binary" --version 2>&1 </dev/null)" || return 1
+    else
+        output="$("$binary" --version 2>&1 </dev/null)" || return 1
+    fi
     printf '%s\n' "$output" | grep -Eq "(^|[^0-9.])${version//./\\.}([^0-9.]|$)"
 }
 

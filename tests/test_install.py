@@ -15,12 +15,14 @@ import http.server
 import io
 import os
 import re
+import select
 import shutil
 import ssl
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -43,9 +45,15 @@ def read_versions(path=INSTALL / "versions.env"):
 VERSIONS = read_versions()
 VERSION_KEY = {"micro": "MICRO_VERSION", "gh": "GH_VERSION", "databricks": "DATABRICKS_CLI_VERSION"}
 
-# The publishers' own names for a platform (from their release pages).
-GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-MICRO_PLATFORM = {"x86_64": "linux64", "aarch64": "linux-arm64"}
+# Each publisher's own name for a platform (`uname -s`, `uname -m`), from
+# their release pages; None where they publish no build.
+PLATFORMS = {
+    ("Linux", "x86_64"): {"micro": "linux64", "gh": "linux_amd64.tar.gz", "databricks": "linux_amd64"},
+    ("Linux", "aarch64"): {"micro": "linux-arm64", "gh": "linux_arm64.tar.gz", "databricks": "linux_arm64"},
+    ("Linux", "armv7l"): {"micro": "linux-arm", "gh": "linux_armv6.tar.gz", "databricks": None},
+    ("Darwin", "x86_64"): {"micro": "osx", "gh": "macOS_amd64.zip", "databricks": "darwin_amd64"},
+    ("Darwin", "arm64"): {"micro": "macos-arm64", "gh": "macOS_arm64.zip", "databricks": "darwin_arm64"},
+}
 
 
 # ---------------------------------------------------------------- fake executables
@@ -94,7 +102,7 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def publish(mirror_dir, tool, machine, version=None, reports=None, checksum="right"):
+def publish(mirror_dir, tool, machine, version=None, reports=None, checksum="right", kernel="Linux"):
     """Put one release of `tool` on the mirror, laid out like GitHub's.
 
     version: the release (default: the pinned one); reports: what its
@@ -104,23 +112,24 @@ def publish(mirror_dir, tool, machine, version=None, reports=None, checksum="rig
     """
     version = version or VERSIONS[VERSION_KEY[tool]]
     binary = fake_executable(tool, reports or version)
-    arch = GO_ARCH[machine]
+    platform = PLATFORMS[kernel, machine][tool]
     if tool == "micro":
         base = f"micro-editor/micro/releases/download/v{version}"
-        name = f"micro-{version}-{MICRO_PLATFORM[machine]}.tar.gz"
+        name = f"micro-{version}-{platform}.tar.gz"
         archive = tar_gz({f"micro-{version}/micro": binary, f"micro-{version}/LICENSE": b"MIT\n"})
         sums_name = name + ".sha"
         other_lines = []
     elif tool == "gh":
         base = f"cli/cli/releases/download/v{version}"
-        folder = f"gh_{version}_linux_{arch}"
-        name = folder + ".tar.gz"
-        archive = tar_gz({f"{folder}/bin/gh": binary, f"{folder}/LICENSE": b"MIT\n"})
+        name = f"gh_{version}_{platform}"
+        folder = name.removesuffix(".zip").removesuffix(".tar.gz")
+        pack = zip_bytes if name.endswith(".zip") else tar_gz
+        archive = pack({f"{folder}/bin/gh": binary, f"{folder}/LICENSE": b"MIT\n"})
         sums_name = f"gh_{version}_checksums.txt"
         other_lines = [f"{'1' * 64}  gh_{version}_linux_386.tar.gz", f"{'2' * 64}  gh_{version}_macOS_arm64.zip"]
     else:
         base = f"databricks/cli/releases/download/v{version}"
-        name = f"databricks_cli_{version}_linux_{arch}.zip"
+        name = f"databricks_cli_{version}_{platform}.zip"
         archive = zip_bytes({"databricks": binary, "README.md": b"readme\n", "LICENSE": b"license\n"})
         sums_name = f"databricks_cli_{version}_SHA256SUMS"
         other_lines = [f"{'3' * 64}  databricks_cli_{version}_darwin_arm64.zip"]
@@ -239,11 +248,18 @@ def test_versions_file_pins_the_three_release_tools():
 
 # ---------------------------------------------------------------- installing
 
-@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("kernel, machine", PLATFORMS)
 @pytest.mark.parametrize("tool", TOOLS)
-def test_installs_the_pinned_release_and_it_runs(tool, machine, tmp_path, home, mirror):
-    archive_path, sums_path = publish(mirror.root, tool, machine)
-    result = run(tool, script_env(tmp_path, home, mirror.url, machine))
+def test_installs_the_pinned_release_and_it_runs(tool, kernel, machine, tmp_path, home, mirror):
+    env = script_env(tmp_path, home, mirror.url, machine, kernel)
+    if PLATFORMS[kernel, machine][tool] is None:
+        result = run(tool, env)
+        assert result.returncode != 0
+        assert "publishes no build for" in result.stderr
+        assert mirror.requests == []
+        return
+    archive_path, sums_path = publish(mirror.root, tool, machine, kernel=kernel)
+    result = run(tool, env)
     assert result.returncode == 0, result.stderr
     binary = home / ".local" / "bin" / tool
     assert binary.is_file() and os.access(binary, os.X_OK)
@@ -458,6 +474,38 @@ def test_gh_login_signs_in_with_a_token_and_sets_up_git(tmp_path, gh_installed):
     ]
     assert "args: auth setup-git --hostname github.com" in calls
     assert "args: auth status --hostname github.com" in calls
+
+
+def test_gh_login_asks_plainly_in_a_terminal_and_hides_the_token(tmp_path, gh_installed):
+    log = tmp_path / "gh.log"
+    env = {"PATH": os.environ["PATH"], "FAKE_LOG": str(log), "TERM": "xterm"}
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen([str(gh_installed / "gh-login")], stdin=terminal, stdout=terminal,
+                            stderr=terminal, env=env, start_new_session=True)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"Paste the token" not in seen and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                seen += os.read(controller, 4096)
+        assert b"Paste the token" in seen
+        os.write(controller, b"ghp_typed456\n")
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    assert b"ghp_typed456" not in seen  # no echo
+    calls = log.read_text().splitlines()
+    assert calls[0] == "args: auth login --hostname github.com --git-protocol https --with-token"
+    assert "stdin: ghp_typed456" in calls
 
 
 def test_gh_login_without_a_token_changes_nothing(tmp_path, gh_installed):
