@@ -6,6 +6,7 @@ the DevTools protocol runs outside the CSP) rather than `wait_for_function`.
 Terminal text is read from xterm's buffer through the read-only `window.coda`.
 """
 
+import json
 import os
 import re
 import signal
@@ -78,6 +79,10 @@ def wait_ready(page):
 
 
 def shot(page, name):
+    """Screenshots for the README, only when asked (CODA_SCREENSHOTS=1): a
+    plain test run leaves the work tree alone."""
+    if not os.environ.get("CODA_SCREENSHOTS"):
+        return
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
@@ -93,7 +98,7 @@ def browser():
 class Tab:
     """Opens pages on one server with one browser context (shared localStorage)."""
 
-    def __init__(self, browser, server, init_scripts=(), http_errors_expected=False):
+    def __init__(self, browser, server, init_scripts=(), http_errors_expected=False, routes=None):
         self.server = server
         # Chrome logs every 4xx answer as a console error; a test that provokes
         # one on purpose says so.
@@ -102,6 +107,10 @@ class Tab:
         self.context.add_init_script(WATCH_ERRORS)
         for script in init_scripts:
             self.context.add_init_script(script)
+        # Stand-in answers for endpoints whose real behaviour needs a
+        # Databricks workspace or a long setup: {path: handler(route)}.
+        for path, handler in (routes or {}).items():
+            self.context.route(f"**/{path}", handler)
         self.problems = []
         self.pages = []
 
@@ -143,8 +152,8 @@ def open_tab(browser, coda_server):
     """open_tab(init_scripts=()) -> a page on the shared server, logged in."""
     tabs = []
 
-    def opener(init_scripts=(), server=None):
-        tab = Tab(browser, server or coda_server, init_scripts)
+    def opener(init_scripts=(), server=None, **kw):
+        tab = Tab(browser, server or coda_server, init_scripts, **kw)
         tabs.append(tab)
         return tab, tab.open()
 
@@ -443,3 +452,99 @@ def test_restart_shows_a_banner_and_reconnects(browser, tmp_path):
     # Chrome logs the refused reconnects as console errors; nothing else may appear.
     unexpected = [p for p in tab.problems if "WebSocket connection" not in p]
     assert not unexpected, unexpected
+
+
+def json_route(answer, status=200):
+    return lambda route: route.fulfill(status=status, content_type="application/json", body=json.dumps(answer))
+
+
+def test_no_token_prompt_locally(open_tab, coda_server):
+    # Locally, without Databricks settings, the page never asks for a token.
+    assert coda_server.get("/api/app-state").json()["workspace_host"] is None
+    _, page = open_tab()
+    wait_ready(page)
+    page.keyboard.type("echo quiet\n")
+    wait_text(page, "quiet\n")
+    assert page.locator(".pat-card").count() == 0
+
+
+def test_token_prompt_in_apps_mode(open_tab):
+    """The prompt's behaviour, with the Databricks answers stood in for."""
+    attempts = []
+
+    def configure(route):
+        token = json.loads(route.request.post_data)["token"]
+        attempts.append(token)
+        if token == "dapi-good":
+            json_route({"status": "ok", "user": "owner@example.com"})(route)
+        else:
+            json_route({"error": "The token was rejected by the workspace."}, 400)(route)
+
+    routes = {
+        "api/app-state": json_route({"owner": "owner@example.com", "workspace_host": "https://example.cloud.databricks.com",
+                                     "pat_configured": False, "last_rotation": None}),
+        "api/pat-status": json_route({"configured": False, "valid": False, "user": None,
+                                      "workspace_host": "https://example.cloud.databricks.com", "expires_at": None}),
+        "api/configure-pat": configure,
+    }
+    _, page = open_tab(routes=routes, http_errors_expected=True)
+    card = page.locator(".pat-card")
+    card.wait_for()
+    link = card.locator("a")
+    assert link.get_attribute("href") == "https://example.cloud.databricks.com/settings/user/developer/access-tokens"
+    field = card.locator("input")
+    assert field.get_attribute("type") == "password"
+    # Typed, then pasted.
+    field.click()
+    page.keyboard.type("dapi-bad")
+    card.locator("button").click()
+    wait(page, "() => document.querySelector('.pat-message').textContent.includes('rejected')", what="the error")
+    shot(page, "token")
+    field.fill("")
+    # A text paste reaches the field untouched (only images are taken for upload).
+    taken = field.evaluate("""(input) => {
+      const data = new DataTransfer();
+      data.setData('text/plain', 'dapi-good');
+      const event = new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true });
+      input.dispatchEvent(event);
+      return event.defaultPrevented;
+    }""")
+    assert taken is False
+    page.keyboard.insert_text("dapi-good")
+    card.locator("button").click()
+    wait(page, "() => document.querySelector('.pat-message').textContent === 'Connected as owner@example.com.'",
+         what="the confirmation")
+    assert attempts == ["dapi-bad", "dapi-good"]
+
+
+def test_setup_progress_panel(open_tab):
+    """Live setup progress in the first pane, with the server's answers stood in for."""
+    now = time.time()
+    states = iter([
+        {"status": "running", "steps": [
+            {"id": "tools", "label": "Install tools", "status": "complete", "error": None, "started_at": now - 5, "finished_at": now - 2},
+            {"id": "claude", "label": "Configure Claude Code", "status": "running", "error": None, "started_at": now - 2, "finished_at": None},
+            {"id": "codex", "label": "Configure Codex", "status": "failed", "error": "npm: registry unreachable\nmore", "started_at": now - 3, "finished_at": now - 1},
+            {"id": "gemini", "label": "Configure Gemini CLI", "status": "pending", "error": None, "started_at": None, "finished_at": None},
+        ]},
+    ])
+    last = {}
+
+    def setup(route):
+        last.update(next(states, last))
+        json_route(last)(route)
+
+    _, page = open_tab(routes={"api/setup-status": setup})
+    wait_ready(page)
+    card = page.locator(".setup-card")
+    card.wait_for()
+    assert "Setup: running" in card.inner_text()
+    steps = card.locator(".step")
+    assert steps.count() == 4
+    assert "npm: registry unreachable" in card.inner_text() and "more" not in card.inner_text()
+    assert re.search(r"done\s*Install tools\s*3\.0s", card.inner_text(), re.I)
+    shot(page, "setup")
+    # The terminal is usable meanwhile.
+    page.click(".xterm")
+    page.keyboard.type("echo usable-$((3+4))\n")
+    wait_text(page, "usable-7")
