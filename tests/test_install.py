@@ -4,7 +4,8 @@ Each test runs a real script with bash against a release server on 127.0.0.1
 that serves archives built here, laid out under the same paths as the real
 GitHub release URLs. The archives hold small shell scripts standing in for
 the real executables. A fake `uname` on PATH picks the platform, so the
-asset names for both x86_64 and aarch64 are checked on any machine. Proxies
+asset names for Linux (x86_64, aarch64, armv7) and macOS (x86_64, arm64)
+are checked on any machine. Proxies
 point at a closed port and CODA_RELEASE_MIRROR is always set, so nothing here
 can reach the internet.
 """
