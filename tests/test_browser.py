@@ -548,3 +548,39 @@ def test_setup_progress_panel(open_tab):
     page.click(".xterm")
     page.keyboard.type("echo usable-$((3+4))\n")
     wait_text(page, "usable-7")
+
+
+# Lets a test cut the page's sockets and refuse new ones, then allow them again.
+SOCKET_SWITCH = """
+(() => {
+  const Real = window.WebSocket;
+  const open = [];
+  let blocked = false;
+  window.WebSocket = function (url, protocols) {
+    if (blocked) throw new Error('WebSocket blocked by the test');
+    const ws = new Real(url, protocols);
+    open.push(ws);
+    return ws;
+  };
+  window.WebSocket.OPEN = Real.OPEN;
+  window.__cutSockets = () => { blocked = true; for (const ws of open.splice(0)) ws.close(); };
+  window.__allowSockets = () => { blocked = false; };
+})();
+"""
+
+
+def test_switching_transports_loses_and_repeats_nothing(open_tab):
+    """WebSocket -> long-poll -> WebSocket while output streams: every line once, in order."""
+    _, page = open_tab(init_scripts=[SOCKET_SWITCH])
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == "ws"
+    page.keyboard.type("for i in $(seq 1 60); do echo line-$i; sleep 0.1; done; echo end-$((6*10))\n")
+    wait_text(page, "line-5\n")
+    page.evaluate("window.__cutSockets()")
+    wait(page, "() => window.coda.transport === 'poll'", timeout=15, what="the switch to polling")
+    wait_text(page, "line-30\n", timeout=15)
+    page.evaluate("window.__allowSockets()")
+    wait(page, "() => window.coda.transport === 'ws'", timeout=15, what="the switch back to the socket")
+    wait_text(page, "end-60", timeout=15)
+    lines = [line for line in text(page).split("\n") if line.startswith("line-")]
+    assert lines == [f"line-{i}" for i in range(1, 61)]
