@@ -19,7 +19,8 @@ shape the agent CLIs parse: Anthropic Messages SSE, OpenAI Responses SSE
 ``FAKE-REPLY-<api>: <last line the user typed>``; a last user message that
 contains ``USE_TOOL`` is answered with a call to the shell tool the client
 offered (running ``fw.tool_command``), and the turn carrying the tool's result
-is answered ``FAKE-REPLY-<api> tool said: <first line of the result>``.
+is answered ``FAKE-REPLY-<api> tool said: <the result's line carrying
+FAKE-TOOL, else its last line>``.
 
 Use from pytest::
 
@@ -447,11 +448,14 @@ def _last_line(text):
     return line[:80]
 
 
-def _first_line(text):
-    for ln in text.splitlines():
-        if ln.strip():
-            return re.sub(r"[^A-Za-z0-9 _.,:;!?=+/#@()-]", "", ln.strip())[:80]
-    return ""
+def _result_line(text):
+    """The line of a tool result to quote: the first one carrying the FAKE-TOOL
+    marker (clients wrap output in their own metadata, e.g. Codex's "Chunk ID",
+    "Wall time", "Output:"), else the last non-empty line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    marked = [ln for ln in lines if "FAKE-TOOL" in ln]
+    line = marked[0] if marked else (lines[-1] if lines else "")
+    return re.sub(r"[^A-Za-z0-9 _.,:;!?=+/#@()-]", "", line)[:80]
 
 
 def _sample_from_schema(schema, depth=0):
@@ -525,7 +529,7 @@ class Turn:
         if self.schema is not None:
             return "text", json.dumps(_sample_from_schema(self.schema))
         if self.tool_result is not None:
-            return "text", f"FAKE-REPLY-{api} tool said: {_first_line(self.tool_result)}"
+            return "text", f"FAKE-REPLY-{api} tool said: {_result_line(self.tool_result)}"
         if "USE_TOOL" in self.user_text:
             picked = _pick_shell_tool(self.tools)
             if picked:
