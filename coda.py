@@ -45,7 +45,6 @@ import re
 import secrets
 import signal
 import struct
-import subprocess
 import sys
 import termios
 import time
@@ -412,17 +411,33 @@ def shell_environment(config, base=os.environ):
     return env
 
 
-def _become_terminal_leader():
-    """In the child before exec: own the PTY, default every signal."""
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            try:
-                _real_signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
+def spawn_on_terminal(argv, env, cwd, slave):
+    """Fork and exec `argv` as the leader of a new Unix session whose controlling
+    terminal is `slave`, with every signal at its default. Returns the pid.
+
+    gevent's fork watches the child, so os.waitpid on it waits cooperatively.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: no Python beyond this block, exec or exit
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for sig in signal.valid_signals():
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                try:
+                    _real_signal(sig, signal.SIG_DFL)  # an ignored SIGINT would survive exec
+                except (OSError, ValueError):
+                    pass
+        os.chdir(cwd)
+        os.execve(argv[0], argv, env)
+    except BaseException as error:
+        os.write(2, f"coda: cannot start {argv[0]}: {error}\r\n".encode())
+    finally:
+        os._exit(127)
 
 
 def _set_winsize(fd, cols, rows):
@@ -474,6 +489,7 @@ class Session:
         self.created_at = self.last_activity = time.time()
         self.stream = Stream(config.scrollback_bytes)
         self.exit_code = None
+        self.exited = gevent.event.Event()   # the shell has been reaped
         self.closing = False
         self.closed = gevent.event.Event()
         self.subscribers = set()
@@ -486,9 +502,7 @@ class Session:
         master, slave = os.openpty()
         try:
             _set_winsize(master, cols, rows)
-            self.proc = subprocess.Popen(
-                [config.shell], stdin=slave, stdout=slave, stderr=slave, cwd=projects,
-                env=shell_environment(config), preexec_fn=_become_terminal_leader)
+            self.pid = spawn_on_terminal([config.shell], shell_environment(config), projects, slave)
         except BaseException:
             os.close(master)
             raise
@@ -521,9 +535,12 @@ class Session:
             self.update_flow()
 
     def _await_exit(self):
-        code = self.proc.wait()
+        _, status = os.waitpid(self.pid, 0)
+        self.exited.set()
         self._reader.join(timeout=1.0)  # the last output before the exit notice
-        self.exit_code = 128 - code if code < 0 else code
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        if self.exit_code < 0:  # killed by a signal: report it the way shells do
+            self.exit_code = 128 - self.exit_code
         log.info("session %s exited with code %s", self.id, self.exit_code)
         self.stream.wake()
 
@@ -593,14 +610,10 @@ class Session:
             self.closed.wait()
             return
         self.closing = True
-        sid = self.proc.pid
-        _signal_session(sid, signal.SIGHUP)
-        try:
-            self.proc.wait(timeout=CLOSE_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_session(sid, signal.SIGKILL)
-        self.proc.wait()
+        _signal_session(self.pid, signal.SIGHUP)
+        self.exited.wait(timeout=CLOSE_GRACE)
+        _signal_session(self.pid, signal.SIGKILL)
+        self.exited.wait()
         fd, self.fd = self.fd, None
         hub = gevent.get_hub()
         for watcher in (self._readable, self._writable):
