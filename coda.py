@@ -30,7 +30,7 @@ Contents
 if __name__ == "__main__":  # patch before anything imports socket or threading
     from gevent import monkey
 
-    monkey.patch_all()
+    monkey.patch_all(subprocess=False)  # setup imports gevent.subprocess when it needs it
 
 import argparse
 import collections
@@ -1282,6 +1282,18 @@ def setup_status():
 # 13. Command line
 # ===========================================================================
 
+def release_import_memory():
+    """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def serve(host, port):
     setup_logging()
     ACCESS.bound_host = host
@@ -1297,6 +1309,7 @@ def serve(host, port):
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
     gevent.spawn(SESSIONS.reap_forever)
     server.start()
+    release_import_memory()
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{shown}:{server.server_port}/"
     if ACCESS.apps_mode:
