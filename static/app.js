@@ -105,7 +105,8 @@ const prefs = {
   lastLight: store.get('lastLight', 'Light'),
   font: FONTS[store.get('font')] ? store.get('font') : 'System default',
   fontSize: clampFont(store.get('fontSize', FONT_DEFAULT)),
-  // 'dom' forces xterm's DOM renderer for machines whose WebGL misbehaves.
+  // 'dom' forces xterm's DOM renderer for machines whose WebGL misbehaves;
+  // 'webgl-always' keeps WebGL even when a CPU rasteriser draws it.
   renderer: store.get('renderer', 'webgl'),
 };
 
@@ -478,6 +479,25 @@ function unrenderedBytes() {
 // Panes: one xterm each, bound to one server session
 // ---------------------------------------------------------------------------
 
+// WebGL drawn by a CPU rasteriser (SwiftShader, llvmpipe: no GPU, remote
+// desktops, headless browsers) is several times slower than xterm's DOM
+// renderer, so it only counts as WebGL when a real GPU draws it. Asked once.
+let softwareGl = null;
+function softwareWebgl() {
+  if (softwareGl !== null) return softwareGl;
+  softwareGl = false;
+  try {
+    const gl = document.createElement('canvas').getContext('webgl2');
+    if (!gl) return softwareGl;
+    const info = gl.getExtension('WEBGL_debug_renderer_info');
+    const name = info ? String(gl.getParameter(info.UNMASKED_RENDERER_WEBGL)) : '';
+    softwareGl = /swiftshader|llvmpipe|softpipe|software|basic render/i.test(name);
+    const lose = gl.getExtension('WEBGL_lose_context');
+    if (lose) lose.loseContext();   // free the probe's context at once
+  } catch (_) { /* no answer: assume a GPU */ }
+  return softwareGl;
+}
+
 let serverVersion = '';
 let wasmAllowed = false;   // decided at boot from the page's CSP
 
@@ -547,7 +567,7 @@ class Pane {
   }
 
   loadRenderer() {
-    if (prefs.renderer === 'dom') return;
+    if (prefs.renderer === 'dom' || (prefs.renderer !== 'webgl-always' && softwareWebgl())) return;
     try {
       const webgl = new WebglAddon.WebglAddon();
       // A lost context (GPU reset, too many contexts) drops to the DOM renderer.

@@ -1,0 +1,157 @@
+"""Browser figures: what the real page renders, and how fast a keystroke echoes during a flood.
+
+Run: `.venv/bin/python tests/bench_browser.py [--mib 32] [--keys-every 0.05]`
+
+Starts the real coda.py (127.0.0.1, a temporary HOME, CODA_INSTALL=0), opens the
+page in Debian's headless Chromium and `cat`s a file of `--mib` MiB in one pane,
+with the page's flow control on (it acks as xterm renders). While the flood runs
+it types a capital Z every `--keys-every` seconds; the terminal's line discipline
+echoes each one into the same output stream, behind whatever is still queued.
+
+Both clocks are the page's own: an init script wraps `Terminal.prototype.write`
+(the vendored xterm.js, nothing in CoDA's code) so that a write's callback,
+which xterm calls once it has parsed that data, stamps when bytes were
+rendered; a keydown listener stamps when each Z was typed.
+
+Prints JSON lines:
+  {"metric": "browser_render_mb_s", ...}      MB/s (10^6 bytes) from Enter to the last byte rendered
+  {"metric": "browser_echo_latency_ms", ...}  p50 / p99 / max of keydown -> echoed Z rendered
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import Coda  # noqa: E402  (the same server helper the tests use)
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+# Wraps xterm's write once xterm.js defines window.Terminal. Counts rendered
+# bytes and echoed Zs only while armed, so the command line itself is not counted.
+PROBE = """
+(() => {
+  const probe = window.__bench = { armed: false, bytes: 0, target: 0, start: 0, end: 0, typed: [], echoed: [] };
+  let Real;
+  Object.defineProperty(window, 'Terminal', {
+    configurable: true,
+    get() { return Real; },
+    set(T) {
+      Real = T;
+      const write = T.prototype.write;
+      T.prototype.write = function (data, callback) {
+        return write.call(this, data, () => {
+          if (probe.armed && data instanceof Uint8Array) {
+            const now = performance.now();
+            probe.bytes += data.length;
+            for (let i = data.indexOf(0x5a); i !== -1; i = data.indexOf(0x5a, i + 1)) probe.echoed.push(now);
+            if (!probe.end && probe.target && probe.bytes >= probe.target) probe.end = now;
+          }
+          if (callback) callback();
+        });
+      };
+    },
+  });
+  window.addEventListener('keydown', (e) => {
+    if (!probe.armed) return;
+    if (e.key === 'Enter' && !probe.start) probe.start = performance.now();
+    if (e.key === 'Z') probe.typed.push(performance.now());
+  }, true);
+})();
+"""
+
+
+def make_flood(path, mib):
+    """mib MiB of 64-byte lines without a capital Z; returns (bytes, lines)."""
+    alphabet = "abcdefghijklmnopqrstuvwxy0123456789"
+    line = (alphabet * 2)[:63] + "\n"
+    lines = mib * 1024 * 1024 // len(line)
+    with open(path, "w") as f:
+        for _ in range(lines // 1024):
+            f.write(line * 1024)
+    return (lines // 1024) * 1024 * len(line), (lines // 1024) * 1024
+
+
+def wait(page, script, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(script):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_browser: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=32)
+    parser.add_argument("--keys-every", type=float, default=0.05)
+    parser.add_argument("--renderer", choices=["webgl", "webgl-always", "dom"], default="webgl",
+                        help="xterm renderer (the page's own setting, coda.renderer in localStorage)")
+    parser.add_argument("--flow-high", type=int, default=None, help="CODA_FLOW_HIGH for the server (bytes)")
+    parser.add_argument("--flow-low", type=int, default=None, help="CODA_FLOW_LOW for the server (bytes)")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="coda-bench-"))
+    flood = home / "flood.txt"
+    size, lines = make_flood(flood, args.mib)
+    env = {}
+    if args.flow_high:
+        env["CODA_FLOW_HIGH"] = str(args.flow_high)
+    if args.flow_low:
+        env["CODA_FLOW_LOW"] = str(args.flow_low)
+    server = Coda(home, env)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            context = browser.new_context(viewport={"width": 1200, "height": 720})
+            context.add_init_script(PROBE)
+            context.add_init_script(f"localStorage.setItem('coda.renderer', JSON.stringify('{args.renderer}'))")
+            page = context.new_page()
+            page.goto(f"{server.url}/?token={server.token}")
+            wait(page, "window.coda && window.coda.tabs.length && window.coda.activeText().includes('@')", 20,
+                 "the first prompt")
+            renderer = page.evaluate("document.querySelector('.xterm canvas') ? 'webgl' : 'dom'")
+            page.keyboard.type(f"cat {flood}; echo BENCH-DONE")
+            wait(page, "window.coda.activeText().includes('BENCH-DONE')", 10, "the command line")
+            # The PTY turns each \n into \r\n: that many bytes must be rendered.
+            page.evaluate(f"window.__bench.target = {size + lines}; window.__bench.armed = true")
+            page.keyboard.press("Enter")
+            deadline = time.monotonic() + 300
+            while not page.evaluate("window.__bench.end"):
+                if time.monotonic() > deadline:
+                    raise SystemExit("bench_browser: the flood did not finish in 300 s")
+                page.keyboard.press("Z")
+                time.sleep(args.keys_every)
+            # The last Zs may still be on their way: wait for every echo.
+            wait(page, "window.__bench.echoed.length >= window.__bench.typed.length", 10, "the last echoes")
+            probe = page.evaluate("window.__bench")
+            browser.close()
+    finally:
+        server.stop()
+        flood.unlink(missing_ok=True)
+
+    seconds = (probe["end"] - probe["start"]) / 1000
+    print(json.dumps({"metric": "browser_render_mb_s", "value": round(size / seconds / 1e6, 2),
+                      "bytes": size, "seconds": round(seconds, 3), "renderer": renderer,
+                      "flow_control": True, "flow_high": args.flow_high, "flow_low": args.flow_low}))
+    # Pair the n-th Z typed with the n-th Z rendered.
+    pairs = list(zip(probe["typed"], probe["echoed"]))
+    latencies = [rendered - typed for typed, rendered in pairs]
+    if latencies:
+        print(json.dumps({"metric": "browser_echo_latency_ms", "p50": round(percentile(latencies, 50), 1),
+                          "p99": round(percentile(latencies, 99), 1), "max": round(max(latencies), 1),
+                          "samples": len(latencies), "target_p99_ms": 100}))
+
+
+if __name__ == "__main__":
+    main()
