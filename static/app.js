@@ -1238,7 +1238,7 @@ async function upload(file) {
     if (pane && pane.sessionId && !pane.exited) transport.input(pane, data.path + ' ');
     toast(`Uploaded ${data.path}`, 'ok');
   } else if (status === 413) {
-    toast(data.error || 'That file is too large to upload.', 'error');
+    toast(`${file.name || 'That file'} is too large to upload. ${data.error || ''}`, 'error');
   } else {
     toast('Upload failed: ' + (data.error || `HTTP ${status}`), 'error');
   }
@@ -1323,17 +1323,17 @@ function findShortcut(ev) {
     !!s.shift === ev.shiftKey && (!s.voice || Recognition)) || null;
 }
 
+// Window capture phase: runs before xterm's own key handling, so a key we
+// take here never reaches the shell.
 function onKeyDown(ev) {
+  const take = (action) => { ev.preventDefault(); ev.stopPropagation(); action(); };
   if (ev.key === 'Escape') {
-    if (voice) { ev.preventDefault(); stopVoice(false); return; }
-    if (modalOpen()) { ev.preventDefault(); closeModal(); return; }
+    if (voice) return take(() => stopVoice(false));
+    if (modalOpen()) return take(closeModal);
   }
-  if (voice && ev.key === 'Enter') { ev.preventDefault(); stopVoice(true); return; }
+  if (voice && ev.key === 'Enter') return take(() => stopVoice(true));
   const s = findShortcut(ev);
-  if (!s) return;
-  ev.preventDefault();
-  ev.stopPropagation();
-  s.run();
+  if (s) take(s.run);
 }
 
 // Inside a terminal: shortcuts are ours, Ctrl+C copies only with a selection,

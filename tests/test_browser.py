@@ -584,3 +584,126 @@ def test_switching_transports_loses_and_repeats_nothing(open_tab):
     wait_text(page, "end-60", timeout=15)
     lines = [line for line in text(page).split("\n") if line.startswith("line-")]
     assert lines == [f"line-{i}" for i in range(1, 61)]
+
+
+def test_keyboard_shortcuts_and_help(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    page.keyboard.press("Alt+Shift+T")
+    wait(page, "() => window.coda.tabs.length === 2 && window.coda.tabs[1].sessions[0]", what="a second tab")
+    assert page.inner_text(".tab.active .tab-name") == "Shell 2"
+    page.keyboard.press("Control+Shift+Digit1")
+    assert page.inner_text(".tab.active .tab-name") == "Shell 1"
+    page.keyboard.press("Control+Shift+BracketRight")
+    assert page.inner_text(".tab.active .tab-name") == "Shell 2"
+    page.keyboard.press("Control+Shift+BracketLeft")
+    assert page.inner_text(".tab.active .tab-name") == "Shell 1"
+    # Font size: up, down, reset.
+    page.keyboard.press("Control+Equal")
+    assert page.inner_text("#font-size") == "15"
+    page.keyboard.press("Control+Minus")
+    page.keyboard.press("Control+Minus")
+    assert page.inner_text("#font-size") == "13"
+    page.keyboard.press("Control+Digit0")
+    assert page.inner_text("#font-size") == "14"
+    # Help lists the shortcuts; Esc closes it.
+    page.keyboard.press("Control+Slash")
+    help_text = page.inner_text("#help-modal")
+    for keys in ("Ctrl+Shift+T", "Alt+Shift+D", "Alt+Shift+W", "Ctrl+Shift+F", "Ctrl+Shift+S", "Ctrl+/"):
+        assert keys in help_text
+    shot(page, "help")
+    page.keyboard.press("Escape")
+    assert page.locator("#modal-backdrop").is_hidden()
+    # Alt+Shift+W closes the pane (its tab, with one pane) and ends its session.
+    page.keyboard.press("Control+Shift+Digit2")
+    closing = page.evaluate("window.coda.tabs[1].sessions[0]")
+    page.keyboard.press("Alt+Shift+W")
+    wait(page, "() => window.coda.tabs.length === 1", what="the tab closed")
+    wait(page, "(id) => fetch('api/sessions').then((r) => r.json()).then((l) => !l.some((s) => s.session_id === id))",
+         closing, what="its session ended")
+    # The shell itself still gets ordinary keys: Ctrl+C interrupts.
+    page.keyboard.type("sleep 30")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Control+c")
+    page.keyboard.type("echo interrupted-$((1+1))\n")
+    wait_text(page, "interrupted-2", timeout=5)
+
+
+# A stand-in for the Web Speech API: `start` hears "list files" in two steps.
+FAKE_SPEECH = """
+window.SpeechRecognition = class {
+  start() {
+    const said = (text, isFinal) => {
+      const result = [{ transcript: text }];
+      result.isFinal = isFinal;
+      this.onresult({ results: [result] });
+    };
+    setTimeout(() => said('list', false), 50);
+    setTimeout(() => said('list files', true), 100);
+  }
+  abort() {}
+};
+"""
+
+
+def test_voice_input_types_the_dictation(open_tab):
+    _, page = open_tab(init_scripts=[FAKE_SPEECH])
+    wait_ready(page)
+    assert page.locator("#voice-btn").is_visible()
+    page.keyboard.press("Alt+KeyV")
+    page.wait_for_selector("#voice-panel:not([hidden])")
+    wait(page, "() => document.querySelector('#voice-text').textContent === 'list files'", what="the dictation")
+    page.keyboard.press("Enter")
+    assert page.locator("#voice-panel").is_hidden()
+    wait_text(page, "# list files")
+    # Esc cancels without typing.
+    page.keyboard.press("Control+u")
+    page.keyboard.press("Alt+KeyV")
+    wait(page, "() => document.querySelector('#voice-text').textContent === 'list files'", what="the dictation")
+    page.keyboard.press("Escape")
+    assert page.locator("#voice-panel").is_hidden()
+    page.keyboard.type("echo no-voice\n")
+    wait_text(page, "\nno-voice")
+    # Nothing dictated was typed before it.
+    assert re.search(r"# echo no-voice$", text(page), re.M), text(page)
+
+
+def test_voice_hidden_without_speech_recognition(open_tab):
+    _, page = open_tab(init_scripts=["delete window.SpeechRecognition; delete window.webkitSpeechRecognition;"])
+    wait_ready(page)
+    assert page.locator("#voice-btn").is_hidden()
+    page.keyboard.press("Alt+KeyV")
+    assert page.locator("#voice-panel").is_hidden()
+    page.keyboard.press("Control+Slash")
+    assert "Voice" not in page.inner_text("#help-modal")
+
+
+def drop_file(page, name, size):
+    page.evaluate("""([name, size]) => {
+      const data = new DataTransfer();
+      data.items.add(new File([new Uint8Array(size).fill(65)], name, { type: 'application/octet-stream' }));
+      const target = document.querySelector('.xterm');
+      for (const type of ['dragenter', 'dragover', 'drop']) {
+        target.dispatchEvent(new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true }));
+      }
+    }""", [name, size])
+
+
+def test_drag_and_drop_uploads_and_too_large_is_explained(browser, start_coda):
+    server = start_coda(env={"CODA_MAX_UPLOAD_BYTES": "1000"})
+    tab = Tab(browser, server, http_errors_expected=True)
+    try:
+        page = tab.open()
+        wait_ready(page)
+        drop_file(page, "notes.txt", 10)
+        wait_text(page, str(server.home / "uploads") + "/")
+        assert re.search(r"/\S*notes\.txt ", text(page))
+        drop_file(page, "big.bin", 5000)
+        wait(page, "() => [...document.querySelectorAll('.toast.error')].length > 0", what="an error toast")
+        toast = page.inner_text(".toast.error")
+        assert "big.bin is too large" in toast, toast
+        assert "big.bin" not in text(page)
+        assert page.locator("#drop-hint").is_hidden()
+    finally:
+        tab.close()
+    assert not tab.problems, tab.problems
