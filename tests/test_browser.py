@@ -707,3 +707,16 @@ def test_drag_and_drop_uploads_and_too_large_is_explained(browser, start_coda):
     finally:
         tab.close()
     assert not tab.problems, tab.problems
+
+
+def test_installable_as_an_app(open_tab):
+    """A manifest and icons Chrome accepts: an installed window receives Ctrl+Shift+T/W."""
+    tab, page = open_tab()
+    wait_ready(page)
+    cdp = tab.context.new_cdp_session(page)
+    manifest = cdp.send("Page.getAppManifest")
+    assert not manifest.get("errors"), manifest.get("errors")
+    errors = cdp.send("Page.getInstallabilityErrors")["installabilityErrors"]
+    # Playwright's contexts are incognito, where nothing installs: the rest must pass.
+    errors = [e for e in errors if e["errorId"] != "in-incognito"]
+    assert errors == [], errors
