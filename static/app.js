@@ -638,7 +638,11 @@ class Pane {
     const end = offset + bytes.length;
     if (end <= this.offset) { if (done) done(); return; }
     if (offset < this.offset) bytes = bytes.subarray(this.offset - offset);
-    if (offset > this.offset) this.rendered = Math.max(this.rendered, offset);
+    if (offset > this.offset) {
+      // Say so rather than silently splice: the start is gone from the server.
+      this.term.write(`\x1b[2m[${offset - this.offset} bytes of older output are no longer kept]\x1b[0m\r\n`);
+      this.rendered = Math.max(this.rendered, offset);
+    }
     this.offset = end;
     this.term.write(bytes, () => {
       this.rendered = Math.max(this.rendered, end);

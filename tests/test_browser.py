@@ -720,3 +720,54 @@ def test_installable_as_an_app(open_tab):
     # Playwright's contexts are incognito, where nothing installs: the rest must pass.
     errors = [e for e in errors if e["errorId"] != "in-incognito"]
     assert errors == [], errors
+
+
+def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab):
+    tab, page = open_tab()
+    tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    wait_ready(page)
+    page.keyboard.type("echo copy-$((100+23))\n")
+    wait_text(page, "\ncopy-123")
+    # Double-click the word in xterm's DOM rows (the renderer used headless).
+    row = page.locator(".xterm-rows > div", has_text=re.compile(r"^copy-123\s*$"))
+    box = row.bounding_box()
+    page.mouse.dblclick(box["x"] + 10, box["y"] + box["height"] / 2)
+    wait(page, "() => window.coda.selection() === 'copy-123'", what="the word selected")
+    page.keyboard.press("Control+c")
+    wait(page, "() => navigator.clipboard.readText().then((t) => t === 'copy-123')", what="the clipboard")
+    assert page.evaluate("window.coda.selection()") == ""
+    # With nothing selected, Ctrl+C interrupts.
+    page.keyboard.type("sleep 30")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Control+c")
+    page.keyboard.type("echo after-copy\n")
+    wait_text(page, "\nafter-copy", timeout=5)
+
+
+def test_expired_login_shows_a_banner(open_tab):
+    tab, page = open_tab(http_errors_expected=True)
+    wait_ready(page)
+    tab.context.clear_cookies()
+    page.click("#sessions-badge")
+    wait(page, "() => !document.querySelector('#banner').hidden && "
+               "document.querySelector('#banner').textContent.includes('Authentication expired')",
+         what="the authentication banner")
+    shot(page, "auth-expired")
+
+
+def test_replay_says_when_older_output_is_gone(browser, start_coda):
+    server = start_coda(env={"CODA_SCROLLBACK_BYTES": "4096"})
+    tab = Tab(browser, server)
+    try:
+        page = tab.open()
+        wait_ready(page)
+        page.keyboard.type("seq 1 3000; echo last-$((50+5))\n")
+        wait_text(page, "last-55")
+        tab.reload(page)
+        wait_text(page, "last-55")
+        shown = text(page)
+        assert re.search(r"^\[\d+ bytes of older output are no longer kept\]", shown, re.M), shown[:300]
+        assert "\n2999\n3000\n" in shown and "\n5\n" not in shown
+    finally:
+        tab.close()
+    assert not tab.problems, tab.problems
