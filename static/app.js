@@ -1302,7 +1302,7 @@ const SHORTCUTS = [
   { keys: 'Mod+Shift+[', mod: true, shift: true, code: 'BracketLeft', desc: 'Previous tab', run: () => cycleTab(-1) },
   { keys: 'Mod+Shift+]', mod: true, shift: true, code: 'BracketRight', desc: 'Next tab', run: () => cycleTab(1) },
   ...[1, 2, 3, 4, 5, 6, 7, 8, 9].map((n) => ({
-    keys: `Mod+Shift+${n}`, mod: true, shift: true, code: 'Digit' + n, desc: `Tab ${n}`, hidden: n > 1,
+    keys: `Mod+Shift+${n}`, mod: true, shift: true, code: 'Digit' + n, desc: n > 1 ? `Tab ${n}` : 'Tab 1\u20269', hidden: n > 1,
     run: () => showTab(tabs[n - 1]),
   })),
   { keys: 'Alt+Shift+D', alt: true, shift: true, code: 'KeyD', desc: 'Split pane', run: () => splitPane() },

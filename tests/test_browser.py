@@ -295,7 +295,6 @@ def test_reload_restores_layout_and_replays_output(open_tab):
     page.click(".tab-view.active .pane >> nth=0")
     page.keyboard.type("echo after-$((2*4))\n")
     wait_text(page, "after-8", tab=0, pane=0)
-    shot(page, "restored")
 
 
 def test_yes_then_ctrl_c_leaves_the_page_responsive(open_tab):
@@ -434,8 +433,7 @@ def test_restart_shows_a_banner_and_reconnects(browser, tmp_path):
         wait(page, "() => !document.querySelector('#banner').hidden && "
                    "document.querySelector('#banner').textContent.includes('CoDA is restarting')",
              what="the restarting banner")
-        shot(page, "restarting")
-        first.wait(15)
+            first.wait(15)
         second = start()
         # Back: the banner goes, the old session is gone, a new one starts.
         wait(page, "() => document.querySelector('#banner').hidden", timeout=20, what="the banner to go")
@@ -752,7 +750,6 @@ def test_expired_login_shows_a_banner(open_tab):
     wait(page, "() => !document.querySelector('#banner').hidden && "
                "document.querySelector('#banner').textContent.includes('Authentication expired')",
          what="the authentication banner")
-    shot(page, "auth-expired")
 
 
 def test_replay_says_when_older_output_is_gone(browser, start_coda):
