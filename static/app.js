@@ -411,6 +411,7 @@ const transport = {
     const since = {};
     for (const pane of allPanes()) if (pane.sessionId && !pane.exited) since[pane.sessionId] = pane.offset;
     this.pollOutstanding = 0;
+    this.pollWaiting = false;
     this.worker.postMessage({ type: 'start', since });
     updateStatus();
   },
