@@ -433,7 +433,7 @@ def test_restart_shows_a_banner_and_reconnects(browser, tmp_path):
         wait(page, "() => !document.querySelector('#banner').hidden && "
                    "document.querySelector('#banner').textContent.includes('CoDA is restarting')",
              what="the restarting banner")
-            first.wait(15)
+        first.wait(15)
         second = start()
         # Back: the banner goes, the old session is gone, a new one starts.
         wait(page, "() => document.querySelector('#banner').hidden", timeout=20, what="the banner to go")
