@@ -768,3 +768,13 @@ def test_replay_says_when_older_output_is_gone(browser, start_coda):
     finally:
         tab.close()
     assert not tab.problems, tab.problems
+
+
+def test_webgl_renderer_runs_clean(open_tab):
+    """Headless Chromium rasterises WebGL on the CPU, where the page picks the
+    DOM renderer; forced, the WebGL addon must still work without errors."""
+    _, page = open_tab(init_scripts=["localStorage.setItem('coda.renderer', JSON.stringify('webgl-always'))"])
+    wait_ready(page)
+    assert page.locator(".xterm-screen canvas").count() > 0
+    page.keyboard.type("echo gl-$((4*4))\n")
+    wait_text(page, "gl-16")
