@@ -98,12 +98,13 @@ def browser():
 class Tab:
     """Opens pages on one server with one browser context (shared localStorage)."""
 
-    def __init__(self, browser, server, init_scripts=(), http_errors_expected=False, routes=None):
+    def __init__(self, browser, server, init_scripts=(), http_errors_expected=False, routes=None,
+                 color_scheme="light"):
         self.server = server
         # Chrome logs every 4xx answer as a console error; a test that provokes
         # one on purpose says so.
         self.http_errors_expected = http_errors_expected
-        self.context = browser.new_context(viewport={"width": 1200, "height": 720})
+        self.context = browser.new_context(viewport={"width": 1200, "height": 720}, color_scheme=color_scheme)
         self.context.add_init_script(WATCH_ERRORS)
         for script in init_scripts:
             self.context.add_init_script(script)
@@ -778,3 +779,11 @@ def test_webgl_renderer_runs_clean(open_tab):
     assert page.locator(".xterm-screen canvas").count() > 0
     page.keyboard.type("echo gl-$((4*4))\n")
     wait_text(page, "gl-16")
+
+
+def test_os_dark_preference_picks_the_first_theme(open_tab):
+    _, page = open_tab(color_scheme="dark")
+    wait_ready(page)
+    assert page.input_value("#theme-select") == "Dark"
+    page.click("#mode-btn")
+    assert page.input_value("#theme-select") == "Light"
