@@ -769,9 +769,11 @@ async function newTab(sessionId, replayUntil) {
 function addPane(tab) {
   const pane = new Pane(tab);
   if (tab.panes.length === 1) {
-    tab.divider = el('div', { class: 'divider', title: 'Drag to resize' });
-    tab.divider.addEventListener('pointerdown', (ev) => dragDivider(tab, ev));
-    tab.el.append(tab.divider);
+    if (!tab.divider) {
+      tab.divider = el('div', { class: 'divider', title: 'Drag to resize' });
+      tab.divider.addEventListener('pointerdown', (ev) => dragDivider(tab, ev));
+    }
+    tab.el.append(tab.divider);   // (re)placed between the two panes
   }
   tab.panes.push(pane);
   tab.el.append(pane.el);

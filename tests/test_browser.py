@@ -787,3 +787,24 @@ def test_os_dark_preference_picks_the_first_theme(open_tab):
     assert page.input_value("#theme-select") == "Dark"
     page.click("#mode-btn")
     assert page.input_value("#theme-select") == "Light"
+
+
+def test_close_and_split_again_keeps_one_divider(open_tab):
+    _, page = open_tab()
+    wait_ready(page)
+    for _ in range(2):
+        page.keyboard.press("Alt+Shift+D")
+        wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
+             what="a second pane")
+        page.keyboard.press("Alt+Shift+BracketLeft")   # the first pane
+        page.keyboard.press("Alt+Shift+W")
+        wait(page, "() => window.coda.tabs[0].sessions.length === 1", what="one pane left")
+    assert page.locator(".tab-view.active .divider").count() <= 1
+    page.keyboard.press("Alt+Shift+D")
+    wait(page, "() => window.coda.tabs[0].sessions[1]", what="a second pane")
+    order = page.evaluate("[...document.querySelector('.tab-view.active').children].map((c) => c.className.split(' ')[0])")
+    assert order == ["pane", "divider", "pane"]
+    # Closing the last tab leaves an empty workspace that says what to do.
+    page.locator(".tab-close").click()
+    wait(page, "() => window.coda.tabs.length === 0", what="no tabs")
+    assert "Alt+Shift+T" in page.evaluate("getComputedStyle(document.querySelector('#workspace'), '::after').content")
