@@ -304,6 +304,22 @@ class FakeWorkspace:
                     if (api is None or r["api"] == api)
                     and (generation is None or r["generation"] == generation)]
 
+    def wait_for_gateway(self, api=None, status=None, since=0, timeout=30.0, token=None):
+        """Wait (bounded) for a gateway request matching api/status/token among
+        ``gateway_requests[since:]``; returns it, or None after ``timeout`` s.
+        Use ``since=len(fw.gateway_requests)`` taken before the action."""
+        deadline = time.time() + timeout
+        while True:
+            with self.lock:
+                for r in self.gateway_requests[since:]:
+                    if ((api is None or r["api"] == api)
+                            and (status is None or r["status"] == status)
+                            and (token is None or r["token"] == token)):
+                        return r
+            if time.time() >= deadline or self._stopping.is_set():
+                return None
+            time.sleep(0.05)
+
     def clear_requests(self):
         with self.lock:
             self.gateway_requests.clear()

@@ -476,3 +476,21 @@ def test_unknown_gateway_paths_are_404(fw):
         assert requests.get(url, headers=auth).status_code == 404, url
     assert requests.get(fw.gateway_url + "/mlflow/v1", headers=auth).status_code == 200
     assert requests.get(fw.gateway_url + "/mlflow/v1").status_code == 401
+
+
+def test_wait_for_gateway(fw):
+    import threading
+    tok = fw.add_token()
+    mark = len(fw.gateway_requests)
+    assert fw.wait_for_gateway(api="chat", since=mark, timeout=0.2) is None
+
+    def later():
+        time.sleep(0.3)
+        requests.post(fw.gateway_url + "/mlflow/v1/chat/completions",
+                      headers={"Authorization": "Bearer " + tok},
+                      json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    t = threading.Thread(target=later)
+    t.start()
+    rec = fw.wait_for_gateway(api="chat", status=200, since=mark, timeout=10)
+    t.join()
+    assert rec is not None and rec["token"] == tok and rec["model"] == "m"
