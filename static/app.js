@@ -830,6 +830,7 @@ function closeTab(tab) {
 function showTab(tab) {
   if (!tab) return;
   activeTab = tab;
+  document.title = `${tab.name} \u2014 CoDA`;
   for (const t of tabs) {
     const on = t === tab;
     t.el.classList.toggle('active', on);
@@ -881,6 +882,7 @@ function renameTab(tab) {
     const name = input.value.replace(/[\x00-\x1f\x7f]/g, '').trim().slice(0, 100);
     if (commit && name) {
       tab.name = name;
+      if (tab === activeTab) document.title = `${name} \u2014 CoDA`;
       for (const p of tab.panes) {
         if (p.sessionId) api('POST', 'api/session/label', { session_id: p.sessionId, label: name });
       }

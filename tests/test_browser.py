@@ -173,6 +173,7 @@ def test_type_a_command_and_read_its_output(open_tab, coda_server):
     _, page = open_tab()
     wait_ready(page)
     assert page.evaluate("window.coda.transport") == "ws"
+    assert page.locator("#transport-note").is_hidden()
     page.keyboard.type("echo hello-$((6*7))\n")
     wait_text(page, "hello-42")
     # The splash of a new session: version, help shortcut, persistence.
@@ -261,6 +262,7 @@ def test_long_poll_when_websocket_is_blocked(open_tab):
     _, page = open_tab(init_scripts=[BLOCK_WEBSOCKET])
     wait_ready(page)
     assert page.evaluate("window.coda.transport") == "poll"
+    assert page.locator("#transport-note").is_visible()
     page.keyboard.type("echo polled-$((3*3))\n")
     wait_text(page, "polled-9")
     # A long output arrives whole and in order over polling too.
@@ -360,6 +362,7 @@ def test_rename_tab_renames_the_session(open_tab, coda_server):
     page.fill(".tab-rename", "builds")
     page.keyboard.press("Enter")
     assert page.inner_text(".tab-name") == "builds"
+    assert page.title() == "builds \u2014 CoDA"
 
     def label():
         return {s["session_id"]: s["label"] for s in coda_server.get("/api/sessions").json()}.get(session)
