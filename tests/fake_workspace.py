@@ -1373,6 +1373,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         if not stream:
             return self._send(200, candidate(parts, "STOP"))
+        if "alt=sse" not in self.query:  # without alt=sse the API streams one JSON array
+            return self._send(200, [candidate(parts, "STOP")])
         self._start_stream()
         if decision[0] == "text":
             pieces = self._pieces(decision[1])

@@ -379,6 +379,14 @@ def test_gemini_stream(fw, base_attr, prefix):
     assert fw.gateway_requests[-1]["model"] == "databricks-gemini-2-5-pro"
 
 
+def test_gemini_stream_without_sse_is_a_json_array(fw):
+    tok = fw.add_token()
+    r = requests.post(fw.gateway_url + "/gemini/v1beta/models/m:streamGenerateContent",
+                      headers={"x-goog-api-key": tok},
+                      json={"contents": [{"role": "user", "parts": [{"text": "a"}]}]})
+    assert r.json()[0]["candidates"][0]["content"]["parts"][0]["text"] == "FAKE-REPLY-gemini: a"
+
+
 def test_gemini_structured_output(fw):
     tok = fw.add_token()
     schema = {"type": "object", "properties": {
