@@ -588,7 +588,20 @@ def test_switching_transports_loses_and_repeats_nothing(open_tab):
     assert lines == [f"line-{i}" for i in range(1, 61)]
 
 
-def test_keyboard_shortcuts_and_help(open_tab):
+def interrupt_a_sleep(page, server):
+    """Run `sleep 30` and Ctrl+C it once it really runs: a ^C that reaches bash
+    between reading the line and starting the job garbles the next line."""
+    page.keyboard.type("sleep 30")
+    page.keyboard.press("Enter")
+    session = page.evaluate("window.coda.tabs.find((t) => t.sessions.length).sessions[0]")
+    deadline = time.monotonic() + 10
+    while {s["session_id"]: s["process"] for s in server.get("/api/sessions").json()}.get(session) != "sleep":
+        assert time.monotonic() < deadline, "sleep did not start"
+        time.sleep(0.05)
+    page.keyboard.press("Control+c")
+
+
+def test_keyboard_shortcuts_and_help(open_tab, coda_server):
     _, page = open_tab()
     wait_ready(page)
     page.keyboard.press("Alt+Shift+T")
@@ -624,9 +637,7 @@ def test_keyboard_shortcuts_and_help(open_tab):
     wait(page, "(id) => fetch('api/sessions').then((r) => r.json()).then((l) => !l.some((s) => s.session_id === id))",
          closing, what="its session ended")
     # The shell itself still gets ordinary keys: Ctrl+C interrupts.
-    page.keyboard.type("sleep 30")
-    page.keyboard.press("Enter")
-    page.keyboard.press("Control+c")
+    interrupt_a_sleep(page, coda_server)
     page.keyboard.type("echo interrupted-$((1+1))\n")
     wait_text(page, "interrupted-2", timeout=5)
 
@@ -724,7 +735,7 @@ def test_installable_as_an_app(open_tab):
     assert errors == [], errors
 
 
-def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab):
+def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab, coda_server):
     tab, page = open_tab()
     tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
     wait_ready(page)
@@ -739,9 +750,7 @@ def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab):
     wait(page, "() => navigator.clipboard.readText().then((t) => t === 'copy-123')", what="the clipboard")
     assert page.evaluate("window.coda.selection()") == ""
     # With nothing selected, Ctrl+C interrupts.
-    page.keyboard.type("sleep 30")
-    page.keyboard.press("Enter")
-    page.keyboard.press("Control+c")
+    interrupt_a_sleep(page, coda_server)
     page.keyboard.type("echo after-copy\n")
     wait_text(page, "\nafter-copy", timeout=5)
 
