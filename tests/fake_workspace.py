@@ -30,6 +30,35 @@ Use from pytest::
     assert fw.gateway_requests[-1]["token"] in fw.live_token_values()
     fw.stop()
 
+API (all plain attributes/methods of ``FakeWorkspace``):
+
+* life: ``start()`` (returns self) / ``stop()`` / context manager; ``url``
+  (workspace origin), ``gateway_url`` (gateway-host origin), ``port``,
+  ``gateway_port``; constructor: ``user_name``, ``display_name``, ``app_name``,
+  ``app_creator``, ``client_id``/``client_secret`` (the app's service
+  principal for OAuth M2M), ``workspace_id``, ``models``, ``verbose``.
+* tokens: ``add_token(comment, lifetime_seconds, can_mint, value)`` (a PAT as
+  if pasted by the user), ``find_token(value_or_id)`` -> ``TokenRecord``
+  (``value, token_id, principal, kind "pat"|"oauth", comment, creation_time,
+  expiry_time, revoked, minted``), ``expire_token(x)``, ``revoke_token(x)``,
+  ``live_tokens(kind="pat", comment_contains=None)``, ``live_token_values()``,
+  ``revoked_tokens()``, ``minted_tokens()`` (made by token/create).
+* knobs: ``inject(route, status=503, count=1, delay=0)`` (5xx, timeouts),
+  ``max_token_lifetime_seconds`` (admin cap), ``token_quota``,
+  ``refuse_within_seconds`` (refuse tokens close to expiry),
+  ``invalid_token_status`` (403), ``gateway_auth_failure_status`` (401; Codex
+  refreshes its token only on 401), ``disabled_generations`` (a set of
+  "host", "ai-gateway", "serving-endpoints": those answer 404),
+  ``stream_delay``, ``tool_command``.
+* inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
+  path, query (key= redacted), base, api "anthropic"|"responses"|"chat"|
+  "gemini"|"models"|"probe"|..., model, token, token_id, token_live, auth_via,
+  headers (lower-case keys), body, status), ``gateway_requests_for(api,
+  generation)``, ``wait_for_gateway(api, status, since, timeout, token)``,
+  ``requests`` (every request: origin, method, path, status, principal),
+  ``files`` / ``read_file(path)`` (workspace files), ``sql_statements``,
+  ``public_state()`` (token-free summary, also ``GET /_fake/state``).
+
 Standalone: ``python tests/fake_workspace.py --port 8765 --token-file /tmp/pat``.
 
 Tokens are never written to a log line by this module; they are kept in
