@@ -33,16 +33,20 @@ if __name__ == "__main__":  # patch before anything imports socket or threading
     monkey.patch_all(subprocess=False)  # setup imports gevent.subprocess when it needs it
 
 import argparse
+import codecs
 import collections
 import dataclasses
 import errno
 import fcntl
 import hmac
+import importlib
+import io
 import json
 import logging
 import os
 import re
 import secrets
+import shlex
 import signal
 import struct
 import sys
@@ -86,6 +90,26 @@ def _env_int(env, name, default, low=1):
     return value
 
 
+def _env_seconds(env, name, default):
+    raw = env.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1
+    if value <= 0:
+        CONFIG_WARNINGS.append(f"{name}={raw!r} is not a positive number of seconds; using {default}")
+        return default
+    return value
+
+
+def _env_url(env, name):
+    """A base URL without its trailing slash; https:// added when the scheme is missing."""
+    raw = env.get(name, "").strip().rstrip("/")
+    if raw and "://" not in raw:
+        raw = "https://" + raw
+    return raw
+
+
 def _env_flag(env, name, default):
     raw = env.get(name, "").strip().lower()
     return default if not raw else raw not in ("0", "false", "no", "off")
@@ -107,7 +131,26 @@ class Config:
     flow_high: int             # CODA_FLOW_HIGH: lag at which a PTY stops being read (default 512 KiB)
     flow_low: int              # CODA_FLOW_LOW: lag at which it is read again (default 128 KiB)
     max_upload_bytes: int      # CODA_MAX_UPLOAD_BYTES: largest upload (default 32 MiB)
-    install: bool              # CODA_INSTALL: 0 skips the setup steps that install software
+    install: bool              # CODA_INSTALL: 0 skips the setup steps that install software (default: 1 in Apps, 0 locally)
+    # Databricks (section 8)
+    databricks_host: str       # DATABRICKS_HOST: the workspace URL (https:// added when missing)
+    workspace_id: str          # DATABRICKS_WORKSPACE_ID: names the workspace's AI Gateway host
+    client_id: str             # DATABRICKS_CLIENT_ID: the app's service principal (Apps injects it)
+    client_secret: str         # DATABRICKS_CLIENT_SECRET: its secret; never reaches a child process
+    bootstrap_token: str       # DATABRICKS_TOKEN: a token to start from, as if pasted
+    gateway_host: str          # DATABRICKS_GATEWAY_HOST: the AI Gateway base, skipping discovery
+    token_lifetime: int        # PAT_TOKEN_LIFETIME: seconds each minted token lives (default 900)
+    rotation_interval: float   # PAT_ROTATION_INTERVAL: seconds between rotations (default 600)
+    # Agents (section 9)
+    anthropic_model: str       # ANTHROPIC_MODEL: Claude Code's model (default databricks-claude-opus-4-7)
+    codex_model: str           # CODEX_MODEL: Codex's model (default databricks-gpt-5-5)
+    gemini_model: str          # GEMINI_MODEL: Gemini CLI's model (default databricks-gemini-2-5-pro)
+    hermes_model: str          # HERMES_MODEL: Hermes Agent's and OpenCode's model (default databricks-claude-opus-4-6)
+    hermes_fallback_model: str # HERMES_FALLBACK_MODEL: Hermes' fallback model (default none)
+    enable_hermes: bool        # ENABLE_HERMES: false leaves Hermes out (default true)
+    disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
+    mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
+    proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
 
     @classmethod
     def from_env(cls, env=os.environ):
@@ -137,7 +180,27 @@ class Config:
             flow_high=high,
             flow_low=low,
             max_upload_bytes=_env_int(env, "CODA_MAX_UPLOAD_BYTES", 32 * MIB),
-            install=_env_flag(env, "CODA_INSTALL", True),
+            install=_env_flag(env, "CODA_INSTALL", bool(app_name)),
+            databricks_host=_env_url(env, "DATABRICKS_HOST"),
+            workspace_id=env.get("DATABRICKS_WORKSPACE_ID", "").strip(),
+            client_id=env.get("DATABRICKS_CLIENT_ID", "").strip(),
+            client_secret=env.get("DATABRICKS_CLIENT_SECRET", "").strip(),
+            bootstrap_token=env.get("DATABRICKS_TOKEN", "").strip(),
+            gateway_host=_env_url(env, "DATABRICKS_GATEWAY_HOST"),
+            token_lifetime=_env_int(env, "PAT_TOKEN_LIFETIME", 900),
+            rotation_interval=_env_seconds(env, "PAT_ROTATION_INTERVAL", 600.0),
+            anthropic_model=env.get("ANTHROPIC_MODEL", "").strip() or "databricks-claude-opus-4-7",
+            codex_model=env.get("CODEX_MODEL", "").strip() or "databricks-gpt-5-5",
+            gemini_model=env.get("GEMINI_MODEL", "").strip() or "databricks-gemini-2-5-pro",
+            hermes_model=env.get("HERMES_MODEL", "").strip() or "databricks-claude-opus-4-6",
+            hermes_fallback_model=env.get("HERMES_FALLBACK_MODEL", "").strip(),
+            enable_hermes=_env_flag(env, "ENABLE_HERMES", True),
+            disable_auto_memory=env.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "").strip(),
+            mcp_servers=tuple((name, url) for name, url in (
+                ("deepwiki", env.get("DEEPWIKI_MCP_URL", "https://mcp.deepwiki.com/mcp").strip()),
+                ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
+                ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
+            proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
         )
 
 
@@ -402,7 +465,7 @@ def shell_environment(config, base=os.environ):
     env = {k: v for k, v in base.items()
            if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES)}
     env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(config.home),
-               CODA_VERSION=__version__)
+               CODA_VERSION=__version__, **agent_environment())
     if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
         env["LANG"] = "C.UTF-8"
     local_bin = str(config.home / ".local" / "bin")
@@ -757,7 +820,7 @@ def field(body, name, kind, default=..., low=None, high=None):
         value = int(value)
     if kind is float and isinstance(value, int):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ApiError(400, f"The field '{name}' must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}.")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ApiError(400, f"The field '{name}' must be between {low} and {high}.")
@@ -1233,20 +1296,574 @@ def websocket():
 # 8. Databricks
 # ===========================================================================
 
+# Each agent API under each generation of the AI Gateway: the workspace's
+# gateway host, the workspace's own /ai-gateway routes, plain serving endpoints.
+GATEWAY_GENERATIONS = ("the workspace's AI Gateway host", "the workspace's /ai-gateway routes",
+                       "the workspace's serving endpoints")
+GATEWAY_PATHS = {
+    "anthropic": ("/anthropic", "/ai-gateway/anthropic", "/serving-endpoints/anthropic"),  # Claude Code
+    "responses": ("/openai/v1", "/ai-gateway/codex/v1", "/serving-endpoints/openai/v1"),   # Codex
+    "gemini": ("/gemini", "/ai-gateway/gemini", "/serving-endpoints/google"),               # Gemini CLI
+    "chat": ("/mlflow/v1", "/ai-gateway/mlflow/v1", "/serving-endpoints"),                  # OpenCode, Hermes
+}
+PROBE_SECONDS = 3
+# Minted tokens carry this process's own comment, so CoDA can prove which listed tokens are its own.
+TOKEN_COMMENT = f"CoDA short-lived token {secrets.token_hex(6)} (rotated and revoked automatically)"
+
+
+def import_off_loop(module):
+    """Import a heavy module in a native thread, so terminals stay live meanwhile."""
+    if module not in sys.modules:
+        gevent.get_hub().threadpool.apply(importlib.import_module, (module,))
+
+
+def workspace_client(token=None):
+    """databricks-sdk's client with `token` alone (never another credential), or as the app's service principal."""
+    import_off_loop("databricks.sdk")
+    from databricks.sdk import WorkspaceClient  # lazy: a local user never pays for it
+    from databricks.sdk.core import Config as SdkConfig
+
+    common = dict(host=CONFIG.databricks_host, http_timeout_seconds=20, retry_timeout_seconds=30,
+                  product="coda", product_version=__version__)
+    if token:
+        return WorkspaceClient(config=SdkConfig(token=token, auth_type="pat", **common))
+    return WorkspaceClient(config=SdkConfig(client_id=CONFIG.client_id, client_secret=CONFIG.client_secret,
+                                            auth_type="oauth-m2m", **common))
+
+
+def reason(error):
+    """One redacted line saying why something failed."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return redact(text)[:300]
+
+
+def resolve_owner_forever():
+    """Apps mode without APP_OWNER: the app's creator, read as the app's service principal, retried until known."""
+    delay = 1.0
+    while True:
+        try:
+            creator = workspace_client().apps.get(CONFIG.app_name).creator
+            if not creator:
+                raise ValueError("the Apps API names no creator for this app")
+            ACCESS.owner, ACCESS.owner_error = creator.strip().lower(), None
+            log.info("app owner resolved from the Apps API")
+            for name in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET"):
+                os.environ.pop(name, None)  # no child process may inherit the service principal
+            return
+        except Exception as error:
+            ACCESS.owner_error = f"the Apps API lookup of the app's owner (its creator) failed: {reason(error)}"
+            log.warning("app owner unknown, nobody may enter (%s); retrying in %.0f s", ACCESS.owner_error, delay)
+            gevent.sleep(delay)
+            delay = min(delay * 2, 300)
+
+
+class Gateway:
+    """Where the agents' model calls go: one origin and one generation of paths."""
+
+    def __init__(self):
+        self.origin = None
+        self.generation = None
+        self.reason = "not discovered yet: no token has been configured"
+
+    def base(self, api):
+        return self.origin + GATEWAY_PATHS[api][self.generation] if self.origin else None
+
+    def discover(self, token):
+        host = CONFIG.databricks_host
+        gateway_host = f"https://{CONFIG.workspace_id}.ai-gateway.cloud.databricks.com"
+        if CONFIG.gateway_host:
+            choice = (CONFIG.gateway_host, 0, "DATABRICKS_GATEWAY_HOST is set")
+        elif CONFIG.workspace_id and _answers(gateway_host + GATEWAY_PATHS["anthropic"][0], token):
+            choice = (gateway_host, 0, "the workspace's AI Gateway host answered")
+        elif _answers(host + GATEWAY_PATHS["anthropic"][1], token):
+            choice = (host, 1, "the workspace's /ai-gateway routes answered")
+        else:
+            choice = (host, 2, "no AI Gateway answered a probe, so agents use serving endpoints")
+        if choice[:2] != (self.origin, self.generation):
+            self.origin, self.generation, self.reason = choice
+            log.info("AI Gateway: %s at %s (%s)", GATEWAY_GENERATIONS[self.generation], self.origin, self.reason)
+
+    def describe(self):
+        return {"origin": self.origin, "kind": GATEWAY_GENERATIONS[self.generation] if self.origin else None,
+                "reason": self.reason}
+
+
+def _answers(url, token):
+    import requests
+
+    try:
+        answer = requests.head(url, headers={"Authorization": f"Bearer {token}"}, timeout=PROBE_SECONDS,
+                               allow_redirects=False)
+    except requests.RequestException:
+        return False
+    return answer.status_code < 500 and answer.status_code != 404
+
+
+GATEWAY = Gateway()
+
+
+class Pat:
+    """The token CoDA works with: validated, exchanged for a short-lived one, rotated, the old one revoked.
+
+    CoDA revokes only tokens it minted itself (it has their ids from token/create).
+    A pasted token is never revoked: no Databricks API maps a token's value to
+    its id, so CoDA cannot prove which listed token it is.
+    """
+
+    def __init__(self):
+        self.token = None          # the current token: a minted one, or the pasted one until a mint succeeds
+        self.token_id = None       # its id, when CoDA minted it
+        self.expires_at = None     # epoch seconds, when known
+        self.user = None
+        self.last_rotation = None
+        self.error = None          # one sentence about the last failure, for /api/pat-status
+        self.rotor = None
+        self.lock = gevent.lock.Semaphore()  # one configure or rotation at a time
+
+    def valid(self):
+        return bool(self.token) and (self.expires_at is None or time.time() < self.expires_at)
+
+    def status(self):
+        answer = {"configured": self.token is not None, "valid": self.valid(), "user": self.user,
+                  "workspace_host": CONFIG.databricks_host or None, "expires_at": self.expires_at}
+        if self.error:
+            answer["error"] = self.error
+        return answer
+
+    def configure(self, token, replace=False):
+        """Validate a pasted token with SCIM Me (that token alone), mint from it, configure the agents."""
+        if not CONFIG.databricks_host:
+            raise ApiError(400, "No Databricks workspace is configured: set DATABRICKS_HOST.")
+        if self.valid() and not replace:
+            raise ApiError(409, 'A valid token is already configured; send "replace": true to replace it.')
+        with self.lock:
+            import_off_loop("databricks.sdk")
+            from databricks.sdk.errors import DatabricksError
+
+            try:
+                me = workspace_client(token).current_user.me()
+            except DatabricksError as error:
+                raise ApiError(400, f"The workspace did not accept this token: {reason(error)}") from None
+            except Exception as error:
+                raise ApiError(400, f"The workspace at {CONFIG.databricks_host} could not be reached: {reason(error)}") from None
+            SECRETS.add(token)
+            self.user, self.token, self.token_id, self.expires_at, self.error = me.user_name, token, None, None, None
+            self.identity = me
+            GATEWAY.discover(token)
+            try:
+                self._mint()
+            except Exception as error:
+                self.error = f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile."
+                log.warning("%s", self.error)
+        configure_agents()
+        if self.rotor is None or self.rotor.dead:
+            self.rotor = gevent.spawn(self._rotate_forever)
+        log.info("Databricks token configured for %s", self.user)
+        return {"status": "ok", "user": self.user}
+
+    def _mint(self):
+        created = workspace_client(self.token).tokens.create(comment=TOKEN_COMMENT,
+                                                             lifetime_seconds=CONFIG.token_lifetime)
+        SECRETS.add(created.token_value)
+        expiry = (created.token_info.expiry_time or 0) / 1000
+        self.token, self.token_id = created.token_value, created.token_info.token_id
+        self.expires_at = expiry if expiry > 0 else time.time() + CONFIG.token_lifetime
+        self.last_rotation = time.time()
+        write_databrickscfg(self.token)
+        self._revoke_old()
+
+    def _revoke_old(self):
+        """Revoke every other token this process minted: also one whose create timed out
+        after the workspace had made it, and any whose revocation failed before."""
+        client = workspace_client(self.token)
+        try:
+            for info in client.tokens.list():
+                if info.comment == TOKEN_COMMENT and info.token_id != self.token_id:
+                    client.tokens.delete(info.token_id)
+        except Exception as error:
+            log.warning("could not revoke old CoDA tokens yet (%s); will retry at the next rotation", reason(error))
+
+    def _rotate_forever(self):
+        """Mint a fresh token every interval, also with no session open; back off on failure."""
+        failures = 0
+        while True:
+            gevent.sleep(CONFIG.rotation_interval if not failures else min(2.0 ** failures, 60.0))
+            if not self.valid():
+                self.error = "The token expired before it could be rotated; paste a new one."
+                log.warning("%s", self.error)
+                return
+            with self.lock:
+                try:
+                    self._mint()
+                    failures, self.error = 0, None
+                except Exception as error:
+                    failures += 1
+                    if not self._still_accepted():
+                        self.expires_at = time.time()
+                        self.error = f"The workspace no longer accepts the token ({reason(error)}); paste a new one."
+                        log.warning("%s", self.error)
+                        return
+                    self.error = f"Token rotation failed ({reason(error)}); retrying while the current token is valid."
+                    log.warning("%s", self.error)
+
+    def _still_accepted(self):
+        try:
+            workspace_client(self.token).current_user.me()
+            return True
+        except Exception:
+            return False
+
+    def configure_from_environment(self):
+        """A DATABRICKS_TOKEN given at start is treated like a pasted one."""
+        try:
+            self.configure(CONFIG.bootstrap_token)
+        except ApiError as error:
+            self.error = str(error)
+            log.warning("DATABRICKS_TOKEN from the environment was not usable: %s", error)
+
+
+PAT = Pat()
+
+
 @api("/api/pat-status", "GET")
 def pat_status():
-    return {"configured": False, "valid": False, "user": None, "workspace_host": None, "expires_at": None}
+    return PAT.status()
 
 
 @api("/api/app-state", "GET")
 def app_state():
-    return {"owner": ACCESS.owner, "workspace_host": None, "pat_configured": False, "last_rotation": None}
+    return {"owner": ACCESS.owner, "workspace_host": CONFIG.databricks_host or None,
+            "pat_configured": PAT.token is not None, "last_rotation": PAT.last_rotation,
+            "gateway": GATEWAY.describe()}
 
 
 @api("/api/configure-pat")
 def configure_pat(body):
-    field(body, "token", str)
-    raise ApiError(400, "No Databricks workspace is configured: set DATABRICKS_HOST.")
+    token = field(body, "token", str).strip()
+    if not token:
+        raise ApiError(400, "The field 'token' is empty.")
+    return PAT.configure(token, replace=field(body, "replace", bool, False))
+
+
+# ===========================================================================
+# 9. Agents
+# ===========================================================================
+
+class ConfigError(Exception):
+    """A user's file CoDA cannot merge into (it is left untouched)."""
+
+
+def write_private(path, text):
+    """Write atomically (a temporary file renamed over the target) with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def merge_json(path, merge):
+    """Let `merge` change the user's JSON object in place (keeping every other key), then write it back."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON; CoDA left it alone (fix or remove it)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; CoDA left it alone")
+    merge(data)
+    write_private(path, json.dumps(data, indent=2) + "\n")
+
+
+def nested(data, *keys):
+    """data[k1][k2]..., creating dictionaries on the way."""
+    for key in keys:
+        value = data.get(key)
+        if not isinstance(value, dict):
+            value = data[key] = {}
+        data = value
+    return data
+
+
+def merge_env_file(path, values):
+    """Set KEY=value lines (unquoted), keeping the file's other lines."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.split("=", 1)[0].strip() not in values]
+    write_private(path, "\n".join(kept + [f"{k}={v}" for k, v in values.items()]) + "\n")
+
+
+OWNED_MARK = "coda-digest:"
+
+
+def write_owned(path, text, comment="#"):
+    """Write a file CoDA owns until the user edits it by hand: an edited file is left alone."""
+    import hashlib
+
+    if path.exists():
+        current = path.read_text()
+        head, _, body = current.partition("\n")
+        if OWNED_MARK not in head or head.split(OWNED_MARK)[1].split()[0] != hashlib.sha256(body.encode()).hexdigest()[:16]:
+            log.info("%s was edited by hand; CoDA leaves it alone", path)
+            return
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    closing = " -->" if comment == "<!--" else ""
+    write_private(path, f"{comment} Written by CoDA; edit freely (CoDA then leaves it alone). {OWNED_MARK} {digest}{closing}\n{text}")
+
+
+def to_toml(table, path=(), array_item=False):
+    """TOML for plain data: nested tables, arrays of tables, strings, numbers, booleans."""
+    scalars = [(k, v) for k, v in table.items() if not isinstance(v, dict) and not _table_array(v)]
+    dotted = ".".join(_toml_key(k) for k in path)
+    lines = []
+    if path and (array_item or scalars or not table):
+        lines.append(f"[[{dotted}]]" if array_item else f"[{dotted}]")
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            lines += ["", to_toml(v, path + (k,))]
+        elif _table_array(v):
+            lines += [part for item in v for part in ("", to_toml(item, path + (k,), True))]
+    text = "\n".join(lines).strip("\n")
+    return text + "\n" if not path else text
+
+
+def _table_array(value):
+    return isinstance(value, list) and value and all(isinstance(x, dict) for x in value)
+
+
+def _toml_key(key):
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(x) for x in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))  # a TOML basic string is written like a JSON string
+
+
+AGENT_INSTRUCTIONS = """\
+# Working in CoDA
+
+You are running inside CoDA, a browser terminal hosted as a Databricks App.
+
+- Projects live in `~/projects`, one folder per git repository. The app's disk
+  does not survive a restart: commit your work.
+- Every commit in a repository under `~/projects` is copied to the user's
+  Databricks workspace, under `/Workspace/Users/<user>/projects/<repo>`, in the
+  background. A commit never waits for it; `~/.sync.log` says what happened.
+- Databricks is configured for the shell: the Python SDK (`databricks.sdk`)
+  and the Databricks CLI read `~/.databrickscfg`, whose token CoDA rotates
+  every few minutes. Read it fresh each time; never copy it into files.
+- Model calls go through the workspace's AI Gateway. Do not ask for or store
+  API keys.
+- Uploaded files and pasted images are saved in `~/uploads`.
+"""
+
+# Databricks models the agents can pick, with their context and output limits (OpenCode needs them).
+MODEL_LIMITS = {
+    "databricks-claude-opus-4-7": (200_000, 32_000),
+    "databricks-claude-opus-4-6": (200_000, 32_000),
+    "databricks-claude-sonnet-4-5": (200_000, 64_000),
+    "databricks-claude-haiku-4-5": (200_000, 64_000),
+    "databricks-gpt-5-5": (400_000, 128_000),
+    "databricks-gemini-2-5-pro": (1_000_000, 64_000),
+}
+
+
+class AgentContext:
+    """What every writer needs: where things are, the gateway, the proxy, the models."""
+
+    def __init__(self):
+        self.home = CONFIG.home
+        self.projects = CONFIG.home / "projects"
+        self.proxy = f"http://127.0.0.1:{CONFIG.proxy_port}"
+        self.proxy_key = proxy_key()
+        self.token_command = [sys.executable, str(HERE / "coda.py"), "token"]
+
+    def gateway(self, api):
+        return GATEWAY.base(api)
+
+    def proxied(self, api):
+        """The local proxy's address for `api`: it adds the current token to every call."""
+        return self.proxy + GATEWAY_PATHS[api][0]
+
+
+def configure_claude(ctx):
+    """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
+    def settings(data):
+        env = nested(data, "env")
+        env.update(ANTHROPIC_BASE_URL=ctx.gateway("anthropic"), ANTHROPIC_MODEL=CONFIG.anthropic_model,
+                   ANTHROPIC_DEFAULT_OPUS_MODEL=CONFIG.anthropic_model,
+                   ANTHROPIC_DEFAULT_SONNET_MODEL="databricks-claude-sonnet-4-5",
+                   ANTHROPIC_DEFAULT_HAIKU_MODEL="databricks-claude-haiku-4-5",
+                   ANTHROPIC_CUSTOM_HEADERS="x-databricks-use-coding-agent-mode: true",
+                   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1",
+                   CLAUDE_CODE_API_KEY_HELPER_TTL_MS="60000")
+        if CONFIG.disable_auto_memory:
+            env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = CONFIG.disable_auto_memory
+        data["apiKeyHelper"] = " ".join(shlex.quote(part) for part in ctx.token_command)
+
+    def state(data):
+        data["hasCompletedOnboarding"] = True
+        nested(data, "projects", str(ctx.projects))["hasTrustDialogAccepted"] = True
+        servers = nested(data, "mcpServers")
+        for name in MCP_NAMES:
+            servers.pop(name, None)
+        servers.update({name: {"type": "http", "url": url} for name, url in CONFIG.mcp_servers})
+
+    merge_json(ctx.home / ".claude" / "settings.json", settings)
+    merge_json(ctx.home / ".claude.json", state)
+    write_owned(ctx.home / ".claude" / "CLAUDE.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+def configure_codex(ctx):
+    """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
+    import tomllib
+
+    path = ctx.home / ".codex" / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML ({error}); CoDA left it alone") from None
+    data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled")
+    command, *args = ctx.token_command
+    nested(data, "model_providers")["databricks"] = {
+        "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
+        "auth": {"command": command, "args": args, "refresh_interval_ms": 60_000}}
+    nested(data, "projects", str(ctx.projects))["trust_level"] = "trusted"
+    write_private(path, to_toml(data))
+    write_owned(ctx.home / ".codex" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+def configure_gemini(ctx):
+    """Gemini CLI: through the local proxy, which adds the current token to every call."""
+    def settings(data):
+        nested(data, "security", "auth")["selectedType"] = "gemini-api-key"
+        nested(data, "model")["name"] = CONFIG.gemini_model
+        nested(data, "privacy")["usageStatisticsEnabled"] = False
+        nested(data, "general").update(disableAutoUpdate=True, disableUpdateNag=True)
+
+    merge_json(ctx.home / ".gemini" / "settings.json", settings)
+    merge_env_file(ctx.home / ".gemini" / ".env", gemini_environment(ctx))
+    merge_json(ctx.home / ".gemini" / "trustedFolders.json",
+               lambda data: data.update({str(ctx.projects): "TRUST_FOLDER", str(ctx.home): "TRUST_FOLDER"}))
+    write_owned(ctx.home / ".gemini" / "GEMINI.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+def gemini_environment(ctx):
+    return {"GOOGLE_GEMINI_BASE_URL": ctx.proxied("gemini"), "GEMINI_API_KEY": ctx.proxy_key,
+            "GEMINI_API_KEY_AUTH_MECHANISM": "bearer"}
+
+
+def configure_opencode(ctx):
+    """OpenCode: an OpenAI-compatible provider at the local proxy (which also repairs its requests)."""
+    model = CONFIG.hermes_model
+
+    def settings(data):
+        data["$schema"] = "https://opencode.ai/config.json"
+        nested(data, "provider")["databricks"] = {
+            "npm": "@ai-sdk/openai-compatible", "name": "Databricks AI Gateway",
+            "options": {"baseURL": ctx.proxied("chat")},
+            "models": {name: {"name": name, "limit": {"context": context, "output": output}}
+                       for name, (context, output) in MODEL_LIMITS.items()}}
+        data.update(model=f"databricks/{model}", small_model=f"databricks/{model}", autoupdate=False,
+                    share="disabled")
+        servers = nested(data, "mcp")
+        for name in MCP_NAMES:
+            servers.pop(name, None)
+        servers.update({name: {"type": "remote", "url": url, "enabled": True} for name, url in CONFIG.mcp_servers})
+
+    merge_json(ctx.home / ".config" / "opencode" / "opencode.json", settings)
+    merge_json(ctx.home / ".local" / "share" / "opencode" / "auth.json",
+               lambda data: data.update(databricks={"type": "api", "key": ctx.proxy_key}))
+    write_owned(ctx.home / ".config" / "opencode" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+def configure_hermes(ctx):
+    """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
+    provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
+    config = {"model": {**provider, "default": CONFIG.hermes_model},
+              "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers}}
+    if CONFIG.hermes_fallback_model:
+        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model}
+    write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
+    write_owned(ctx.projects / "HERMES.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+def write_databrickscfg(token):
+    """~/.databrickscfg [DEFAULT] host and token for the CLI and SDK; other profiles kept."""
+    import configparser
+
+    path = CONFIG.home / ".databrickscfg"
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error as error:
+        raise ConfigError(f"{path} cannot be parsed ({reason(error)}); CoDA left it alone") from None
+    parser["DEFAULT"].update(host=CONFIG.databricks_host, token=token)
+    text = io.StringIO()
+    parser.write(text)
+    write_private(path, text.getvalue())
+
+
+MCP_NAMES = ("deepwiki", "exa", "team-memory")
+AGENTS = [  # (name, writer): adding an agent is one function and one row
+    ("claude", configure_claude),
+    ("codex", configure_codex),
+    ("gemini", configure_gemini),
+    ("opencode", configure_opencode),
+    ("hermes", configure_hermes),
+]
+
+
+def enabled_agents():
+    return [(name, writer) for name, writer in AGENTS if name != "hermes" or CONFIG.enable_hermes]
+
+
+def configure_agents():
+    """Write every agent's configuration (setup runs these as steps; this is the direct path)."""
+    ctx = AgentContext()
+    for name, writer in enabled_agents():
+        try:
+            writer(ctx)
+        except (ConfigError, OSError) as error:
+            log.warning("could not configure %s: %s", name, reason(error))
+
+
+def agent_environment():
+    """Variables the terminals get for the agents (a project's own .env must not hide Gemini's)."""
+    if not PAT.token:
+        return {}
+    return {**gemini_environment(AgentContext()), "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+
+
+def proxy_key():
+    """The local proxy's key, kept in a 0600 file so configs written before a restart stay valid."""
+    path = CONFIG.home / ".coda" / "proxy-key"
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        key = ""
+    if len(key) < 32:
+        key = "coda-proxy-" + secrets.token_hex(24)
+        write_private(path, key + "\n")
+    return key
+
+
+def read_token_file():
+    """The current token, as `coda.py token` prints it for Claude Code and Codex."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONFIG.home / ".databrickscfg")
+    return parser["DEFAULT"].get("token", "")
 
 
 # ===========================================================================
@@ -1279,6 +1896,572 @@ def setup_status():
 
 
 # ===========================================================================
+# 11. Local proxy
+# ===========================================================================
+
+# What Databricks rejects, and what the evidence is:
+# - Empty or whitespace-only text: "messages: text content blocks must be
+#   non-empty" (Anthropic-backed endpoints; OpenCode sends them after streaming,
+#   /compact and model switches, and one bad turn breaks every later request).
+# - An assistant turn with tool calls but no text: some Claude endpoints on
+#   Databricks (opus) reject a missing, null or "" content there the same way;
+#   Databricks' own client (databricks-ai-bridge PR #333,
+#   _fix_empty_assistant_content_in_messages) sends a single space instead, and
+#   runs that against every FMAPI chat model in its integration tests.
+# - A tool call without its result right after it, and a result whose call is
+#   not in the assistant turn right before it (Anthropic: "`tool_use` ids were
+#   found without `tool_result` blocks immediately after" / "unexpected
+#   `tool_use_id` found in `tool_result` blocks").
+# - Roles: "Chat message input roles must alternate (user -> assistant -> u ->
+#   a -> ...) with an optional system at the start. Tool messages are optional
+#   and must follow a preceding assistant message containing tool calls."
+#   (Databricks' own 400 text.) So, minimally:
+#     1. system messages only at the start: a later one becomes a user message
+#        (where it stood, which is how Claude reads mid-conversation notes);
+#     2. nothing but system messages before the first user message: a history
+#        that opens with an assistant turn (a compaction summary, a history
+#        rebuilt after a model switch; Hermes has met both) gets a short user
+#        turn in front, rather than losing that turn or its tool pairing;
+#     3. no two user or two assistant messages in a row: they are merged.
+#   A user message right after tool results is left alone: the results
+#   become a user turn upstream, and consecutive user turns are combined.
+# - Gemini rejects JSON-Schema-only keywords in tool parameters (its schema is
+#   an OpenAPI 3.0 subset) and `stream_options`; Claude and GPT ignore both, so
+#   they are removed for every model rather than guessing the model from a name.
+EMPTY_ASSISTANT_CONTENT = " "  # what Databricks' own client sends beside tool calls
+EMPTY_TOOL_RESULT = "(no output)"  # a result is never dropped for being empty: its call would go too
+LEADING_USER_TURN = "(continuing an earlier conversation)"
+REQUEST_KEYS_REJECTED = ("stream_options",)
+SCHEMA_KEYS_REJECTED = frozenset({"$schema", "$ref", "$defs", "$id", "$comment", "additionalProperties",
+                                  "definitions"})  # draft 7's $defs, inlined the same way
+# JSON Schema keywords whose value holds schemas, by shape; every other value
+# (enum, const, default, examples, ...) is data and is never walked into.
+SCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties")
+SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_MAP = ("properties", "patternProperties", "dependentSchemas")
+
+
+def repair_chat_request(body):
+    """A copy of a Chat Completions request body with what Databricks rejects repaired."""
+    if not isinstance(body, dict):
+        return body
+    body = {key: value for key, value in body.items() if key not in REQUEST_KEYS_REJECTED}
+    messages = body.get("messages")
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        body["messages"] = repair_messages(messages)
+    if isinstance(body.get("tools"), list):
+        body["tools"] = [_tool_with_clean_schema(tool) for tool in body["tools"]]
+    return body
+
+
+def repair_messages(messages):
+    """Apply every message repair until none changes anything: one repair can
+    expose work for another (a dropped result orphans its call, a dropped turn
+    leaves two user turns side by side)."""
+    for _ in range(len(messages) + 2):  # each pass that changes something removes or merges a message
+        repaired = messages
+        for repair in MESSAGE_REPAIRS:
+            repaired = repair(repaired)
+        if repaired == messages:
+            break
+        messages = repaired
+    return opening_with_a_user_turn(messages)  # last: it never makes work for the others
+
+
+def without_blank_text(messages):
+    """Drop empty/whitespace text; a message left with nothing to say goes too."""
+    out = []
+    for message in messages:
+        content = _non_blank(message.get("content"))
+        role = message.get("role")
+        if role == "assistant" and "tool_calls" in message and not message["tool_calls"]:
+            message = {k: v for k, v in message.items() if k != "tool_calls"}  # [] is rejected too
+        if role == "assistant" and message.get("tool_calls"):
+            content = content if content is not None else EMPTY_ASSISTANT_CONTENT
+        elif role == "tool":
+            content = content if content is not None else EMPTY_TOOL_RESULT
+        elif content is None:
+            continue
+        out.append(message if content == message.get("content") else {**message, "content": content})
+    return out
+
+
+def _non_blank(content):
+    """The content without blank text, or None when nothing is left."""
+    if isinstance(content, str):
+        return content if content.strip() else None
+    if isinstance(content, list):
+        kept = [part for part in content if not _is_blank_text_part(part)]
+        return kept or None
+    return content
+
+
+def _is_blank_text_part(part):
+    if not isinstance(part, dict) or part.get("type") != "text":
+        return False
+    text = part.get("text")
+    return not (isinstance(text, str) and text.strip())
+
+
+def tool_calls_paired(messages):
+    """Keep a tool call only with its result, and a result only right after its call.
+
+    The results of an assistant turn are the run of tool messages directly after
+    it; a result elsewhere, for a call that turn did not make, or answering a
+    call twice is dropped, and a call with no result is removed from the turn.
+    """
+    out = []
+    i = 0
+    while i < len(messages):
+        message = messages[i]
+        i += 1
+        if message.get("role") == "tool":
+            continue  # not in the run right after an assistant turn (those are taken below)
+        out.append(message)
+        end = i
+        while end < len(messages) and messages[end].get("role") == "tool":
+            end += 1
+        results, i = messages[i:end], end
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if not isinstance(calls, list) or not calls:
+            continue  # results after a turn that called nothing answer nothing
+        call_ids = {call.get("id") for call in calls if isinstance(call, dict) and call.get("id")}
+        answered = {}
+        for result in results:
+            if result.get("tool_call_id") in call_ids:
+                answered.setdefault(result.get("tool_call_id"), result)
+        kept = [call for call in calls if isinstance(call, dict) and call.get("id") in answered]
+        if kept != calls:
+            out[-1] = {**message, "tool_calls": kept}  # an empty list goes in without_blank_text
+        out.extend(result for result in results if answered.get(result.get("tool_call_id")) is result)
+    return out
+
+
+def roles_alternating(messages):
+    """System messages only first, and no role twice in a row."""
+    out = []
+    seen_other = False
+    for message in messages:
+        if message.get("role") == "system" and seen_other:
+            message = {"role": "user", "content": message.get("content")}
+        seen_other = seen_other or message.get("role") != "system"
+        out.append(message)
+    merged = []
+    for message in out:
+        previous = merged[-1] if merged else None
+        if previous and message.get("role") in ("user", "assistant") and previous.get("role") == message.get("role") \
+                and not previous.get("tool_calls"):
+            merged[-1] = _merged(previous, message)
+        else:
+            merged.append(message)
+    return merged
+
+
+def opening_with_a_user_turn(messages):
+    """A user turn first after the system messages, if the history has any user turn at all."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    if first == len(messages) or messages[first].get("role") == "user" \
+            or not any(m.get("role") == "user" for m in messages):
+        return messages  # fine as it is, or no user turn anywhere to lead into (none is invented)
+    return [*messages[:first], {"role": "user", "content": LEADING_USER_TURN}, *messages[first:]]
+
+
+def _merged(first, second):
+    """One message saying what two consecutive ones of the same role said."""
+    merged = dict(first)
+    a, b = _non_blank(first.get("content")), _non_blank(second.get("content"))
+    if a is None or b is None:
+        merged["content"] = a if b is None else b
+    elif isinstance(a, str) and isinstance(b, str):
+        merged["content"] = a + "\n\n" + b
+    else:
+        merged["content"] = _as_parts(a) + _as_parts(b)
+    if second.get("tool_calls"):
+        merged["tool_calls"] = second["tool_calls"]
+    return merged
+
+
+def _as_parts(content):
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+MESSAGE_REPAIRS = (without_blank_text, tool_calls_paired, roles_alternating)
+
+
+def _tool_with_clean_schema(tool):
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("parameters"), dict):
+        return tool
+    parameters = function["parameters"]
+    return {**tool, "function": {**function, "parameters": clean_schema(parameters, parameters)}}
+
+
+def clean_schema(schema, root, expanding=()):
+    """The schema without the keywords Gemini rejects, at every depth.
+
+    A local `$ref` (to `#/$defs/...` and the like) is replaced by what it points
+    to before `$defs` goes, so a tool keeps its nested shapes; a reference back
+    into itself (a recursive type) stops there and becomes an open schema.
+    Names inside `properties` are property names, not keywords: they stay.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    target = _local_ref(root, ref) if isinstance(ref, str) and ref not in expanding else None
+    if target is not None:
+        inlined = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return clean_schema(inlined, root, expanding + (ref,))
+    clean = {}
+    for key, value in schema.items():
+        if key in SCHEMA_KEYS_REJECTED:
+            continue
+        if key in SCHEMA_MAP and isinstance(value, dict):
+            value = {name: clean_schema(sub, root, expanding) for name, sub in value.items()}
+        elif key in SCHEMA_LIST and isinstance(value, list):
+            value = [clean_schema(sub, root, expanding) for sub in value]
+        elif key in SCHEMA_ONE:
+            value = ([clean_schema(sub, root, expanding) for sub in value] if isinstance(value, list)
+                     else clean_schema(value, root, expanding))
+        clean[key] = value
+    return clean
+
+
+def _local_ref(root, ref):
+    """The schema a `#/...` JSON pointer names inside root, or None."""
+    if not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node if isinstance(node, dict) else None
+
+
+def describe_chat_request(body):
+    """The request's shape for the log: roles, sizes, tool names; never content."""
+    if not isinstance(body, dict):
+        return f"not a JSON object ({type(body).__name__})"
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    names = [str(t["function"].get("name", "?")) for t in tools
+             if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    parts = [f"model={body.get('model')}", "keys=" + ",".join(sorted(k for k in body if k not in DESCRIBED)),
+             f"messages={len(messages)}:", *map(_describe_message, messages[:DESCRIBE_MESSAGES])]
+    if len(messages) > DESCRIBE_MESSAGES:
+        parts.append(f"... {len(messages) - DESCRIBE_MESSAGES} more")
+    parts.append(f"tools={len(tools)}" + (": " + ",".join(names[:DESCRIBE_TOOLS]) if names else ""))
+    if len(names) > DESCRIBE_TOOLS:
+        parts.append(f"... {len(names) - DESCRIBE_TOOLS} more")
+    return " ".join(parts)
+
+
+DESCRIBED = ("messages", "tools", "model")  # shown in detail; other keys by name only
+DESCRIBE_MESSAGES = 200  # a long history is still one readable log line
+DESCRIBE_TOOLS = 60
+
+
+def _describe_message(message):
+    """role(characters of text[+other part types][;called tools]), e.g. assistant(0;bash,read)."""
+    if not isinstance(message, dict):
+        return f"?{type(message).__name__}"
+    content = message.get("content")
+    if isinstance(content, str):
+        size = str(len(content))
+    elif isinstance(content, list):
+        texts = sum(len(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+                    and isinstance(p.get("text") or "", str))
+        others = sorted({str(p.get("type")) for p in content if isinstance(p, dict) and p.get("type") != "text"})
+        size = f"{texts}[{len(content)} parts{''.join('+' + o for o in others)}]"
+    else:
+        size = "null" if content is None else type(content).__name__
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    names = ",".join(str(c["function"].get("name", "?")) if isinstance(c.get("function"), dict) else "?"
+                     for c in calls if isinstance(c, dict))
+    return f"{message.get('role')}({size}{';' + names if calls else ''})"
+
+
+def is_chat_completions(path):
+    """Whether a proxied path is an OpenAI-compatible Chat Completions call."""
+    return path.split("?", 1)[0].rstrip("/").endswith("/chat/completions")
+
+
+# Answers: the Server-Sent Events stream
+
+# The gateway has been seen to answer a tool call as a call to a tool named
+# `databricks-tool-call` whose arguments carry the real name beside the real
+# arguments: {"name": "bash", "command": "ls"} means bash({"command": "ls"})
+# (the shape the original app's content-filter proxy undid, for OpenCode).
+# Streamed, the first delta has the fake name and the arguments come in pieces,
+# so the real name is known only once the arguments are complete JSON: the
+# events from that first delta on are held (in order) until then, and no
+# longer. Everything else passes as soon as its event is complete.
+HIDDEN_TOOL_NAME = "databricks-tool-call"
+HIDDEN_NAME_KEY = "name"
+SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+SSE_LINE = re.compile(r"([^\r\n]*)(\r\n|\r|\n|$)")  # a line and its ending
+
+
+class ChatStreamRepair:
+    """Filter for one Chat Completions SSE answer: feed() the upstream bytes as
+    they come and send on what it returns; close() at the end."""
+
+    def __init__(self):
+        # surrogateescape: bytes that are not UTF-8 still come out exactly as they went in
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._text = ""      # decoded, not yet a complete event
+        self._scanned = 0    # where in _text the next unscanned line starts
+        self._held = []      # events waiting for a hidden tool name, in order
+        self._calls = {}     # (choice, call index) -> a hidden call still being streamed
+        self._with_tool_calls = set()  # choices that made tool calls
+
+    def feed(self, chunk):
+        self._text += self._decoder.decode(chunk)
+        return self._encode(self._complete_events(final=False))
+
+    def close(self):
+        """Everything still held, and any incomplete last event as it came."""
+        self._text += self._decoder.decode(b"", final=True)
+        out = self._complete_events(final=True)
+        self._calls.clear()
+        out += self._release()
+        out.append(self._text)
+        self._text, self._scanned = "", 0
+        return self._encode(out)
+
+    @staticmethod
+    def _encode(texts):
+        return "".join(texts).encode("utf-8", "surrogateescape")
+
+    def _complete_events(self, final):
+        """Cut complete events (ended by an empty line) off _text and repair them."""
+        out = []
+        while True:
+            end = SSE_LINE_END.search(self._text, self._scanned)
+            if end is None or (end.group() == "\r" and end.end() == len(self._text) and not final):
+                return out  # a lone CR at the end may be half of a CRLF
+            empty_line = end.start() == self._scanned
+            self._scanned = end.end()
+            if empty_line:
+                event, self._text, self._scanned = self._text[:self._scanned], self._text[self._scanned:], 0
+                out += self._on_event(event)
+
+    def _on_event(self, text):
+        event = {"text": text, "data": None, "changed": False}
+        payload = _sse_data(text)
+        if payload is not None and payload.strip() == "[DONE]":
+            self._calls.clear()  # the answer is over: hidden calls stay as they came
+        elif payload is not None:
+            try:
+                event["data"] = json.loads(payload)
+            except ValueError:
+                pass
+        if isinstance(event["data"], dict) and isinstance(event["data"].get("choices"), list):
+            self._repair_chunk(event)
+        self._held.append(event)
+        return [] if self._calls else self._release()
+
+    def _repair_chunk(self, event):
+        for choice in event["data"]["choices"]:
+            if not isinstance(choice, dict):
+                continue
+            number = _index(choice.get("index"), 0)
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []
+            for position, call in enumerate(calls):
+                if isinstance(call, dict):
+                    self._with_tool_calls.add(number)
+                    self._follow_call(event, (number, _index(call.get("index"), position)), call)
+            if choice.get("finish_reason") is not None:  # unfinished arguments will never finish now
+                self._calls = {key: call for key, call in self._calls.items() if key[0] != number}
+            if choice.get("finish_reason") == "stop" and number in self._with_tool_calls:
+                choice["finish_reason"] = "tool_calls"
+                event["changed"] = True
+
+    def _follow_call(self, event, key, call):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if function.get("name"):  # a call starts at this key (ending any before it there)
+            self._calls.pop(key, None)
+            if function["name"] == HIDDEN_TOOL_NAME:
+                self._calls[key] = {"arguments": "", "pieces": []}
+        hidden = self._calls.get(key)
+        if hidden is None:
+            return
+        hidden["pieces"].append((event, function))
+        hidden["arguments"] += function.get("arguments") or ""
+        try:
+            arguments = json.loads(hidden["arguments"])
+        except ValueError:
+            return  # not complete yet
+        del self._calls[key]  # complete: named or not, nothing more to wait for
+        name = arguments.pop(HIDDEN_NAME_KEY, None) if isinstance(arguments, dict) else None
+        if not isinstance(name, str) or not name:
+            return  # arguments that name no tool: the call goes on as the gateway sent it
+        for piece_event, piece in hidden["pieces"]:
+            piece["arguments"] = ""
+            piece_event["changed"] = True
+        hidden["pieces"][0][1].update(name=name, arguments=json.dumps(arguments, ensure_ascii=False))
+
+    def _release(self):
+        held, self._held = self._held, []
+        return [_render(event) for event in held]
+
+
+def _index(value, default):
+    return value if isinstance(value, int) else default
+
+
+def _sse_data(text):
+    """The event's data (its data lines joined by newlines), or None without any."""
+    data = [value for name, value in map(_field, SSE_LINE_END.split(text)) if name == "data"]
+    return "\n".join(data) if data else None
+
+
+def _field(line):
+    """An SSE line's field name and value: "data: {...}" -> ("data", "{...}")."""
+    name, colon, value = line.partition(":")
+    return name, value.removeprefix(" ") if colon else ""
+
+
+def _render(event):
+    """The event as it came, or with its data lines replaced by the repaired JSON."""
+    if not event["changed"]:
+        return event["text"]
+    out = []
+    written = False
+    for line, ending in SSE_LINE.findall(event["text"]):
+        if _field(line)[0] != "data":
+            out.append(line + ending)
+        elif not written:
+            out.append("data: " + json.dumps(event["data"], ensure_ascii=False, separators=(",", ":")) + ending)
+            written = True
+    return "".join(out)
+
+
+# The proxy serves each API at the gateway host's path and forwards it to the
+# base discovery chose, with the current token: agents that keep a key in
+# memory (Gemini CLI, OpenCode, Hermes) hold only the proxy's key, so a
+# rotation never strands them.
+PROXY_ROUTES = {paths[0]: api for api, paths in GATEWAY_PATHS.items()}
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
+              "x-goog-api-key", "accept-encoding", "content-encoding"}
+PROXY_MAX_BODY = 32 * MIB
+PROXY_TIMEOUT = (10, 600)  # connect, then between bytes: model turns can think for minutes
+
+
+def proxy_app(environ, start_response):
+    """WSGI app of the local proxy: check the key, pick the route, forward, stream back."""
+    path = environ.get("PATH_INFO", "")
+    if path == "/health":
+        return _plain_json(start_response, "200 OK", {"status": "healthy", "token": PAT.valid()})
+    if not _proxy_key_ok(environ):
+        return _plain_json(start_response, "401 Unauthorized", {"error": "This proxy needs CoDA's proxy key."})
+    prefix = next((p for p in PROXY_ROUTES if path == p or path.startswith(p + "/")), None)
+    if prefix is None:
+        return _plain_json(start_response, "404 Not Found", {"error": "No such route on the CoDA proxy."})
+    base = GATEWAY.base(PROXY_ROUTES[prefix])
+    if not base or not PAT.valid():
+        return _plain_json(start_response, "503 Service Unavailable",
+                           {"error": "CoDA has no valid Databricks token: paste one in the CoDA page."})
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    if length > PROXY_MAX_BODY:
+        return _plain_json(start_response, "413 Payload Too Large", {"error": "The request body is too large."})
+    body = environ["wsgi.input"].read(length) if length else b""
+    query = environ.get("QUERY_STRING", "")
+    url = base + path[len(prefix):] + (f"?{query}" if query else "")
+    repair = None
+    if is_chat_completions(path):
+        body, repair = _repaired_chat_body(body), ChatStreamRepair()
+    return _forward(environ["REQUEST_METHOD"], url, _upstream_headers(environ), body, start_response, repair)
+
+
+def _repaired_chat_body(body):
+    """A JSON chat request, repaired; anything else passes unchanged."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    repaired = repair_chat_request(request)
+    log.info("proxy: chat request %s", describe_chat_request(repaired))
+    return json.dumps(repaired).encode()
+
+
+def _proxy_key_ok(environ):
+    key = proxy_key()
+    offered = [environ.get("HTTP_X_API_KEY", ""), environ.get("HTTP_X_GOOG_API_KEY", "")]
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    if auth[:7].lower() == "bearer ":
+        offered.append(auth[7:].strip())
+    return any(o and hmac.compare_digest(o.encode(), key.encode()) for o in offered)
+
+
+def _upstream_headers(environ):
+    headers = {name[5:].replace("_", "-").title(): value for name, value in environ.items()
+               if name.startswith("HTTP_") and name[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    headers["Authorization"] = f"Bearer {PAT.token}"
+    headers["Accept-Encoding"] = "identity"  # stream bytes through exactly as they come
+    return headers
+
+
+def _forward(method, url, headers, body, start_response, repair=None):
+    import requests
+
+    try:
+        upstream = requests.request(method, url, headers=headers, data=body, stream=True,
+                                    timeout=PROXY_TIMEOUT, allow_redirects=False)
+    except requests.Timeout:
+        log.warning("proxy: %s %s timed out", method, urllib.parse.urlsplit(url).path)
+        return _plain_json(start_response, "504 Gateway Timeout", {"error": "The AI Gateway did not answer in time."})
+    except requests.RequestException as error:
+        log.warning("proxy: %s %s failed: %s", method, urllib.parse.urlsplit(url).path, reason(error))
+        return _plain_json(start_response, "502 Bad Gateway", {"error": "The AI Gateway could not be reached."})
+    log.info("proxy: %s %s -> %d", method, urllib.parse.urlsplit(url).path, upstream.status_code)
+    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+    start_response(f"{upstream.status_code} {upstream.reason}", headers)
+    streaming = repair and "text/event-stream" in upstream.headers.get("Content-Type", "")
+    return _stream(upstream, repair if streaming else None)
+
+
+def _stream(upstream, repair):
+    """Yield the answer as it arrives; each chunk is sent at once (server-sent events stay live)."""
+    try:
+        for chunk in upstream.iter_content(chunk_size=None):
+            chunk = repair.feed(chunk) if repair else chunk
+            if chunk:
+                yield chunk
+        if repair:
+            yield repair.close()
+    except Exception as error:  # the upstream broke off mid-answer: end ours, say why in the log
+        log.warning("proxy: the upstream answer broke off: %s", reason(error))
+    finally:
+        upstream.close()
+
+
+def run_proxy_forever():
+    """The supervised second server: restarted (after a pause) whenever it stops."""
+    while not SESSIONS.shutting_down.is_set():
+        try:
+            proxy = WSGIServer(("127.0.0.1", CONFIG.proxy_port), proxy_app, log=None,
+                               error_log=logging.getLogger("coda.proxy"))
+            PROXY_SERVER[:] = [proxy]
+            proxy.serve_forever()
+        except Exception as error:
+            log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in 5 s", CONFIG.proxy_port, reason(error))
+        gevent.sleep(5)
+
+
+PROXY_SERVER = []  # the running proxy, for shutdown
+
+
+# ===========================================================================
 # 13. Command line
 # ===========================================================================
 
@@ -1303,11 +2486,18 @@ def serve(host, port):
     def on_sigterm():
         gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
         SESSIONS.shutdown()
+        for proxy in PROXY_SERVER:
+            proxy.stop(timeout=0.5)
         server.stop(timeout=0.5)
 
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
     gevent.spawn(SESSIONS.reap_forever)
+    gevent.spawn(run_proxy_forever)
+    if ACCESS.apps_mode and not ACCESS.owner:
+        gevent.spawn(resolve_owner_forever)
+    if CONFIG.bootstrap_token and CONFIG.databricks_host:
+        gevent.spawn(PAT.configure_from_environment)
     server.start()
     release_import_memory()
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -1324,12 +2514,32 @@ def serve(host, port):
     log.info("stopped")
 
 
+def print_token():
+    """`coda.py token`: the current Databricks token, for agents that read it from a command."""
+    token = read_token_file()
+    if not token:
+        print("coda: no Databricks token is configured yet (paste one in the CoDA page)", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+COMMANDS = {  # subcommand: (function, help)
+    "token": (print_token, "print the current Databricks token (Claude Code and Codex call this)"),
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="coda.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=CONFIG.host, help=f"address to bind (default {CONFIG.host})")
     parser.add_argument("--port", type=int, default=CONFIG.port, help=f"port (default {CONFIG.port})")
     parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="without one, serve")
+    for name, (_, text) in COMMANDS.items():
+        commands.add_parser(name, help=text)
     args = parser.parse_args(argv)
+    if args.command:
+        sys.exit(COMMANDS[args.command][0]())
     serve(args.host, args.port)
 
 

@@ -7,7 +7,6 @@ and in random chunkings, which must all give the same expected events.
 """
 
 import copy
-import importlib.util
 import json
 import re
 import sys
@@ -19,14 +18,7 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import coda  # noqa: E402
-
-if hasattr(coda, "ChatStreamRepair"):
-    repairs = coda
-else:  # until the repairs are pasted into coda.py: the scratch file they are written in
-    _spec = importlib.util.spec_from_file_location("proxy_repairs", "/work/notes/proxy_repairs.py")
-    repairs = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(repairs)
+import coda as repairs  # noqa: E402
 
 BLANK = repairs.EMPTY_ASSISTANT_CONTENT
 NO_OUTPUT = repairs.EMPTY_TOOL_RESULT

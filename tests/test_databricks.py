@@ -1,0 +1,305 @@
+"""Databricks wiring against a fake workspace spoken to by the real databricks-sdk:
+owner resolution, the PAT lifecycle with rotation, gateway discovery, agent
+configs, and the local proxy."""
+
+import configparser
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+import requests
+
+from conftest import ROOT, TOKEN, free_port
+from fake_workspace import FakeWorkspace
+
+
+@pytest.fixture
+def workspace():
+    fake = FakeWorkspace().start()
+    yield fake
+    fake.stop()
+
+
+def coda_env(workspace, **extra):
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "CODA_PROXY_PORT": str(free_port())}
+    env.update(extra)
+    return env
+
+
+def wait_for(condition, timeout=20, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def coda_tokens(workspace):
+    return workspace.live_tokens(comment_contains="CoDA")
+
+
+def mode(path):
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
+    home = None
+    server = start_coda(coda_env(workspace))
+    home = server.home
+    (home / ".databrickscfg").write_text("[other]\nhost = https://elsewhere\ntoken = keep-me\n")
+    (home / ".claude").mkdir()
+    (home / ".claude" / "settings.json").write_text(json.dumps({"theme": "light", "env": {"MINE": "1"}}))
+    assert server.get("/api/pat-status").json()["configured"] is False
+
+    bad = server.post("/api/configure-pat", {"token": "dapi" + "0" * 32})
+    assert bad.status_code == 400 and "did not accept" in bad.json()["error"]
+    assert server.post("/api/configure-pat", {"token": 5}).status_code == 400
+
+    pasted = workspace.add_token(comment="pasted by the user")
+    answer = server.api("/api/configure-pat", {"token": pasted})
+    assert answer == {"status": "ok", "user": workspace.user_name}
+    status = server.get("/api/pat-status").json()
+    assert status["valid"] is True and status["user"] == workspace.user_name
+    assert status["workspace_host"] == workspace.url and status["expires_at"] > time.time()
+    [minted] = coda_tokens(workspace)
+    assert workspace.find_token(pasted).live()  # never revoked: CoDA cannot prove its id
+    state = server.get("/api/app-state").json()
+    assert state["pat_configured"] is True and state["last_rotation"] > 0
+    assert state["gateway"]["origin"] == workspace.gateway_url
+
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(home / ".databrickscfg")
+    assert config["DEFAULT"]["token"] == minted.value and config["DEFAULT"]["host"] == workspace.url
+    assert config["other"]["token"] == "keep-me" and mode(home / ".databrickscfg") == "0o600"
+
+    token = subprocess.run([sys.executable, str(ROOT / "coda.py"), "token"], env={**os.environ, "HOME": str(home)},
+                           capture_output=True, text=True, timeout=30)
+    assert token.stdout.strip() == minted.value
+
+    settings = json.loads((home / ".claude" / "settings.json").read_text())
+    assert settings["theme"] == "light" and settings["env"]["MINE"] == "1"  # merged, not clobbered
+    assert settings["env"]["ANTHROPIC_BASE_URL"] == workspace.gateway_url + "/anthropic"
+    assert settings["env"]["ANTHROPIC_MODEL"] == "databricks-claude-opus-4-7"
+    assert "coda.py" in settings["apiKeyHelper"] and settings["apiKeyHelper"].endswith(" token")
+    claude_state = json.loads((home / ".claude.json").read_text())
+    assert claude_state["hasCompletedOnboarding"] is True
+    assert claude_state["projects"][str(home / "projects")]["hasTrustDialogAccepted"] is True
+    assert set(claude_state["mcpServers"]) == {"deepwiki", "exa"}
+
+    codex = tomllib.loads((home / ".codex" / "config.toml").read_text())
+    provider = codex["model_providers"]["databricks"]
+    assert codex["model"] == "databricks-gpt-5-5" and codex["model_provider"] == "databricks"
+    assert provider["wire_api"] == "responses" and provider["base_url"] == workspace.gateway_url + "/openai/v1"
+    assert provider["auth"]["args"][-1] == "token"
+
+    gemini_env = (home / ".gemini" / ".env").read_text()
+    assert "GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:" in gemini_env and "GEMINI_API_KEY_AUTH_MECHANISM=bearer" in gemini_env
+    assert minted.value not in gemini_env  # Gemini holds only the proxy key
+    assert json.loads((home / ".gemini" / "settings.json").read_text())["security"]["auth"]["selectedType"] == "gemini-api-key"
+    opencode = json.loads((home / ".config" / "opencode" / "opencode.json").read_text())
+    assert opencode["provider"]["databricks"]["options"]["baseURL"].endswith("/mlflow/v1")
+    assert opencode["autoupdate"] is False and opencode["share"] == "disabled"
+    auth = json.loads((home / ".local" / "share" / "opencode" / "auth.json").read_text())
+    assert auth["databricks"]["type"] == "api"
+    hermes = (home / ".hermes" / "config.yaml").read_text()
+    assert "databricks-claude-opus-4-6" in hermes and "custom" in hermes
+    for path in (home / ".claude" / "settings.json", home / ".codex" / "config.toml", home / ".gemini" / ".env",
+                 home / ".local" / "share" / "opencode" / "auth.json", home / ".hermes" / "config.yaml"):
+        assert mode(path) == "0o600", path
+    assert "~/projects" in (home / ".claude" / "CLAUDE.md").read_text()
+
+    again = server.post("/api/configure-pat", {"token": pasted})
+    assert again.status_code == 409
+    replaced = server.post("/api/configure-pat", {"token": pasted, "replace": True})
+    assert replaced.status_code == 200, replaced.text
+    assert len(coda_tokens(workspace)) == 1
+
+    log = server.log()
+    for secret in (pasted, minted.value, proxy_key(home)):
+        assert secret not in log
+        assert secret not in json.dumps(server.get("/api/pat-status").json())
+
+
+def proxy_key(home):
+    return (home / ".coda" / "proxy-key").read_text().strip()
+
+
+def test_a_hand_edited_hermes_config_is_left_alone(start_coda, workspace):
+    server = start_coda(coda_env(workspace))
+    (server.home / ".hermes").mkdir()
+    (server.home / ".hermes" / "config.yaml").write_text("model:\n  default: my-own\n")
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    assert (server.home / ".hermes" / "config.yaml").read_text() == "model:\n  default: my-own\n"
+
+
+def test_invalid_user_json_is_not_overwritten(start_coda, workspace):
+    server = start_coda(coda_env(workspace))
+    (server.home / ".gemini").mkdir()
+    (server.home / ".gemini" / "settings.json").write_text("{ not json")
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    assert (server.home / ".gemini" / "settings.json").read_text() == "{ not json"
+    assert "not valid JSON" in server.log()
+
+
+def test_hundred_accelerated_rotations_leave_one_live_coda_token(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="30", PAT_ROTATION_INTERVAL="0.02"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    wait_for(lambda: len(workspace.minted_tokens()) >= 101, timeout=120)
+    status = server.get("/api/pat-status").json()
+    assert status["valid"] is True and "error" not in status
+    time.sleep(0.5)
+    live = coda_tokens(workspace)
+    assert 1 <= len(live) <= 2  # the newest, and at most one whose revocation is in flight
+    wait_for(lambda: len(coda_tokens(workspace)) == 1 or None, timeout=5) if len(live) == 2 else None
+    current = server.get("/api/app-state").json()
+    assert current["last_rotation"] > time.time() - 5
+    assert "rotation failed" not in server.log().lower()
+    for record in workspace.minted_tokens():
+        assert record.value not in server.log()
+
+
+def test_rotation_retries_through_errors_and_timeouts(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="60", PAT_ROTATION_INTERVAL="0.5"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    first = len(workspace.minted_tokens())
+    workspace.inject("token/create", status=503, count=40)
+    wait_for(lambda: "error" in server.get("/api/pat-status").json(), timeout=60)
+    status = server.get("/api/pat-status").json()
+    assert status["valid"] is True and "retrying" in status["error"]
+    workspace.clear_faults()
+    workspace.inject("token/create", status=None, count=1, delay=25)  # longer than CoDA's HTTP timeout
+    wait_for(lambda: len(workspace.minted_tokens()) > first + 1, timeout=90)
+    wait_for(lambda: "error" not in server.get("/api/pat-status").json(), timeout=30)
+    assert len(coda_tokens(workspace)) == 1
+
+
+def test_a_token_lacking_the_scope_to_mint_is_used_and_reported(start_coda, workspace):
+    server = start_coda(coda_env(workspace))
+    pasted = workspace.add_token(can_mint=False)
+    assert server.api("/api/configure-pat", {"token": pasted})["status"] == "ok"
+    status = server.get("/api/pat-status").json()
+    assert status["valid"] is True and "Could not mint" in status["error"]
+
+
+def test_an_expired_token_flips_pat_status_to_invalid_with_a_reason(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_ROTATION_INTERVAL="0.3"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    for record in coda_tokens(workspace):
+        workspace.expire_token(record.value)
+    status = wait_for(lambda: (lambda s: s if not s["valid"] else None)(server.get("/api/pat-status").json()))
+    assert status["configured"] is True and "paste a new one" in status["error"]
+
+
+def test_databricks_token_in_the_environment_is_used_at_start(start_coda, workspace):
+    pasted = workspace.add_token()
+    server = start_coda(coda_env(workspace, DATABRICKS_TOKEN=pasted))
+    wait_for(lambda: server.get("/api/pat-status").json()["valid"])
+    assert len(coda_tokens(workspace)) == 1
+    assert pasted not in server.log()
+
+
+def test_owner_comes_from_the_apps_api_as_the_service_principal(start_coda, workspace):
+    workspace.inject("apps/get", status=503, count=1)
+    env = coda_env(workspace, DATABRICKS_APP_NAME=workspace.app_name, DATABRICKS_CLIENT_ID=workspace.client_id,
+                   DATABRICKS_CLIENT_SECRET=workspace.client_secret, CODA_TOKEN=None)
+    server = start_coda(env)
+    as_owner = {"X-Forwarded-Email": workspace.app_creator.upper()}
+    wait_for(lambda: requests.get(server.url + "/api/version", headers=as_owner).status_code == 200, timeout=40)
+    assert "owner_error" not in requests.get(server.url + "/health").json()
+    assert requests.get(server.url + "/api/version", headers={"X-Forwarded-Email": "eve@example.com"}).status_code == 403
+    sid = requests.post(server.url + "/api/session", json={}, headers=as_owner).json()["session_id"]
+    requests.post(server.url + "/api/input", json={"session_id": sid, "input": "env; echo E$((1))NV\r"}, headers=as_owner)
+    text = ""
+    deadline = time.time() + 10
+    while "E1NV" not in text:
+        assert time.time() < deadline
+        text += requests.post(server.url + "/api/output", json={"session_id": sid, "wait": 1}, headers=as_owner).json()["output"]
+    assert workspace.client_secret not in text and "DATABRICKS_CLIENT_ID" not in text
+
+
+def test_unresolvable_owner_fails_closed_and_says_why(start_coda, workspace):
+    workspace.inject("apps/get", status=500, count=1000)
+    env = coda_env(workspace, DATABRICKS_APP_NAME=workspace.app_name, DATABRICKS_CLIENT_ID=workspace.client_id,
+                   DATABRICKS_CLIENT_SECRET=workspace.client_secret, CODA_TOKEN=None)
+    server = start_coda(env)
+    wait_for(lambda: "Apps API" in (requests.get(server.url + "/health").json().get("owner_error") or ""))
+    assert requests.get(server.url + "/api/version", headers={"X-Forwarded-Email": workspace.app_creator}).status_code == 403
+
+
+def test_gateway_discovery_falls_back_to_workspace_routes(start_coda, workspace):
+    server = start_coda(coda_env(workspace, DATABRICKS_GATEWAY_HOST=""))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    gateway = server.get("/api/app-state").json()["gateway"]
+    assert gateway["origin"] == workspace.url and "/ai-gateway" in gateway["kind"]
+    settings = json.loads((server.home / ".claude" / "settings.json").read_text())
+    assert settings["env"]["ANTHROPIC_BASE_URL"] == workspace.url + "/ai-gateway/anthropic"
+
+    workspace.disabled_generations.add("ai-gateway")
+    other = start_coda(coda_env(workspace, DATABRICKS_GATEWAY_HOST=""))
+    other.api("/api/configure-pat", {"token": workspace.add_token()})
+    assert other.get("/api/app-state").json()["gateway"]["kind"] == "the workspace's serving endpoints"
+
+
+def test_host_without_scheme_is_normalised(start_coda, workspace):
+    server = start_coda(coda_env(workspace, DATABRICKS_HOST=workspace.url.replace("http://", "")))
+    assert server.get("/api/app-state").json()["workspace_host"] == workspace.url.replace("http://", "https://")
+
+
+# --- the local proxy ----------------------------------------------------------------
+
+@pytest.fixture
+def proxied(start_coda, workspace):
+    port = free_port()
+    server = start_coda(coda_env(workspace, CODA_PROXY_PORT=str(port), PAT_ROTATION_INTERVAL="3600"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    server.proxy = f"http://127.0.0.1:{port}"
+    server.proxy_headers = {"Authorization": f"Bearer {proxy_key(server.home)}"}
+    wait_for(lambda: requests.get(server.proxy + "/health").ok)
+    return server
+
+
+def chat_body(text="hi"):
+    return {"model": "databricks-claude-opus-4-6", "stream": True,
+            "messages": [{"role": "user", "content": text}]}
+
+
+def test_proxy_injects_the_current_token_and_streams(proxied, workspace):
+    answer = requests.post(proxied.proxy + "/mlflow/v1/chat/completions", json=chat_body("hello proxy"),
+                           headers=proxied.proxy_headers, stream=True, timeout=30)
+    assert answer.status_code == 200
+    events = b"".join(answer.iter_content(None)).decode().split("\n\n")
+    assert events[-2] == "data: [DONE]"
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events if e.startswith("data: {")]
+    assert "FAKE-REPLY-chat" in "".join(d.get("content") or "" for d in deltas)
+    [request] = workspace.gateway_requests_for(api="chat")
+    [minted] = coda_tokens(workspace)
+    assert request["token"] == minted.value
+    assert requests.post(proxied.proxy + "/mlflow/v1/chat/completions", json=chat_body(), timeout=10).status_code == 401
+    assert requests.get(proxied.proxy + "/elsewhere", headers=proxied.proxy_headers, timeout=10).status_code == 404
+
+
+def test_proxy_uses_the_new_token_after_a_rotation(proxied, workspace):
+    [old] = coda_tokens(workspace)
+    proxied.api("/api/configure-pat", {"token": workspace.add_token(), "replace": True})
+    wait_for(lambda: old.revoked or None)
+    answer = requests.post(proxied.proxy + "/mlflow/v1/chat/completions", json=chat_body(),
+                           headers=proxied.proxy_headers, timeout=30)
+    assert answer.status_code == 200
+    [new] = coda_tokens(workspace)
+    assert workspace.gateway_requests_for(api="chat")[-1]["token"] == new.value != old.value
+
+
+def test_proxy_says_502_when_the_gateway_is_down(start_coda, workspace):
+    port, dead = free_port(), free_port()
+    server = start_coda(coda_env(workspace, CODA_PROXY_PORT=str(port), DATABRICKS_GATEWAY_HOST=f"http://127.0.0.1:{dead}"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    headers = {"Authorization": f"Bearer {proxy_key(server.home)}"}
+    answer = requests.post(f"http://127.0.0.1:{port}/mlflow/v1/chat/completions", json=chat_body(), headers=headers, timeout=30)
+    assert answer.status_code == 502 and answer.json()["error"]
