@@ -164,12 +164,12 @@ class TokenRecord:
 class FakeWorkspace:
     """A fake workspace + gateway. ``start()`` binds two free ports on 127.0.0.1."""
 
-    def __init__(self, *, host="127.0.0.1", port=0, gateway_port=0,
+    def __init__(self, *, port=0, gateway_port=0,
                  user_name="alice@example.com", display_name="Alice Example",
                  app_name="coda", app_creator=None,
                  client_id="fake-sp-client-id", client_secret="fake-sp-secret",
                  workspace_id="1234567890123456", models=None, verbose=False):
-        self.host = host
+        self.host = "127.0.0.1"  # loopback only, always
         self._want_port = port
         self._want_gateway_port = gateway_port
         self.user_name = user_name
