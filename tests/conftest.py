@@ -38,10 +38,12 @@ class Coda:
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
-        environment.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1")
+        environment.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1",
+                           CODA_PROXY_PORT=str(free_port()))
         environment.update(env or {})
         if environment.get("CODA_TOKEN") is None:
             environment.pop("CODA_TOKEN")
+        self.proxy_port = int(environment["CODA_PROXY_PORT"])
         self.log_path = self.home / "coda.log"
         self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "coda.py"), "--host", "127.0.0.1", "--port", str(self.port), *args],
