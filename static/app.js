@@ -1110,18 +1110,29 @@ async function watchSetup() {
   }
 }
 
-async function checkToken() {
+// Databricks Apps mode only (an owner and a workspace): locally without
+// workspace settings there is no prompt. Checked at start and then every
+// minute, since a token can expire or be revoked while the page is open.
+async function watchToken() {
   const app = await api('GET', 'api/app-state');
-  // Databricks Apps mode only: locally without workspace settings, no prompt.
   if (app.status !== 200 || !app.data.workspace_host || !app.data.owner) return;
+  await checkToken(app.data.workspace_host);
+  setInterval(() => checkToken(app.data.workspace_host), 60000);
+}
+
+async function checkToken(workspaceHost) {
+  const pane = firstPane();
+  if (!pane || pane.el.querySelector('[data-card="pat"]')) return;
   const pat = await api('GET', 'api/pat-status');
   if (pat.status !== 200 || pat.data.valid) return;
-  const pane = firstPane();
-  if (!pane) return;
-  const host = String(app.data.workspace_host).replace(/\/+$/, '');
+  showTokenCard(pane, workspaceHost, pat.data.error);
+}
+
+function showTokenCard(pane, workspaceHost, why) {
+  const host = String(workspaceHost).replace(/\/+$/, '');
   const origin = /^https?:\/\//.test(host) ? host : 'https://' + host;
   const input = el('input', { type: 'password', placeholder: 'dapi\u2026', autocomplete: 'off', spellcheck: 'false', 'aria-label': 'Databricks personal access token' });
-  const message = el('div', { class: 'pat-message' });
+  const message = el('div', { class: 'pat-message', text: why || '' });
   const submit = el('button', { text: 'Connect' });
   const card = el('form', { class: 'card pat-card', 'data-card': 'pat' },
     el('div', { class: 'card-title', text: 'Connect your Databricks token' }),
@@ -1452,7 +1463,7 @@ async function boot() {
   if (!(await restoreLayout(live || []))) await newTab();
   refreshBadge();
   watchSetup();
-  checkToken();
+  watchToken();
   // Keep sessions from the idle reaper while the page is open, and the
   // badge honest about sessions started elsewhere.
   setInterval(() => transport.heartbeat(), 30000);

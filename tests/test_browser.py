@@ -99,12 +99,13 @@ class Tab:
     """Opens pages on one server with one browser context (shared localStorage)."""
 
     def __init__(self, browser, server, init_scripts=(), http_errors_expected=False, routes=None,
-                 color_scheme="light"):
+                 color_scheme="light", extra_http_headers=None):
         self.server = server
         # Chrome logs every 4xx answer as a console error; a test that provokes
         # one on purpose says so.
         self.http_errors_expected = http_errors_expected
-        self.context = browser.new_context(viewport={"width": 1200, "height": 720}, color_scheme=color_scheme)
+        self.context = browser.new_context(viewport={"width": 1200, "height": 720}, color_scheme=color_scheme,
+                                           extra_http_headers=extra_http_headers)
         self.context.add_init_script(WATCH_ERRORS)
         for script in init_scripts:
             self.context.add_init_script(script)
@@ -470,53 +471,65 @@ def test_no_token_prompt_locally(open_tab, coda_server):
     assert page.locator(".pat-card").count() == 0
 
 
-def test_token_prompt_in_apps_mode(open_tab):
-    """The prompt's behaviour, with the Databricks answers stood in for."""
-    attempts = []
+def test_token_prompt_in_apps_mode(browser, start_coda):
+    """Databricks Apps mode against the fake workspace: the owner is asked for a
+    token, a rejected one shows the workspace's reason, a good one connects."""
+    from fake_workspace import FakeWorkspace
 
-    def configure(route):
-        token = json.loads(route.request.post_data)["token"]
-        attempts.append(token)
-        if token == "dapi-good":
-            json_route({"status": "ok", "user": "owner@example.com"})(route)
-        else:
-            json_route({"error": "The token was rejected by the workspace."}, 400)(route)
-
-    routes = {
-        "api/app-state": json_route({"owner": "owner@example.com", "workspace_host": "https://example.cloud.databricks.com",
-                                     "pat_configured": False, "last_rotation": None}),
-        "api/pat-status": json_route({"configured": False, "valid": False, "user": None,
-                                      "workspace_host": "https://example.cloud.databricks.com", "expires_at": None}),
-        "api/configure-pat": configure,
-    }
-    _, page = open_tab(routes=routes, http_errors_expected=True)
-    card = page.locator(".pat-card")
-    card.wait_for()
-    link = card.locator("a")
-    assert link.get_attribute("href") == "https://example.cloud.databricks.com/settings/user/developer/access-tokens"
-    field = card.locator("input")
-    assert field.get_attribute("type") == "password"
-    # Typed, then pasted.
-    field.click()
-    page.keyboard.type("dapi-bad")
-    card.locator("button").click()
-    wait(page, "() => document.querySelector('.pat-message').textContent.includes('rejected')", what="the error")
-    shot(page, "token")
-    field.fill("")
-    # A text paste reaches the field untouched (only images are taken for upload).
-    taken = field.evaluate("""(input) => {
-      const data = new DataTransfer();
-      data.setData('text/plain', 'dapi-good');
-      const event = new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true });
-      input.dispatchEvent(event);
-      return event.defaultPrevented;
-    }""")
-    assert taken is False
-    page.keyboard.insert_text("dapi-good")
-    card.locator("button").click()
-    wait(page, "() => document.querySelector('.pat-message').textContent === 'Connected as owner@example.com.'",
-         what="the confirmation")
-    assert attempts == ["dapi-bad", "dapi-good"]
+    workspace = FakeWorkspace().start()
+    try:
+        env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+               "CODA_PROXY_PORT": str(free_port()), "DATABRICKS_APP_NAME": workspace.app_name,
+               "DATABRICKS_CLIENT_ID": workspace.client_id, "DATABRICKS_CLIENT_SECRET": workspace.client_secret,
+               "CODA_TOKEN": None}
+        server = start_coda(env, args=("--host", "127.0.0.1"))
+        as_owner = {"X-Forwarded-Email": workspace.app_creator}
+        deadline = time.monotonic() + 40
+        while requests.get(server.url + "/api/version", headers=as_owner).status_code != 200:
+            assert time.monotonic() < deadline, "the owner was not resolved"
+            time.sleep(0.1)
+        # The platform's proxy signs the owner in: every request carries the header.
+        tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+        try:
+            page = tab.context.new_page()
+            page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
+            page.on("console", tab.on_console)
+            page.goto(server.url + "/")
+            tab.pages.append(page)
+            wait_ready(page)
+            card = page.locator(".pat-card")
+            card.wait_for()
+            assert card.locator("a").get_attribute("href") == workspace.url + "/settings/user/developer/access-tokens"
+            field = card.locator("input")
+            assert field.get_attribute("type") == "password"
+            field.click()
+            page.keyboard.type("dapi" + "0" * 32)
+            card.locator("button").click()
+            wait(page, "() => document.querySelector('.pat-message').textContent.includes('did not accept')",
+                 what="the workspace's refusal")
+            shot(page, "token")
+            # A text paste reaches the field untouched (only images are taken for upload).
+            field.fill("")
+            taken = field.evaluate("""(input) => {
+              const data = new DataTransfer();
+              data.setData('text/plain', 'x');
+              const event = new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true });
+              input.dispatchEvent(event);
+              return event.defaultPrevented;
+            }""")
+            assert taken is False
+            page.keyboard.insert_text(workspace.add_token(comment="pasted in the browser test"))
+            card.locator("button").click()
+            wait(page, "(u) => document.querySelector('.pat-message').textContent === `Connected as ${u}.`",
+                 workspace.user_name, timeout=30, what="the confirmation")
+            assert server.get("/api/pat-status", headers=as_owner).json()["valid"] is True
+            # The terminal works through the same proxy header, WebSocket included.
+            assert page.evaluate("window.coda.transport") == "ws"
+        finally:
+            tab.close()
+        assert not tab.problems, tab.problems
+    finally:
+        workspace.stop()
 
 
 def test_setup_progress_panel(open_tab):
