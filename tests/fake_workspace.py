@@ -18,7 +18,8 @@ shape the agent CLIs parse: Anthropic Messages SSE, OpenAI Responses SSE
 ``[DONE]``) and Gemini ``streamGenerateContent?alt=sse``. Replies read
 ``FAKE-REPLY-<api>: <last line the user typed>``; a last user message that
 contains ``USE_TOOL`` is answered with a call to the shell tool the client
-offered (running ``fw.tool_command``), and the turn carrying the tool's result
+offered (running ``fw.tool_command``, or CMD for ``USE_TOOL[CMD]``), and the
+turn carrying the tool's result
 is answered ``FAKE-REPLY-<api> tool said: <the result's line carrying
 FAKE-TOOL, else its last line>``.
 
@@ -577,8 +578,10 @@ class Turn:
             return "text", f"FAKE-REPLY-{api} tool said: {_result_line(self.tool_result)}"
         if "USE_TOOL" in self.user_text:
             picked = _pick_shell_tool(self.tools)
+            asked = re.search(r"USE_TOOL\[([^\]\n]+)\]", self.user_text)
             if picked:
-                return "tool", picked[0], _shell_args(picked[1], command)
+                return "tool", picked[0], _shell_args(picked[1], asked.group(1) if asked
+                                                      else command)
             return "text", f"FAKE-REPLY-{api}: no shell tool was offered"
         return "text", f"FAKE-REPLY-{api}: {_last_line(self.user_text)}"
 

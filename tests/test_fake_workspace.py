@@ -502,3 +502,25 @@ def test_wait_for_gateway(fw):
     rec = fw.wait_for_gateway(api="chat", status=200, since=mark, timeout=10)
     t.join()
     assert rec is not None and rec["token"] == tok and rec["model"] == "m"
+
+
+def test_tool_command_from_the_prompt(fw):
+    tok = fw.add_token()
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"},
+                                         "description": {"type": "string"}},
+        "required": ["command", "description"]}}}]
+    r = requests.post(fw.gateway_url + "/mlflow/v1/chat/completions",
+                      headers={"Authorization": "Bearer " + tok},
+                      json={"model": "m", "tools": tools, "messages": [
+                          {"role": "user", "content": "please USE_TOOL[touch /tmp/x] now"}]})
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) == {"command": "touch /tmp/x",
+                                                         "description": "fake tool call"}
+    msgs = [{"role": "user", "content": "please USE_TOOL[touch /tmp/x] now"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "done\nexit 0"}]
+    r = requests.post(fw.gateway_url + "/mlflow/v1/chat/completions",
+                      headers={"Authorization": "Bearer " + tok},
+                      json={"model": "m", "tools": tools, "messages": msgs})
+    assert r.json()["choices"][0]["message"]["content"] == "FAKE-REPLY-chat tool said: exit 0"
