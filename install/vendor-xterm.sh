@@ -62,7 +62,8 @@ inside `addon-clipboard.js`.
 
 `@xterm/addon-image` decodes Sixel with WebAssembly, which a CSP of
 `script-src 'self'` blocks unless it also allows `'wasm-unsafe-eval'`; iTerm
-inline images do not need it.
+inline images do not need it. `app.js` reads the page's CSP and turns Sixel on
+only where WebAssembly is allowed.
 NOTE
 
 cp "$work/VERSIONS.md" "$lib/VERSIONS.md"
