@@ -50,7 +50,8 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   ``invalid_token_status`` (403), ``gateway_auth_failure_status`` (401; Codex
   refreshes its token only on 401), ``disabled_generations`` (a set of
   "host", "ai-gateway", "serving-endpoints": those answer 404),
-  ``stream_delay``, ``tool_command``.
+  ``stream_delay``, ``tool_command``, ``failing_models`` ({model: status},
+  e.g. to exercise a fallback model).
 * inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
   path, query (key= redacted), base, api "anthropic"|"responses"|"chat"|
   "gemini"|"models"|"probe"|..., model, token, token_id, token_live, auth_via,
@@ -194,6 +195,7 @@ class FakeWorkspace:
         self.stream_delay = 0.0             # seconds between SSE events
         self.tool_command = "echo FAKE-TOOL-OUTPUT"
         self.disabled_generations = set()   # of "host", "ai-gateway", "serving-endpoints"
+        self.failing_models = {}            # model name -> HTTP status its calls get
 
         # Inspection (read from a test; guarded by self.lock while mutated).
         self.lock = threading.RLock()
@@ -1190,6 +1192,9 @@ class _Handler(BaseHTTPRequestHandler):
                 fake._stopping.wait(fault["delay"])
             if fault["status"] is not None:
                 return self._gateway_error(api, fault["status"], fault["message"])
+        if entry["model"] in fake.failing_models:
+            return self._gateway_error(api, fake.failing_models[entry["model"]],
+                                       f"Model {entry['model']} is failing (fake knob).")
         if api == "probe":
             return self._send(200, {"status": "ok"})
         if api == "unknown":

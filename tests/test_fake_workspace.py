@@ -524,3 +524,13 @@ def test_tool_command_from_the_prompt(fw):
                       headers={"Authorization": "Bearer " + tok},
                       json={"model": "m", "tools": tools, "messages": msgs})
     assert r.json()["choices"][0]["message"]["content"] == "FAKE-REPLY-chat tool said: exit 0"
+
+
+def test_failing_models_knob(fw):
+    tok = fw.add_token()
+    fw.failing_models["bad-model"] = 503
+    url = fw.gateway_url + "/mlflow/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    auth = {"Authorization": "Bearer " + tok}
+    assert requests.post(url, headers=auth, json=dict(body, model="bad-model")).status_code == 503
+    assert requests.post(url, headers=auth, json=dict(body, model="good")).status_code == 200
