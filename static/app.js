@@ -551,9 +551,13 @@ class Pane {
     term.unicode.activeVersion = '11';
     term.open(this.host);
     this.loadRenderer();
-    // Sixel decoding compiles WebAssembly, which the page's CSP may forbid;
-    // iTerm inline images work either way.
-    try { term.loadAddon(new ImageAddon.ImageAddon({ sixelSupport: wasmAllowed })); } catch (err) { console.warn('CoDA: images off:', err); }
+    // The image addon decodes both Sixel and iTerm images (its base64 too)
+    // with WebAssembly. Where the page's CSP forbids compiling it, the first
+    // image would throw inside xterm's parser and stall the terminal, so
+    // images stay off there and their escape sequences are ignored.
+    if (wasmAllowed) {
+      try { term.loadAddon(new ImageAddon.ImageAddon()); } catch (err) { console.warn('CoDA: images off:', err); }
+    }
 
     term.attachCustomKeyEventHandler((ev) => terminalKey(this, ev));
     term.onData((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });

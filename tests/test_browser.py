@@ -6,6 +6,7 @@ the DevTools protocol runs outside the CSP) rather than `wait_for_function`.
 Terminal text is read from xterm's buffer through the read-only `window.coda`.
 """
 
+import base64
 import json
 import os
 import re
@@ -99,8 +100,9 @@ class Tab:
     """Opens pages on one server with one browser context (shared localStorage)."""
 
     def __init__(self, browser, server, init_scripts=(), http_errors_expected=False, routes=None,
-                 color_scheme="light", extra_http_headers=None):
+                 color_scheme="light", extra_http_headers=None, ignored=()):
         self.server = server
+        self.ignored = ignored   # console errors a test provokes on purpose
         # Chrome logs every 4xx answer as a console error; a test that provokes
         # one on purpose says so.
         self.http_errors_expected = http_errors_expected
@@ -128,6 +130,8 @@ class Tab:
         if msg.type != "error":
             return
         if self.http_errors_expected and msg.text.startswith("Failed to load resource"):
+            return
+        if any(part in msg.text for part in self.ignored):
             return
         self.problems.append(f"console: {msg.text}")
 
@@ -833,3 +837,46 @@ def test_close_and_split_again_keeps_one_divider(open_tab):
     page.locator(".tab-close").click()
     wait(page, "() => window.coda.tabs.length === 0", what="no tabs")
     assert "Alt+Shift+T" in page.evaluate("getComputedStyle(document.querySelector('#workspace'), '::after').content")
+
+
+def print_inline_image(page):
+    """An iTerm inline image (OSC 1337), then a marker line."""
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    size = len(base64.b64decode(png))   # the protocol's size= is the file's byte count
+    page.keyboard.type(f"printf '\\033]1337;File=inline=1;size={size};width=4;height=2:{png}\\a\\n'; echo img-$((2+3))\n")
+    wait_text(page, "img-5")
+
+
+def test_inline_image_cannot_break_the_terminal_under_the_csp(open_tab, coda_server):
+    """The image addon needs WebAssembly; where the CSP forbids it, an image
+    escape is ignored, without a CSP violation and without stalling output."""
+    csp = requests.get(coda_server.url + "/", headers=coda_server.headers).headers["Content-Security-Policy"]
+    _, page = open_tab()
+    wait_ready(page)
+    print_inline_image(page)
+    if "wasm-unsafe-eval" not in csp:
+        assert page.locator(".xterm-image-layer").count() == 0
+    page.keyboard.type("echo still-$((1+1))\n")
+    wait_text(page, "still-2")
+
+
+def test_inline_image_shows_where_the_csp_allows_webassembly(open_tab, coda_server):
+    """With 'wasm-unsafe-eval' in the CSP (the page reads it), images render."""
+    def allow_wasm(route):
+        answer = route.fetch()
+        headers = dict(answer.headers)
+        headers["content-security-policy"] = headers["content-security-policy"].replace(
+            "script-src 'self'", "script-src 'self' 'wasm-unsafe-eval'")
+        route.fulfill(response=answer, headers=headers)
+
+    # Chrome's local-network checks refuse a socket from a page it did not
+    # fetch itself, so this page polls: that is fine here.
+    tab, page = open_tab(ignored=("ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS",))
+    wait_ready(page)
+    # Logged in now (the token's redirect is not routable): load the page
+    # again with the wider policy on it and on the page's own check of it.
+    tab.context.route(coda_server.url + "/", allow_wasm)
+    page.goto(coda_server.url + "/")
+    wait_ready(page)
+    print_inline_image(page)
+    wait(page, "() => document.querySelector('.xterm-image-layer') !== null", what="the image layer")
