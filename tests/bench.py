@@ -238,7 +238,7 @@ class Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
         env.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1",
-                   MAX_CONCURRENT_SESSIONS="16")
+                   MAX_CONCURRENT_SESSIONS="16", CODA_PROXY_PORT=str(free_port()))  # not the shared default 4000
         env.update(extra_env)
         self.log_path = self.home / "coda.log"
         self.log_file = open(self.log_path, "wb")
