@@ -1455,7 +1455,7 @@ class Pat:
             except Exception as error:
                 self.error = f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile."
                 log.warning("%s", self.error)
-        configure_agents()
+        SETUP.run_token_steps()
         if self.rotor is None or self.rotor.dead:
             self.rotor = gevent.spawn(self._rotate_forever)
         log.info("Databricks token configured for %s", self.user)
@@ -1827,16 +1827,6 @@ def enabled_agents():
     return [(name, writer) for name, writer in AGENTS if name != "hermes" or CONFIG.enable_hermes]
 
 
-def configure_agents():
-    """Write every agent's configuration (setup runs these as steps; this is the direct path)."""
-    ctx = AgentContext()
-    for name, writer in enabled_agents():
-        try:
-            writer(ctx)
-        except (ConfigError, OSError) as error:
-            log.warning("could not configure %s: %s", name, reason(error))
-
-
 def agent_environment():
     """Variables the terminals get for the agents (a project's own .env must not hide Gemini's)."""
     if not PAT.token:
@@ -1870,21 +1860,234 @@ def read_token_file():
 # 10. Setup
 # ===========================================================================
 
+LOCAL = CONFIG.home / ".local"   # where installs go: no root needed
+INSTALL_SCRIPTS = HERE / "install"
+AGENT_LABELS = {"claude": "Claude Code", "codex": "Codex", "gemini": "Gemini CLI", "opencode": "OpenCode",
+                "hermes": "Hermes Agent"}
+# The skill packs CoDA users get, each (repository, pinned tag or commit, folder holding the skills).
+DEFAULT_SKILLS = ("https://github.com/databricks-solutions/ai-dev-kit da17293d90c890b1f228a4b9dcaa9d55f63bdd3f "
+                  "databricks-skills; https://github.com/obra/superpowers v6.1.1 skills")
+
+
+class StepFailed(Exception):
+    """A step that did not do its job: the message is the one-line reason shown in the page."""
+
+
+class Step:
+    """One setup step and what /api/setup-status says of it."""
+
+    def __init__(self, step_id, label, run, kind, timeout=900):
+        self.id, self.label, self.run, self.kind, self.timeout = step_id, label, run, kind, timeout
+        self.status, self.error, self.started_at, self.finished_at = "pending", None, None, None
+        self.output = collections.deque(maxlen=20)  # the tail of what it printed
+
+    def describe(self):
+        return {"id": self.id, "label": self.label, "status": self.status, "error": self.error,
+                "started_at": self.started_at, "finished_at": self.finished_at, "output": list(self.output)}
+
+    def execute(self):
+        """Run once, recording state, duration and a one-line error; never raises."""
+        self.status, self.error, self.started_at, self.finished_at = "running", None, time.time(), None
+        try:
+            with gevent.Timeout(self.timeout, StepFailed(f"timed out after {self.timeout} s")):
+                self.run(self)
+            self.status = "complete"
+        except StepFailed as error:
+            self.status, self.error = "failed", redact(str(error))
+        except Exception as error:
+            self.status, self.error = "failed", reason(error)
+        self.finished_at = time.time()
+        log.info("setup: %s %s in %.1f s%s", self.label, self.status, self.finished_at - self.started_at,
+                 f" ({self.error})" if self.error else "")
+
+    def skip(self, why):
+        self.status, self.error = "skipped", why
+
+
+def run_command(step, argv, env=None, timeout=None):
+    """Run a command for a step in its own process group, keeping the tail of its output."""
+    from gevent import subprocess  # lazy: only setup starts programs
+
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**shell_environment(CONFIG), **(env or {})}, start_new_session=True,
+                               cwd=str(CONFIG.home))
+    try:
+        for line in process.stdout:
+            text = redact(line.decode(errors="replace").rstrip())
+            if text:
+                step.output.append(text[-300:])
+        code = process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if code != 0:
+        last = step.output[-1] if step.output else f"exit status {code}"
+        raise StepFailed(last)
+
+
+def installed_version(binary):
+    """The first line `binary --version` prints, or StepFailed: an install is complete only if it runs."""
+    from gevent import subprocess
+
+    path = LOCAL / "bin" / binary
+    try:
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=60,
+                              env=shell_environment(CONFIG), stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise StepFailed(f"{binary} does not run: {reason(error)}") from None
+    if done.returncode != 0:
+        raise StepFailed(f"{binary} --version failed with exit status {done.returncode}")
+    return (done.stdout or done.stderr).decode(errors="replace").strip().splitlines()[0]
+
+
+def install_step(step_id, label, script, binary, *args):
+    def run(step):
+        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(LOCAL), *args])
+        step.output.append(installed_version(binary))
+    return Step(step_id, label, run, "install")
+
+
+def check_proxy(step):
+    import requests
+
+    deadline = time.time() + 10
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=2).ok:
+                return
+        except requests.RequestException as error:
+            if time.time() > deadline:
+                raise StepFailed(f"the local proxy on 127.0.0.1:{CONFIG.proxy_port} does not answer: {reason(error)}")
+        gevent.sleep(0.2)
+
+
+def agent_config_step(name, writer):
+    def run(step):
+        try:
+            writer(AgentContext())
+        except ConfigError as error:
+            raise StepFailed(str(error)) from None
+    return Step(f"configure-{name}", f"Configure {AGENT_LABELS[name]}", run, "token", timeout=60)
+
+
+def configure_databricks(step):
+    """~/.databrickscfg for the CLI and SDK, and git's identity from SCIM Me when the user has none."""
+    write_databrickscfg(PAT.token)
+    me = getattr(PAT, "identity", None)
+    if me is None:
+        return
+    for key, value in (("user.name", me.display_name or me.user_name), ("user.email", me.user_name)):
+        if value and not git_config(key):
+            git_config(key, value)
+
+
+def git_config(key, value=None):
+    from gevent import subprocess
+
+    argv = ["git", "config", "--global", key] + ([value] if value is not None else [])
+    done = subprocess.run(argv, capture_output=True, env=shell_environment(CONFIG), timeout=30)
+    if value is not None and done.returncode != 0:
+        raise StepFailed(f"git config {key} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode().strip()
+
+
+def parse_skill_sources(text):
+    """CODA_SKILLS: sources separated by ';', each 'repository ref folder'."""
+    sources = []
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        parts = entry.split()
+        if len(parts) != 3:
+            raise StepFailed(f"CODA_SKILLS entry {entry!r} is not 'repository ref folder'")
+        sources.append(tuple(parts))
+    return sources
+
+
+def install_skills(step):
+    """Shallow-clone each source at its pinned ref and link its skills into ~/.claude/skills;
+    Codex, Gemini CLI and Hermes read that folder too (their configs point there)."""
+    failures = []
+    for repository, ref, folder in parse_skill_sources(os.environ.get("CODA_SKILLS", DEFAULT_SKILLS)):
+        try:
+            count = fetch_skill_source(step, repository, ref, folder)
+            step.output.append(f"{repository} {ref}: {count} skills")
+        except StepFailed as error:
+            failures.append(f"{repository}: {error}")
+            step.output.append(failures[-1])
+    if failures:
+        raise StepFailed("; ".join(failures))
+
+
+def fetch_skill_source(step, repository, ref, folder):
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", repository.rstrip("/").split("/")[-1].removesuffix(".git"))
+    checkout = CONFIG.home / ".coda" / "skill-sources" / name
+    mirror = os.environ.get("CODA_GIT_MIRROR", "").rstrip("/")
+    git = ["git"] + (["-c", f"url.{mirror}/.insteadOf=https://github.com/"] if mirror else [])
+    if not (checkout / ".git").exists():
+        checkout.mkdir(parents=True, exist_ok=True)
+        run_command(step, git + ["-C", str(checkout), "init", "-q"])
+    run_command(step, git + ["-C", str(checkout), "fetch", "-q", "--depth", "1", repository, ref])
+    run_command(step, git + ["-C", str(checkout), "checkout", "-q", "--force", "FETCH_HEAD"])
+    root, source = checkout.resolve(), (checkout / folder).resolve()
+    if not source.is_dir() or (source != root and root not in source.parents):
+        raise StepFailed(f"{ref} has no folder {folder!r}")
+    skills = [d for d in sorted(source.iterdir()) if (d / "SKILL.md").is_file()]
+    target = CONFIG.home / ".claude" / "skills"
+    target.mkdir(parents=True, exist_ok=True)
+    for skill in skills:
+        link = target / skill.name
+        if link.is_symlink() or not link.exists():  # a skill the user made there is kept
+            link.unlink(missing_ok=True)
+            link.symlink_to(skill)
+    return len(skills)
+
+
 class Setup:
-    """The setup steps and their states, as /api/setup-status reports them."""
+    """The step list and its runner: boot steps in order, then the install group in parallel;
+    token steps whenever a token is configured."""
 
     def __init__(self):
-        self.steps = []
+        agents = [name for name, _ in enabled_agents()]
+        self.boot = [
+            install_step("micro", "micro editor", "micro.sh", "micro"),
+            install_step("gh", "GitHub CLI", "gh.sh", "gh"),
+            install_step("databricks-cli", "Databricks CLI", "databricks.sh", "databricks"),
+            Step("proxy", "Local agent proxy", check_proxy, "config", timeout=30),
+        ]
+        self.parallel = [install_step(name, AGENT_LABELS[name], "agents.sh", name, name) for name in agents]
+        self.parallel.append(Step("skills", "Agent skills", install_skills, "install", timeout=600))
+        self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
+                           configure_databricks, "token", timeout=60)]
+        self.token += [agent_config_step(name, writer) for name, writer in enabled_agents()]
+        self.steps = self.boot + self.parallel + self.token
 
     def overall(self):
-        states = {step["status"] for step in self.steps}
-        if "failed" in states:
-            return "failed"
-        if "running" in states:
-            return "running"
-        if "pending" in states:
-            return "pending"
+        states = {step.status for step in self.steps}
+        for state in ("failed", "running", "pending"):
+            if state in states:
+                return state
         return "complete"
+
+    def run_at_boot(self):
+        started = time.time()
+        for step in self.boot:
+            self._run_or_skip(step)
+        group = [gevent.spawn(self._run_or_skip, step) for step in self.parallel]
+        gevent.joinall(group)
+        log.info("setup: install steps done in %.1f s", time.time() - started)
+        if not CONFIG.databricks_host:
+            for step in self.token:
+                step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
+
+    def _run_or_skip(self, step):
+        if step.kind == "install" and not CONFIG.install:
+            step.skip("CODA_INSTALL=0")
+        else:
+            step.execute()
+
+    def run_token_steps(self):
+        """Write every agent's configuration for the current token, all at once (each its own files)."""
+        gevent.joinall([gevent.spawn(step.execute) for step in self.token])
 
 
 SETUP = Setup()
@@ -1892,7 +2095,7 @@ SETUP = Setup()
 
 @api("/api/setup-status", "GET")
 def setup_status():
-    return {"status": SETUP.overall(), "steps": SETUP.steps}
+    return {"status": SETUP.overall(), "steps": [step.describe() for step in SETUP.steps]}
 
 
 # ===========================================================================
@@ -2494,6 +2697,7 @@ def serve(host, port):
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
     gevent.spawn(SESSIONS.reap_forever)
     gevent.spawn(run_proxy_forever)
+    gevent.spawn(SETUP.run_at_boot)
     if ACCESS.apps_mode and not ACCESS.owner:
         gevent.spawn(resolve_owner_forever)
     if CONFIG.bootstrap_token and CONFIG.databricks_host:
