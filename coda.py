@@ -765,7 +765,7 @@ SESSIONS = Sessions(CONFIG)
 app = bottle.Bottle()
 SECURITY_HEADERS = [
     ("Content-Security-Policy",
-     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+     "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
      "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self'; "
      "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
     ("X-Content-Type-Options", "nosniff"),
@@ -996,9 +996,13 @@ def upload():
         return {"error": str(error)}
 
 
+def size_text(size):
+    return f"{size / MIB:.0f} MiB" if size >= MIB else f"{size / KIB:.0f} KiB" if size >= KIB else f"{size} bytes"
+
+
 def _save_upload():
     limit = CONFIG.max_upload_bytes
-    too_large = ApiError(413, f"Uploads are limited to {limit // MIB} MiB (CODA_MAX_UPLOAD_BYTES).")
+    too_large = ApiError(413, f"Uploads are limited to {size_text(limit)} (CODA_MAX_UPLOAD_BYTES).")
     if bottle.request.content_length > limit + 64 * KIB:  # the file plus multipart framing
         raise too_large
     try:
@@ -1334,6 +1338,7 @@ def workspace_client(token=None):
 def reason(error):
     """One redacted line saying why something failed."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.split(r"\.? (?:Config|Env): ", text)[0]  # databricks-sdk appends its whole configuration
     return redact(text)[:300]
 
 
