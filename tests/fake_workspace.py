@@ -141,6 +141,7 @@ class TokenRecord:
         self.revoked = False
         self.revoked_at = None
         self.can_mint = can_mint
+        self.minted = False  # made through POST /api/2.0/token/create
 
     def expired(self, margin_seconds=0.0):
         if self.expiry_time < 0:
@@ -302,7 +303,7 @@ class FakeWorkspace:
     def minted_tokens(self):
         """Tokens made through POST /api/2.0/token/create, in order."""
         with self.lock:
-            return [t for t in self.tokens if t.kind == "pat" and getattr(t, "minted", False)]
+            return [t for t in self.tokens if t.kind == "pat" and t.minted]
 
     # ---------------------------------------------------------------- faults
     def inject(self, route, status=503, count=1, delay=0.0, message="injected failure"):
