@@ -474,6 +474,7 @@ def test_standalone_main(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+        proc.stdout.close()
 
 
 def test_unknown_gateway_paths_are_404(fw):
