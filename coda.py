@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import struct
 import sys
@@ -118,7 +119,7 @@ def _env_flag(env, name, default):
 @dataclasses.dataclass(frozen=True)
 class Config:
     port: int                  # DATABRICKS_APP_PORT, else PORT, else 8000
-    host: str                  # 0.0.0.0 inside Databricks Apps, else 127.0.0.1
+    host: str                  # CODA_HOST: address to bind (default 0.0.0.0 inside Databricks Apps, else 127.0.0.1)
     app_name: str              # DATABRICKS_APP_NAME: set means Databricks Apps mode
     app_owner: str             # APP_OWNER: the one user allowed in, overriding the app's creator
     local_token: str | None    # CODA_TOKEN: None = make one up; "" = local auth off
@@ -167,7 +168,7 @@ class Config:
             low, high = 128 * KIB, 512 * KIB
         return cls(
             port=port,
-            host="0.0.0.0" if app_name else "127.0.0.1",
+            host=env.get("CODA_HOST", "").strip() or ("0.0.0.0" if app_name else "127.0.0.1"),
             app_name=app_name,
             app_owner=env.get("APP_OWNER", "").strip(),
             local_token=env.get("CODA_TOKEN"),
@@ -1321,13 +1322,13 @@ def import_off_loop(module):
         gevent.get_hub().threadpool.apply(importlib.import_module, (module,))
 
 
-def workspace_client(token=None):
+def workspace_client(token=None, host=None):
     """databricks-sdk's client with `token` alone (never another credential), or as the app's service principal."""
     import_off_loop("databricks.sdk")
     from databricks.sdk import WorkspaceClient  # lazy: a local user never pays for it
     from databricks.sdk.core import Config as SdkConfig
 
-    common = dict(host=CONFIG.databricks_host, http_timeout_seconds=20, retry_timeout_seconds=30,
+    common = dict(host=host or CONFIG.databricks_host, http_timeout_seconds=20, retry_timeout_seconds=30,
                   product="coda", product_version=__version__)
     if token:
         return WorkspaceClient(config=SdkConfig(token=token, auth_type="pat", **common))
@@ -1852,13 +1853,18 @@ def proxy_key():
     return key
 
 
-def read_token_file():
-    """The current token, as `coda.py token` prints it for Claude Code and Codex."""
+def read_databrickscfg():
+    """(host, token) of ~/.databrickscfg's [DEFAULT] profile, as CoDA last wrote them."""
     import configparser
 
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(CONFIG.home / ".databrickscfg")
-    return parser["DEFAULT"].get("token", "")
+    return parser["DEFAULT"].get("host", ""), parser["DEFAULT"].get("token", "")
+
+
+def read_token_file():
+    """The current token, as `coda.py token` prints it for Claude Code and Codex."""
+    return read_databrickscfg()[1]
 
 
 # ===========================================================================
@@ -1935,10 +1941,11 @@ def installed_version(binary):
     """The first line `binary --version` prints, or StepFailed: an install is complete only if it runs."""
     from gevent import subprocess
 
-    path = LOCAL / "bin" / binary
+    env = shell_environment(CONFIG)
+    path = shutil.which(binary, path=env["PATH"]) or LOCAL / "bin" / binary
     try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=60,
-                              env=shell_environment(CONFIG), stdin=subprocess.DEVNULL)
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=60, env=env,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise StepFailed(f"{binary} does not run: {reason(error)}") from None
     if done.returncode != 0:
@@ -2075,14 +2082,14 @@ class Setup:
 
     def run_at_boot(self):
         started = time.time()
+        if not CONFIG.databricks_host:
+            for step in self.token:
+                step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
         for step in self.boot:
             self._run_or_skip(step)
         group = [gevent.spawn(self._run_or_skip, step) for step in self.parallel]
         gevent.joinall(group)
         log.info("setup: install steps done in %.1f s", time.time() - started)
-        if not CONFIG.databricks_host:
-            for step in self.token:
-                step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
 
     def _run_or_skip(self, step):
         if step.kind == "install" and not CONFIG.install:
@@ -2733,8 +2740,107 @@ def print_token():
     return 0
 
 
+def doctor():
+    """`coda.py doctor`: check what CoDA set up, and say in plain words how to fix what is broken."""
+    import requests
+
+    host, token = read_databrickscfg()
+    settings_path = CONFIG.home / ".claude" / "settings.json"
+
+    def workspace():
+        if not host:
+            raise StepFailed("~/.databrickscfg names no workspace: open CoDA in the browser and paste a token")
+        try:
+            requests.get(host, timeout=10)
+        except requests.RequestException as error:
+            raise StepFailed(f"{host} cannot be reached ({reason(error)}): check the network or DATABRICKS_HOST") from None
+        return host
+
+    def token_valid():
+        try:
+            return f"signed in as {workspace_client(token, host).current_user.me().user_name}"
+        except Exception as error:
+            raise StepFailed(f"the workspace refuses the token ({reason(error)}): paste a new one in the CoDA page") from None
+
+    def can_mint():
+        client = workspace_client(token, host)
+        try:
+            created = client.tokens.create(comment="CoDA doctor check", lifetime_seconds=60)
+            client.tokens.delete(created.token_info.token_id)
+        except Exception as error:
+            raise StepFailed(f"the token cannot create tokens ({reason(error)}), so CoDA cannot rotate it: "
+                             "paste a token with the right to manage tokens") from None
+        return "a short-lived token was created and revoked"
+
+    def gateway():
+        try:
+            base = json.loads(settings_path.read_text())["env"]["ANTHROPIC_BASE_URL"]
+        except (OSError, ValueError, KeyError):
+            raise StepFailed("no gateway is configured yet: paste a token in the CoDA page") from None
+        if not _answers(base, token):
+            raise StepFailed(f"{base} does not answer: set DATABRICKS_GATEWAY_HOST or ask an admin to enable AI Gateway")
+        return base
+
+    def proxy():
+        try:
+            health = requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=5).json()
+        except (requests.RequestException, ValueError) as error:
+            raise StepFailed(f"nothing answers on 127.0.0.1:{CONFIG.proxy_port} ({type(error).__name__}): "
+                             "restart the app") from None
+        if not health.get("token"):
+            raise StepFailed("the local proxy has no valid token: paste one in the CoDA page")
+        return f"127.0.0.1:{CONFIG.proxy_port}"
+
+    def agent(name, config_path):
+        def check():
+            version = installed_version(name)
+            if not config_path.exists():
+                raise StepFailed(f"{config_path} is missing: paste a token in the CoDA page to write it")
+            return version
+        return check
+
+    chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
+             ("AI Gateway", gateway)]  # each needs the one before it
+    checks = [("local proxy", proxy)]
+    for name, path in (("claude", settings_path), ("codex", CONFIG.home / ".codex" / "config.toml"),
+                       ("gemini", CONFIG.home / ".gemini" / "settings.json"),
+                       ("opencode", CONFIG.home / ".config" / "opencode" / "opencode.json"),
+                       ("hermes", CONFIG.home / ".hermes" / "config.yaml")):
+        if name != "hermes" or CONFIG.enable_hermes:
+            checks.append((f"{AGENT_LABELS[name]} installed and configured", agent(name, path)))
+    def run(label, check):
+        try:
+            print(f"ok    {label}: {check()}")
+            return True
+        except Exception as error:
+            print(f"FAIL  {label}: {error if isinstance(error, StepFailed) else reason(error)}")
+            return False
+
+    failed = 0
+    for position, (label, check) in enumerate(chain):
+        if not run(label, check):
+            failed += 1
+            for later, _ in chain[position + 1:]:
+                print(f"skip  {later}: needs the check above")
+            break
+    failed += sum(not run(label, check) for label, check in checks)
+    print("all good" if not failed else f"{failed} problem(s) found")
+    return 1 if failed else 0
+
+
+def refresh_skills():
+    """`coda.py skills`: fetch the skill packs again (CODA_SKILLS) and link them for every agent."""
+    step = Step("skills", "Agent skills", install_skills, "install")
+    step.execute()
+    for line in step.output:
+        print(line)
+    return 0 if step.status == "complete" else 1
+
+
 COMMANDS = {  # subcommand: (function, help)
     "token": (print_token, "print the current Databricks token (Claude Code and Codex call this)"),
+    "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems"),
+    "skills": (refresh_skills, "fetch the agent skill packs again"),
 }
 
 
