@@ -51,14 +51,20 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   refreshes its token only on 401), ``disabled_generations`` (a set of
   "host", "ai-gateway", "serving-endpoints": those answer 404),
   ``stream_delay``, ``tool_command``, ``failing_models`` ({model: status},
-  e.g. to exercise a fallback model).
+  e.g. to exercise a fallback model), ``sql_running_polls`` (statements
+  answer PENDING, then RUNNING to that many polls: a warehouse starting),
+  ``sql_failure`` ((error_code, message): statements answer state FAILED,
+  as a warehouse does on an SQL error).
 * inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
   path, query (key= redacted), base, api "anthropic"|"responses"|"chat"|
   "gemini"|"models"|"probe"|..., model, token, token_id, token_live, auth_via,
   headers (lower-case keys), body, status), ``gateway_requests_for(api,
   generation)``, ``wait_for_gateway(api, status, since, timeout, token)``,
   ``requests`` (every request: origin, method, path, status, principal),
-  ``files`` / ``read_file(path)`` (workspace files), ``sql_statements``,
+  ``files`` / ``read_file(path)`` (workspace files), ``sql_statements``
+  (request bodies plus statement_id, principal, state; checked as the real
+  API checks them: warehouse_id required, at most 256 parameters, 16 MiB of
+  text, every ``:name`` marker bound, typed values castable),
   ``public_state()`` (token-free summary, also ``GET /_fake/state``).
 
 Standalone: ``python tests/fake_workspace.py --port 8765 --token-file /tmp/pat``.
@@ -69,6 +75,7 @@ memory for the tests to inspect.
 
 import argparse
 import base64
+import datetime
 import email.parser
 import email.policy
 import json
@@ -109,6 +116,15 @@ KNOWN_BASES = set(GATEWAY_HOST_PREFIXES) | {
     "/serving-endpoints", "/serving-endpoints/anthropic", "/serving-endpoints/openai/v1",
     "/serving-endpoints/google",
 }
+# The Statement Execution API's limits: query text, and named parameters (its
+# answer past that: "Parameterized query has too many parameters: N parameters
+# were given but the limit is 256.").
+SQL_MAX_STATEMENT_BYTES = 16 * 1024 * 1024
+SQL_MAX_PARAMETERS = 256
+# A parameter marker (:name) outside string literals, quoted identifiers and
+# comments; `::` is a cast, not a marker.
+SQL_SKIPPED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`(?:[^`]|``)*`|--[^\n]*|/\*.*?\*/", re.S)
+SQL_MARKER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 class ApiError(Exception):
@@ -197,6 +213,8 @@ class FakeWorkspace:
         self.tool_command = "echo FAKE-TOOL-OUTPUT"
         self.disabled_generations = set()   # of "host", "ai-gateway", "serving-endpoints"
         self.failing_models = {}            # model name -> HTTP status its calls get
+        self.sql_running_polls = 0          # polls a statement answers PENDING/RUNNING before SUCCEEDED
+        self.sql_failure = None             # (error_code, message): statements end FAILED with it
 
         # Inspection (read from a test; guarded by self.lock while mutated).
         self.lock = threading.RLock()
@@ -459,6 +477,51 @@ class _Server(ThreadingHTTPServer):
         self.fake = fake
         self.origin = origin
         super().__init__(addr, handler)
+
+
+def _sql_parameter_error(statement, params):
+    """The warehouse's error for unbound markers or values its type cannot cast, else None."""
+    names = {p["name"] for p in params}
+    unbound = sorted(set(SQL_MARKER.findall(SQL_SKIPPED.sub(" ", statement))) - names)
+    if unbound:
+        return {"error_code": "BAD_REQUEST",
+                "message": f"[UNBOUND_SQL_PARAMETER] Found the unbound parameter: {unbound[0]}."}
+    for p in params:
+        kind, value = (p.get("type") or "STRING").upper(), p.get("value")
+        if value is None or _castable(kind, value):
+            continue
+        return {"error_code": "BAD_REQUEST", "message": f"[CAST_INVALID_INPUT] The value '{str(value)[:40]}' of the "
+                                                        f"type \"STRING\" cannot be cast to \"{kind}\"."}
+    return None
+
+
+def _castable(kind, value):
+    try:
+        if kind == "TIMESTAMP":
+            datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        elif kind == "DATE":
+            datetime.date.fromisoformat(value)
+        elif kind in ("INT", "BIGINT", "SMALLINT", "TINYINT"):
+            int(value)
+        elif kind in ("DOUBLE", "FLOAT"):
+            float(value)
+        elif kind == "BOOLEAN":
+            return value.lower() in ("true", "false")
+        return isinstance(value, str)
+    except (ValueError, AttributeError):
+        return False
+
+
+def _sql_answer(sid, state, error):
+    status = {"state": state}
+    if error:
+        status["error"] = error
+    answer = {"statement_id": sid, "status": status}
+    if state == "SUCCEEDED":
+        answer.update(manifest={"format": "JSON_ARRAY", "total_row_count": 0,
+                                "schema": {"column_count": 0, "columns": []}},
+                      result={"row_count": 0, "data_array": []})
+    return answer
 
 
 # --------------------------------------------------------------------------
@@ -937,25 +1000,47 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/2.0/sql/statements" and method == "POST":
             rec = self._auth()
             self._apply_fault("sql/statements")
-            body = self._json_body()
-            if not isinstance(body.get("statement"), str):
-                raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement is required.")
-            sid = "01f0" + secrets.token_hex(14)
-            with fake.lock:
-                fake.sql_statements.append(dict(body, statement_id=sid, principal=rec.principal))
-            return self._send(200, {"statement_id": sid, "status": {"state": "SUCCEEDED"},
-                                    "manifest": {"format": "JSON_ARRAY", "total_row_count": 0,
-                                                 "schema": {"column_count": 0, "columns": []}},
-                                    "result": {"row_count": 0, "data_array": []}})
+            return self._sql_execute(rec, self._json_body())
         m = re.fullmatch(r"/api/2\.0/sql/statements/([^/]+)", path)
         if m and method == "GET":
             self._auth()
-            with fake.lock:
-                known = any(s["statement_id"] == m.group(1) for s in fake.sql_statements)
-            if not known:
-                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", "No such statement.")
-            return self._send(200, {"statement_id": m.group(1), "status": {"state": "SUCCEEDED"}})
+            return self._sql_poll(m.group(1))
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+
+    def _sql_execute(self, rec, body):
+        """POST /api/2.0/sql/statements: a bad request is 400; an SQL error is 200 with state FAILED."""
+        fake = self.fake
+        statement, params = body.get("statement"), body.get("parameters") or []
+        if not isinstance(statement, str):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement is required.")
+        if not isinstance(body.get("warehouse_id"), str) or not body["warehouse_id"]:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "warehouse_id is required.")
+        if len(statement.encode()) > SQL_MAX_STATEMENT_BYTES:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "The statement exceeds the maximum query text size (16 MiB).")
+        if not isinstance(params, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in params):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "Each parameter needs a name.")
+        if len(params) > SQL_MAX_PARAMETERS:
+            raise ApiError(400, "BAD_REQUEST", f"Parameterized query has too many parameters: {len(params)} "
+                                               f"parameters were given but the limit is {SQL_MAX_PARAMETERS}.")
+        error = _sql_parameter_error(statement, params) or (
+            {"error_code": fake.sql_failure[0], "message": fake.sql_failure[1]} if fake.sql_failure else None)
+        sid = "01f0" + secrets.token_hex(14)
+        state = "FAILED" if error else "PENDING" if fake.sql_running_polls else "SUCCEEDED"
+        with fake.lock:
+            fake.sql_statements.append(dict(body, statement_id=sid, principal=rec.principal, state=state,
+                                            polls_left=fake.sql_running_polls))
+        return self._send(200, _sql_answer(sid, state, error))
+
+    def _sql_poll(self, sid):
+        with self.fake.lock:
+            record = next((s for s in self.fake.sql_statements if s["statement_id"] == sid), None)
+            if record is None:
+                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", "No such statement.")
+            if record["state"] in ("PENDING", "RUNNING"):
+                record["state"] = "RUNNING" if record["polls_left"] > 0 else "SUCCEEDED"
+                record["polls_left"] -= 1
+            state = record["state"]
+        return self._send(200, _sql_answer(sid, state, None))
 
     def _oidc_token(self):
         fake = self.fake

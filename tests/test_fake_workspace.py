@@ -221,6 +221,32 @@ def test_sql_statement_recorded(fw):
     assert fw.sql_statements[0]["statement"] == "SELECT 1"
 
 
+def test_sql_statements_are_checked_like_the_real_api(fw):
+    from databricks.sdk.service.sql import StatementParameterListItem as Param
+
+    run = pat_client(fw, fw.add_token()).statement_execution
+    ok = run.execute_statement(statement="SELECT :a, ':b', `:c`, x::int -- :d", warehouse_id="wh1",
+                               parameters=[Param(name="a", value="2026-01-02T03:04:05.6Z", type="TIMESTAMP")])
+    assert ok.status.state.value == "SUCCEEDED"
+    unbound = run.execute_statement(statement="SELECT :a, :b", warehouse_id="wh1", parameters=[Param(name="a")])
+    assert unbound.status.state.value == "FAILED" and "UNBOUND_SQL_PARAMETER" in unbound.status.error.message
+    bad = run.execute_statement(statement="SELECT :a", warehouse_id="wh1",
+                                parameters=[Param(name="a", value="yesterday", type="TIMESTAMP")])
+    assert bad.status.state.value == "FAILED" and "CAST_INVALID_INPUT" in bad.status.error.message
+    with pytest.raises(DatabricksError, match="limit is 256"):
+        run.execute_statement(statement="SELECT 1", warehouse_id="wh1",
+                              parameters=[Param(name=f"p{i}", value="1") for i in range(257)])
+    with pytest.raises(DatabricksError, match="warehouse_id"):
+        run.execute_statement(statement="SELECT 1", warehouse_id="")
+    fw.sql_running_polls = 2
+    started = run.execute_statement(statement="SELECT 1", warehouse_id="wh1")
+    polls = [run.get_statement(started.statement_id).status.state.value for _ in range(3)]
+    assert (started.status.state.value, polls) == ("PENDING", ["RUNNING", "RUNNING", "SUCCEEDED"])
+    fw.sql_running_polls, fw.sql_failure = 0, ("BAD_REQUEST", "[TABLE_OR_VIEW_NOT_FOUND] no such table")
+    failed = run.execute_statement(statement="SELECT 1", warehouse_id="wh1")
+    assert failed.status.state.value == "FAILED" and "TABLE_OR_VIEW_NOT_FOUND" in failed.status.error.message
+
+
 # --------------------------------------------------------------- the gateway
 
 def sse_events(resp):
