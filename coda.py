@@ -74,6 +74,9 @@ HERE = Path(__file__).resolve().parent
 # ===========================================================================
 
 KIB, MIB = 1024, 1024 * 1024
+# The skill packs CoDA users get, each (repository, pinned tag or commit, folder holding the skills).
+DEFAULT_SKILLS = ("https://github.com/databricks-solutions/ai-dev-kit da17293d90c890b1f228a4b9dcaa9d55f63bdd3f "
+                  "databricks-skills; https://github.com/obra/superpowers v6.1.1 skills")
 CONFIG_WARNINGS = []  # logged once logging exists
 
 
@@ -152,6 +155,9 @@ class Config:
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
+    # Setup (section 10)
+    skills: str                # CODA_SKILLS: skill packs, 'repository ref folder' separated by ';'
+    git_mirror: str            # CODA_GIT_MIRROR: replaces https://github.com for skill clones
 
     @classmethod
     def from_env(cls, env=os.environ):
@@ -202,6 +208,8 @@ class Config:
                 ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
                 ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
             proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
+            skills=env.get("CODA_SKILLS", DEFAULT_SKILLS),
+            git_mirror=env.get("CODA_GIT_MIRROR", "").strip().rstrip("/"),
         )
 
 
@@ -1796,7 +1804,8 @@ def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
     config = {"model": {**provider, "default": CONFIG.hermes_model},
-              "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers}}
+              "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
+              "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
     if CONFIG.hermes_fallback_model:
         config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model}
     write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
@@ -1875,9 +1884,6 @@ LOCAL = CONFIG.home / ".local"   # where installs go: no root needed
 INSTALL_SCRIPTS = HERE / "install"
 AGENT_LABELS = {"claude": "Claude Code", "codex": "Codex", "gemini": "Gemini CLI", "opencode": "OpenCode",
                 "hermes": "Hermes Agent"}
-# The skill packs CoDA users get, each (repository, pinned tag or commit, folder holding the skills).
-DEFAULT_SKILLS = ("https://github.com/databricks-solutions/ai-dev-kit da17293d90c890b1f228a4b9dcaa9d55f63bdd3f "
-                  "databricks-skills; https://github.com/obra/superpowers v6.1.1 skills")
 
 
 class StepFailed(Exception):
@@ -2015,11 +2021,15 @@ def parse_skill_sources(text):
     return sources
 
 
+# Claude Code reads ~/.claude/skills; Codex and Gemini CLI both read ~/.agents/skills;
+# Hermes reads ~/.claude/skills through skills.external_dirs in its config.
+SKILL_FOLDERS = (CONFIG.home / ".claude" / "skills", CONFIG.home / ".agents" / "skills")
+
+
 def install_skills(step):
-    """Shallow-clone each source at its pinned ref and link its skills into ~/.claude/skills;
-    Codex, Gemini CLI and Hermes read that folder too (their configs point there)."""
+    """Shallow-clone each source at its pinned ref and link its skills where every agent looks."""
     failures = []
-    for repository, ref, folder in parse_skill_sources(os.environ.get("CODA_SKILLS", DEFAULT_SKILLS)):
+    for repository, ref, folder in parse_skill_sources(CONFIG.skills):
         try:
             count = fetch_skill_source(step, repository, ref, folder)
             step.output.append(f"{repository} {ref}: {count} skills")
@@ -2033,7 +2043,7 @@ def install_skills(step):
 def fetch_skill_source(step, repository, ref, folder):
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", repository.rstrip("/").split("/")[-1].removesuffix(".git"))
     checkout = CONFIG.home / ".coda" / "skill-sources" / name
-    mirror = os.environ.get("CODA_GIT_MIRROR", "").rstrip("/")
+    mirror = CONFIG.git_mirror
     git = ["git"] + (["-c", f"url.{mirror}/.insteadOf=https://github.com/"] if mirror else [])
     if not (checkout / ".git").exists():
         checkout.mkdir(parents=True, exist_ok=True)
@@ -2044,13 +2054,13 @@ def fetch_skill_source(step, repository, ref, folder):
     if not source.is_dir() or (source != root and root not in source.parents):
         raise StepFailed(f"{ref} has no folder {folder!r}")
     skills = [d for d in sorted(source.iterdir()) if (d / "SKILL.md").is_file()]
-    target = CONFIG.home / ".claude" / "skills"
-    target.mkdir(parents=True, exist_ok=True)
-    for skill in skills:
-        link = target / skill.name
-        if link.is_symlink() or not link.exists():  # a skill the user made there is kept
-            link.unlink(missing_ok=True)
-            link.symlink_to(skill)
+    for target in SKILL_FOLDERS:
+        target.mkdir(parents=True, exist_ok=True)
+        for skill in skills:
+            link = target / skill.name
+            if link.is_symlink() or not link.exists():  # a skill the user made there is kept
+                link.unlink(missing_ok=True)
+                link.symlink_to(skill)
     return len(skills)
 
 

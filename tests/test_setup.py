@@ -96,8 +96,8 @@ def test_setup_runs_the_real_installers_and_reports_honestly(start_coda, tmp_pat
     assert (home / ".local" / "bin" / "gh").exists() and (home / ".local" / "bin" / "databricks").exists()
     assert any("already installed" in line for line in steps["claude"]["output"])
     assert steps["skills"]["status"] == "failed" and "missing" in steps["skills"]["error"]
-    linked = sorted(p.name for p in (home / ".claude" / "skills").iterdir())
-    assert linked == ["brainstorming", "debugging"]
+    for folder in (home / ".claude" / "skills", home / ".agents" / "skills"):  # Claude; Codex and Gemini CLI
+        assert sorted(p.name for p in folder.iterdir()) == ["brainstorming", "debugging"]
     assert answer["status"] == "failed"
     assert "hermes" not in steps
     # The parallel group started together, not one after another.
