@@ -561,3 +561,56 @@ def test_failing_models_knob(fw):
     auth = {"Authorization": "Bearer " + tok}
     assert requests.post(url, headers=auth, json=dict(body, model="bad-model")).status_code == 503
     assert requests.post(url, headers=auth, json=dict(body, model="good")).status_code == 200
+
+
+def test_responses_multi_turn_with_tool(fw):
+    tok = fw.add_token()
+    url = fw.gateway_url + "/openai/v1/responses"
+    auth = {"Authorization": "Bearer " + tok}
+    tools = [{"type": "function", "name": "exec_command", "parameters": {
+        "type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
+    items = [{"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "one"}]}]
+    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
+                                                 "tools": tools}).json()["output"]
+    assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses: one"
+    items += out + [{"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": "two USE_TOOL"}]}]
+    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
+                                                 "tools": tools}).json()["output"]
+    call = out[0]
+    assert call["type"] == "function_call" and json.loads(call["arguments"]) == {
+        "cmd": fw.tool_command}
+    items += out + [{"type": "function_call_output", "call_id": call["call_id"],
+                     "output": "Chunk ID: 1\nOutput:\nFAKE-TOOL-OUTPUT\n"}]
+    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
+                                                 "tools": tools}).json()["output"]
+    assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses tool said: FAKE-TOOL-OUTPUT"
+    items += out + [{"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": "three"}]}]
+    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
+                                                 "tools": tools}).json()["output"]
+    assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses: three"
+
+
+def test_gemini_tool_round_trip(fw):
+    tok = fw.add_token()
+    url = fw.gateway_url + "/gemini/v1beta/models/m:streamGenerateContent?alt=sse"
+    auth = {"x-goog-api-key": tok}
+    tools = [{"functionDeclarations": [{"name": "run_shell_command", "parametersJsonSchema": {
+        "type": "object", "properties": {"command": {"type": "string"},
+                                         "description": {"type": "string"}},
+        "required": ["command"]}}]}]
+    contents = [{"role": "user", "parts": [{"text": "USE_TOOL please"}]}]
+    r = requests.post(url, headers=auth, stream=True, json={"contents": contents, "tools": tools})
+    parts = [p for _, d in sse_events(r) for p in d["candidates"][0]["content"]["parts"]]
+    call = parts[0]["functionCall"]
+    assert call["name"] == "run_shell_command" and call["args"]["command"] == fw.tool_command
+    contents += [{"role": "model", "parts": parts},
+                 {"role": "user", "parts": [{"functionResponse": {
+                     "name": "run_shell_command",
+                     "response": {"output": "Output: FAKE-TOOL-OUTPUT\nExit Code: 0"}}}]}]
+    r = requests.post(url, headers=auth, stream=True, json={"contents": contents, "tools": tools})
+    text = "".join(p.get("text", "") for _, d in sse_events(r)
+                   for p in d["candidates"][0]["content"]["parts"])
+    assert text == "FAKE-REPLY-gemini tool said: Output: FAKE-TOOL-OUTPUT"
