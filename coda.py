@@ -27,6 +27,29 @@ Contents
     13. Command line    `python coda.py` serves; subcommands for hooks
 """
 
+import sys
+
+
+def read_databrickscfg():
+    """(host, token) of ~/.databrickscfg's [DEFAULT] profile, as CoDA last wrote them.
+
+    Defined before any heavy import: `coda.py token`, which Claude Code and
+    Codex run to get the current token, answers in a few milliseconds.
+    """
+    import configparser
+    import os
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".databrickscfg"))
+    return parser["DEFAULT"].get("host", ""), parser["DEFAULT"].get("token", "")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["token"]:
+    token = read_databrickscfg()[1]
+    print(token or "coda: no Databricks token is configured yet (paste one in the CoDA page)",
+          file=sys.stdout if token else sys.stderr)
+    sys.exit(0 if token else 1)
+
 if __name__ == "__main__":  # patch before anything imports socket or threading
     from gevent import monkey
 
@@ -50,7 +73,6 @@ import shlex
 import shutil
 import signal
 import struct
-import sys
 import termios
 import time
 import urllib.parse
@@ -1750,7 +1772,8 @@ def configure_codex(ctx):
     command, *args = ctx.token_command
     nested(data, "model_providers")["databricks"] = {
         "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
-        "auth": {"command": command, "args": args, "refresh_interval_ms": 60_000}}
+        "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
+    nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
     nested(data, "projects", str(ctx.projects))["trust_level"] = "trusted"
     write_private(path, to_toml(data))
     write_owned(ctx.home / ".codex" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
@@ -1762,7 +1785,7 @@ def configure_gemini(ctx):
         nested(data, "security", "auth")["selectedType"] = "gemini-api-key"
         nested(data, "model")["name"] = CONFIG.gemini_model
         nested(data, "privacy")["usageStatisticsEnabled"] = False
-        nested(data, "general").update(disableAutoUpdate=True, disableUpdateNag=True)
+        nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
 
     merge_json(ctx.home / ".gemini" / "settings.json", settings)
     merge_env_file(ctx.home / ".gemini" / ".env", gemini_environment(ctx))
@@ -1862,18 +1885,7 @@ def proxy_key():
     return key
 
 
-def read_databrickscfg():
-    """(host, token) of ~/.databrickscfg's [DEFAULT] profile, as CoDA last wrote them."""
-    import configparser
 
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(CONFIG.home / ".databrickscfg")
-    return parser["DEFAULT"].get("host", ""), parser["DEFAULT"].get("token", "")
-
-
-def read_token_file():
-    """The current token, as `coda.py token` prints it for Claude Code and Codex."""
-    return read_databrickscfg()[1]
 
 
 # ===========================================================================
@@ -2740,16 +2752,6 @@ def serve(host, port):
     log.info("stopped")
 
 
-def print_token():
-    """`coda.py token`: the current Databricks token, for agents that read it from a command."""
-    token = read_token_file()
-    if not token:
-        print("coda: no Databricks token is configured yet (paste one in the CoDA page)", file=sys.stderr)
-        return 1
-    print(token)
-    return 0
-
-
 def doctor():
     """`coda.py doctor`: check what CoDA set up, and say in plain words how to fix what is broken."""
     import requests
@@ -2848,7 +2850,7 @@ def refresh_skills():
 
 
 COMMANDS = {  # subcommand: (function, help)
-    "token": (print_token, "print the current Databricks token (Claude Code and Codex call this)"),
+    "token": (None, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy import)"),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems"),
     "skills": (refresh_skills, "fetch the agent skill packs again"),
 }
