@@ -52,7 +52,8 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   "host", "ai-gateway", "serving-endpoints": those answer 404),
   ``stream_delay``, ``tool_command``, ``failing_models`` ({model: status},
   e.g. to exercise a fallback model), ``sql_running_polls`` (statements
-  answer PENDING, then RUNNING to that many polls: a warehouse starting),
+  answer PENDING, then RUNNING to that many polls: a warehouse starting;
+  ``POST .../cancel`` ends them CANCELED),
   ``sql_failure`` ((error_code, message): statements answer state FAILED,
   as a warehouse does on an SQL error).
 * inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
@@ -1005,6 +1006,10 @@ class _Handler(BaseHTTPRequestHandler):
         if m and method == "GET":
             self._auth()
             return self._sql_poll(m.group(1))
+        m = re.fullmatch(r"/api/2\.0/sql/statements/([^/]+)/cancel", path)
+        if m and method == "POST":
+            self._auth()
+            return self._sql_cancel(m.group(1))
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
 
     def _sql_execute(self, rec, body):
@@ -1031,11 +1036,23 @@ class _Handler(BaseHTTPRequestHandler):
                                             polls_left=fake.sql_running_polls))
         return self._send(200, _sql_answer(sid, state, error))
 
+    def _sql_record(self, sid):
+        record = next((s for s in self.fake.sql_statements if s["statement_id"] == sid), None)
+        if record is None:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", "No such statement.")
+        return record
+
+    def _sql_cancel(self, sid):
+        """A statement still PENDING or RUNNING ends CANCELED; a finished one is left as it is."""
+        with self.fake.lock:
+            record = self._sql_record(sid)
+            if record["state"] in ("PENDING", "RUNNING"):
+                record["state"] = "CANCELED"
+        return self._send(200, {})
+
     def _sql_poll(self, sid):
         with self.fake.lock:
-            record = next((s for s in self.fake.sql_statements if s["statement_id"] == sid), None)
-            if record is None:
-                raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", "No such statement.")
+            record = self._sql_record(sid)
             if record["state"] in ("PENDING", "RUNNING"):
                 record["state"] = "RUNNING" if record["polls_left"] > 0 else "SUCCEEDED"
                 record["polls_left"] -= 1

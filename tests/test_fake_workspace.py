@@ -242,6 +242,9 @@ def test_sql_statements_are_checked_like_the_real_api(fw):
     started = run.execute_statement(statement="SELECT 1", warehouse_id="wh1")
     polls = [run.get_statement(started.statement_id).status.state.value for _ in range(3)]
     assert (started.status.state.value, polls) == ("PENDING", ["RUNNING", "RUNNING", "SUCCEEDED"])
+    waiting = run.execute_statement(statement="SELECT 1", warehouse_id="wh1")
+    run.cancel_execution(waiting.statement_id)
+    assert run.get_statement(waiting.statement_id).status.state.value == "CANCELED"
     fw.sql_running_polls, fw.sql_failure = 0, ("BAD_REQUEST", "[TABLE_OR_VIEW_NOT_FOUND] no such table")
     failed = run.execute_statement(statement="SELECT 1", warehouse_id="wh1")
     assert failed.status.state.value == "FAILED" and "TABLE_OR_VIEW_NOT_FOUND" in failed.status.error.message
