@@ -3,7 +3,8 @@
 #
 #   install/agents.sh [--prefix DIR] [claude] [codex] [gemini] [opencode] [hermes]
 #
-# With no agent named, all five are installed. Versions come from
+# With no agent named, all five are installed. PREFIX (environment) sets the
+# default prefix; --prefix wins. Versions come from
 # install/versions.env (the one place they are pinned). npm packages go into
 # DIR (bin/ and lib/node_modules/), Hermes Agent into its own virtual
 # environment DIR/lib/hermes-venv (it ships generic top-level modules such as
@@ -23,22 +24,24 @@ usage() {
 }
 
 log() { printf 'agents.sh: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# die TOOL MESSAGE: the last line on stderr is "<tool>: error: <message>",
+# as for the other install/ scripts.
+die() { printf '%s: error: %s\n' "$1" "$2" >&2; exit 1; }
 
-prefix="${HOME}/.local"
+prefix="${PREFIX:-$HOME/.local}"
 wanted=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --prefix) [ "$#" -ge 2 ] || die "--prefix needs a directory"; prefix="$2"; shift 2 ;;
+        --prefix) [ "$#" -ge 2 ] || die agents.sh "--prefix needs a directory"; prefix="$2"; shift 2 ;;
         --prefix=*) prefix="${1#--prefix=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         claude|codex|gemini|opencode|hermes) wanted+=("$1"); shift ;;
-        *) die "unknown argument '$1' (agents: claude codex gemini opencode hermes)" ;;
+        *) die agents.sh "unknown argument '$1' (agents: claude codex gemini opencode hermes)" ;;
     esac
 done
 [ "${#wanted[@]}" -gt 0 ] || wanted=(claude codex gemini opencode hermes)
 
-[ -f "$versions_file" ] || die "missing $versions_file"
+[ -f "$versions_file" ] || die agents.sh "missing $versions_file"
 # shellcheck source=versions.env
 . "$versions_file"
 
@@ -77,13 +80,18 @@ install_npm_agent() {
     version="$(pinned_version "$name")"
     have="$(installed_npm_version "$pkg")"
     if [ "$have" = "$version" ] && [ -e "$prefix/bin/$name" ]; then
-        log "$name: $pkg@$version already installed, skipping"
+        log "$name $version is already installed"
         return 0
     fi
-    command -v npm >/dev/null || die "npm not found (Node.js is needed for $name)"
+    command -v npm >/dev/null || die "$name" "npm not found (Node.js is needed)"
     log "$name: installing $pkg@$version into $prefix${have:+ (was $have)}"
-    npm install -g --prefix "$prefix" --no-fund --no-audit --loglevel=error "$pkg@$version" >&2
-    [ -e "$prefix/bin/$name" ] || die "$name: npm finished but $prefix/bin/$name is missing"
+    if ! npm install -g --prefix "$prefix" --no-fund --no-audit --loglevel=error \
+            "$pkg@$version" >&2; then
+        die "$name" "npm install $pkg@$version failed (registry: ${NPM_CONFIG_REGISTRY:-the default})"
+    fi
+    have="$(installed_npm_version "$pkg")"
+    [ "$have" = "$version" ] || die "$name" "npm finished but $pkg is at '${have:-nothing}', not $version"
+    [ -e "$prefix/bin/$name" ] || die "$name" "npm finished but $prefix/bin/$name is missing"
     log "$name: ok"
 }
 
@@ -97,21 +105,23 @@ install_hermes() {
         have="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("hermes-agent"))' 2>/dev/null || true)"
     fi
     if [ "$have" != "$version" ]; then
-        command -v "$python" >/dev/null || die "hermes: $python not found"
+        command -v "$python" >/dev/null || die hermes "$python not found"
         if [ ! -x "$venv/bin/python" ]; then
             log "hermes: creating virtual environment $venv"
-            "$python" -m venv "$venv"
+            "$python" -m venv "$venv" || die hermes "could not create the virtual environment $venv"
         fi
         if [ -z "${PIP_INDEX_URL:-}" ] && [ -n "${UV_INDEX_URL:-}" ]; then
             index=(--index-url "$UV_INDEX_URL")
         fi
         log "hermes: installing hermes-agent==$version into $venv${have:+ (was $have)}"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-            ${index[@]+"${index[@]}"} "hermes-agent==$version" >&2
+        if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+                ${index[@]+"${index[@]}"} "hermes-agent==$version" >&2; then
+            die hermes "pip install hermes-agent==$version failed (index: ${PIP_INDEX_URL:-${UV_INDEX_URL:-the default}})"
+        fi
     else
-        log "hermes: hermes-agent==$version already installed"
+        log "hermes $version is already installed"
     fi
-    [ -x "$venv/bin/hermes" ] || die "hermes: $venv/bin/hermes missing after install"
+    [ -x "$venv/bin/hermes" ] || die hermes "$venv/bin/hermes missing after install"
     # A symlink keeps the venv's own interpreter (its shebang) and nothing else
     # of the venv leaks into the user's PATH.
     ln -sfn "$venv/bin/hermes" "$prefix/bin/hermes"
