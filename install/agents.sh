@@ -42,7 +42,7 @@ done
 [ "${#wanted[@]}" -gt 0 ] || wanted=(claude codex gemini opencode hermes)
 
 [ -f "$versions_file" ] || die agents.sh "missing $versions_file"
-# shellcheck source=versions.env
+# shellcheck source-path=SCRIPTDIR source=versions.env
 . "$versions_file"
 
 mkdir -p "$prefix/bin" "$prefix/lib"
