@@ -337,12 +337,16 @@ class Term:
         self.watch = None      # a pattern looked for in the stream (also when not stored)
         self.watch_hit = None
         self._tail = b""
+        self.companion = None  # another pane on the same socket: its byte count at each arrival here
+        self.companion_mark = 0
 
     def feed(self, data, when):
         if self.keep:
             self.buf += data
         self.nbytes += len(data)
         self.last_rx = when
+        if self.companion is not None:
+            self.companion_mark = self.companion.nbytes
         if self.watch is not None and self.watch_hit is None:
             hay = self._tail + bytes(data[-(len(self.watch) + 65536):])
             if self.watch in hay:
@@ -739,7 +743,8 @@ def echo_samples(term, n, limit_s, rng, warmup=5, gap=(0.005, 0.015), flood=None
     """User-space echo (the tty does not echo; cat writes each byte back), one character at a time.
 
     With `flood` (another pane on the same socket), also the flood bytes that
-    arrived between sending each character and its echo: the queue it waited behind.
+    arrived between sending each character and its echo (what was queued ahead
+    of it plus what kept flowing during its round trip).
     """
     start = len(term.buf)
     term.send("stty -echo -icanon min 1 time 0; echo __CECHO_RE''ADY__; cat; stty sane\r")
@@ -748,6 +753,7 @@ def echo_samples(term, n, limit_s, rng, warmup=5, gap=(0.005, 0.015), flood=None
     term.idle(0.05)
     first = position = len(term.buf)
     latencies, sent, timeouts, k, ahead = [], [], 0, 0, []
+    term.companion = flood
     end = now() + limit_s
     while len(latencies) < n and now() < end and timeouts < 5:
         ch = "abcdefghijklmnopqrstuvwxyz"[k % 26]
@@ -766,7 +772,7 @@ def echo_samples(term, n, limit_s, rng, warmup=5, gap=(0.005, 0.015), flood=None
         if k > warmup:
             latencies.append((max(term.last_rx, t0) - t0) * 1000)
             if flood:
-                ahead.append((flood.nbytes - flood_before) / 1024)
+                ahead.append((term.companion_mark - flood_before) / 1024)
         term.idle(rng.uniform(*gap))
     exact = bytes(term.buf[first:position]) == "".join(sent).encode()
     start = len(term.buf)
@@ -776,7 +782,7 @@ def echo_samples(term, n, limit_s, rng, warmup=5, gap=(0.005, 0.015), flood=None
               "p99_ms": percentile(latencies, 99), "max_ms": round(max(latencies), 3) if latencies else None,
               "timeouts": timeouts, "echo_exact": exact}
     if flood:
-        result.update(flood_kib_ahead_p50=percentile(ahead, 50), flood_kib_ahead_p99=percentile(ahead, 99))
+        result.update(flood_kib_during_echo_p50=percentile(ahead, 50), flood_kib_during_echo_p99=percentile(ahead, 99))
     return result
 
 
