@@ -2610,7 +2610,8 @@ def proxy_app(environ, start_response):
     if length > PROXY_MAX_BODY:
         return _plain_json(start_response, "413 Payload Too Large", {"error": "The request body is too large."})
     body = environ["wsgi.input"].read(length) if length else b""
-    query = environ.get("QUERY_STRING", "")
+    query = urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""),
+                                    keep_blank_values=True) if k != "key"])  # a key in the URL is ours, not theirs
     url = base + path[len(prefix):] + (f"?{query}" if query else "")
     repair = None
     if is_chat_completions(path):
@@ -2631,7 +2632,8 @@ def _repaired_chat_body(body):
 
 def _proxy_key_ok(environ):
     key = proxy_key()
-    offered = [environ.get("HTTP_X_API_KEY", ""), environ.get("HTTP_X_GOOG_API_KEY", "")]
+    offered = [environ.get("HTTP_X_API_KEY", ""), environ.get("HTTP_X_GOOG_API_KEY", ""),
+               urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]]
     auth = environ.get("HTTP_AUTHORIZATION", "")
     if auth[:7].lower() == "bearer ":
         offered.append(auth[7:].strip())

@@ -102,9 +102,10 @@ def test_one_shot_reaches_the_gateway_with_a_live_token(rig, agent):
         terminal.close()
 
 
-@pytest.mark.parametrize("agent", list(CASES))
-def test_interactive_session_survives_a_rotation(rig, agent):
+@pytest.mark.parametrize("agent,dead_token_status", [(a, 401) for a in CASES] + [("codex", 403), ("claude", 403)])
+def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
     coda, workspace = rig
+    workspace.gateway_auth_failure_status = dead_token_status  # gateways have been seen to say either
     _, api, _, _, command, ready = CASES[agent]
     terminal = Terminal(coda)
     try:
@@ -129,4 +130,5 @@ def test_interactive_session_survives_a_rotation(rig, agent):
         assert answer["token"] not in old
         terminal.wait_for(f"FAKE-REPLY-{api}", timeout=30)
     finally:
+        workspace.gateway_auth_failure_status = 401
         terminal.close()

@@ -202,7 +202,7 @@ def test_databricks_token_in_the_environment_is_used_at_start(start_coda, worksp
     pasted = workspace.add_token()
     server = start_coda(coda_env(workspace, DATABRICKS_TOKEN=pasted))
     wait_for(lambda: server.get("/api/pat-status").json()["valid"])
-    assert len(coda_tokens(workspace)) == 1
+    wait_for(lambda: len(coda_tokens(workspace)) == 1)
     assert pasted not in server.log()
 
 

@@ -460,7 +460,8 @@ def test_small_scrollback_truncates_and_says_so(start_coda):
     _, end = server.read_until(sid, "MA1RK\r\n", since=0)
     answer = server.api("/api/session/attach", {"session_id": sid, "since": 0})
     assert answer["truncated"] is True
-    assert answer["offset"] >= end - 4096 - 3 and answer["next_offset"] == end
+    assert answer["next_offset"] >= end  # the prompt may have followed
+    assert answer["next_offset"] - 4096 <= answer["offset"] <= answer["next_offset"] - 4096 + 3
     assert len(answer["output"].encode()) <= 4096
     assert "20000\r\nMA1RK\r\n" in answer["output"]
     sock = server.websocket()
