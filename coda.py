@@ -72,6 +72,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import termios
 import time
@@ -243,8 +244,8 @@ MAX_JSON_BODY = 8 * MIB          # a JSON body (1 MiB of input may escape to 6x)
 MAX_WS_MESSAGE = 1 * MIB         # a client WebSocket message; larger closes with 1009
 MAX_POLL_WAIT = 30.0             # seconds a long-poll may hold
 POLL_SLICE = 1 * MIB             # bytes of output in one JSON answer
-FRAME_SLICE = 256 * KIB          # bytes of output in one binary frame
-READ_SIZE = 256 * KIB            # one PTY read
+FRAME_SLICE = 64 * KIB           # bytes of output in one binary frame (an echo waits behind at most one)
+READ_SIZE = 64 * KIB             # bytes gathered from the PTY before one append
 PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30 s
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
 EXITED_LINGER = 300              # an exited session stays readable this long
@@ -616,17 +617,31 @@ class Session:
         hub = gevent.get_hub()
         while self.fd is not None:
             self._may_read.wait()
-            try:
-                data = os.read(self.fd, READ_SIZE)
-            except BlockingIOError:
-                hub.wait(self._readable)
-                continue
-            except (OSError, TypeError):
-                return  # EIO: every holder of the terminal has closed it
-            if not data:
+            data, ended = self._read_available()
+            if data:
+                self.stream.append(data)
+                self.update_flow()
+            if ended:
                 return
-            self.stream.append(data)
-            self.update_flow()
+            if not data:
+                hub.wait(self._readable)
+
+    def _read_available(self):
+        """(bytes, ended): what the PTY has now, up to READ_SIZE. The tty layer hands
+        out about 4 KiB per read; gathering them makes one append and one wake-up."""
+        parts, size = [], 0
+        while size < READ_SIZE:
+            try:
+                chunk = os.read(self.fd, READ_SIZE - size)
+            except BlockingIOError:
+                return b"".join(parts), False
+            except (OSError, TypeError):
+                return b"".join(parts), True  # EIO: every holder of the terminal has closed it
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts), False
 
     def _await_exit(self):
         _, status = os.waitpid(self.pid, 0)
@@ -1187,6 +1202,12 @@ class CodaHandler(_ws_handler.WebSocketHandler):
 
     log_request = WSGIHandler.log_request  # gevent-websocket's would log every request line
 
+    def handle(self):
+        # pywsgi writes headers and body separately: without NODELAY a small answer
+        # waits for the client's delayed ACK (~40 ms), and so does a small frame.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle()
+
 
 class TerminalSocket:
     """One browser tab's socket: translates messages for the session manager."""
@@ -1425,6 +1446,7 @@ class Gateway:
 
 
 def _answers(url, token):
+    import_off_loop("requests")
     import requests
 
     try:
@@ -1979,16 +2001,20 @@ def install_step(step_id, label, script, binary, *args):
 
 
 def check_proxy(step):
-    import requests
+    import http.client  # not requests: this runs at every boot, and requests is heavy
 
     deadline = time.time() + 10
     while True:
+        connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
         try:
-            if requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=2).ok:
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
                 return
-        except requests.RequestException as error:
+        except OSError as error:
             if time.time() > deadline:
                 raise StepFailed(f"the local proxy on 127.0.0.1:{CONFIG.proxy_port} does not answer: {reason(error)}")
+        finally:
+            connection.close()
         gevent.sleep(0.2)
 
 
@@ -2651,6 +2677,7 @@ def _upstream_headers(environ):
 
 
 def _forward(method, url, headers, body, start_response, repair=None):
+    import_off_loop("requests")
     import requests
 
     try:

@@ -49,7 +49,12 @@ class Coda:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "coda.py"), "--host", "127.0.0.1", "--port", str(self.port), *args],
                                      env=environment, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
-        self.wait_healthy()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.proc.kill()  # never leave a server behind a failed start
+            self.proc.wait()
+            raise
 
     def wait_healthy(self, timeout=15):
         deadline = time.time() + timeout
