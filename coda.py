@@ -64,6 +64,7 @@ import fcntl
 import hmac
 import importlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -178,6 +179,9 @@ class Config:
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
+    # App logs to Delta (section 2)
+    log_table: str             # CODA_LOG_TABLE: catalog.schema.table CoDA's own log records also go to (default: none)
+    log_warehouse_id: str      # CODA_LOG_WAREHOUSE_ID: the SQL warehouse that writes them (both needed)
     # Setup (section 10)
     skills: str                # CODA_SKILLS: skill packs, 'repository ref folder' separated by ';'
     git_mirror: str            # CODA_GIT_MIRROR: replaces https://github.com for skill clones
@@ -231,6 +235,8 @@ class Config:
                 ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
                 ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
             proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
+            log_table=env.get("CODA_LOG_TABLE", "").strip(),
+            log_warehouse_id=env.get("CODA_LOG_WAREHOUSE_ID", "").strip(),
             skills=env.get("CODA_SKILLS", DEFAULT_SKILLS),
             git_mirror=env.get("CODA_GIT_MIRROR", "").strip().rstrip("/"),
         )
@@ -295,6 +301,245 @@ def setup_logging():
     root.setLevel(logging.INFO)
     for warning in CONFIG_WARNINGS:
         log.warning(warning)
+
+
+
+# App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
+# the records of the "coda" logger (never terminal content, which is never
+# logged; never a token: each record passes the redacting filter first) are
+# also inserted into a Delta table through the SQL Statement Execution API,
+# with the owner's current token. Values only ever travel as named parameters;
+# the table name is validated and backtick-quoted. The handler only appends to
+# a bounded deque; one greenlet sends. While the table cannot be written, the
+# oldest records fall off the deque, and how many is logged once it works again.
+DELTA_QUEUE_BOUND = 5000          # records waiting at most; past it the oldest go (counted, reported)
+DELTA_MAX_PARAMETERS = 256        # the Statement Execution API's limit of named parameters per statement
+DELTA_ROWS_PER_STATEMENT = (DELTA_MAX_PARAMETERS - 2) // 4  # 4 per row, plus :app and :host: 63
+DELTA_STATEMENT_BYTES = 1 * MIB   # parameter values in one statement (the API allows 16 MiB of text)
+DELTA_MESSAGE_CHARS = 16 * KIB    # a longer message is cut
+DELTA_FLUSH_SECONDS = 5.0         # a record waits at most this long for a batch to fill
+DELTA_TICK = 0.5                  # how often the sender looks at the deque
+DELTA_BACKOFF_FIRST = 2.0         # seconds before the first retry; doubled per failure ...
+DELTA_BACKOFF_CAP = 300.0         # ... up to this
+DELTA_POLL_SECONDS = 5.0          # polling a statement that waits for its warehouse to start ...
+DELTA_PATIENCE = 600.0            # ... for at most this long before it is cancelled and retried
+DELTA_LOGS = []                   # the running shipper, for shutdown
+DELTA_COLUMNS = ("ts TIMESTAMP COMMENT 'when CoDA logged it', level STRING, "
+                 "logger STRING, message STRING COMMENT 'redacted: never a token', "
+                 "app STRING COMMENT 'DATABRICKS_APP_NAME, else coda', host STRING")
+DeltaRow = collections.namedtuple("DeltaRow", "seq created level logger message")
+
+
+def delta_table_name(text):
+    """`catalog.schema.table` as a SQL identifier with each name backtick-quoted, else ValueError.
+
+    Unity Catalog names hold no period, space, slash or control character;
+    a name may be given in backticks already; a backtick inside one is doubled."""
+    parts = text.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("is not catalog.schema.table")
+    quoted = []
+    for part in parts:
+        if len(part) >= 2 and part[0] == part[-1] == "`":
+            part = part[1:-1].replace("``", "`")
+        if not part or len(part) > 255 or re.search(r"[\s/\x00-\x1f\x7f]", part):
+            raise ValueError("has a name that is empty, too long, or holds a space, slash or control character")
+        quoted.append("`" + part.replace("`", "``") + "`")
+    return ".".join(quoted)
+
+
+class DeltaLogHandler(logging.Handler):
+    """Redacts each record and appends it to a bounded deque: no I/O, no lock, never waits."""
+
+    def __init__(self, bound=None):
+        super().__init__(logging.INFO)
+        self.addFilter(RedactingFilter())
+        self.pending = collections.deque(maxlen=bound or DELTA_QUEUE_BOUND)  # full: the oldest falls off
+        self.numbers = itertools.count()  # gaps in the numbers are the records that fell off
+
+    def handle(self, record):  # no handler lock: appending to a deque is atomic
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record):
+        self.pending.append(DeltaRow(next(self.numbers), record.created, record.levelname, record.name,
+                                     record.getMessage()[:DELTA_MESSAGE_CHARS]))
+
+
+class StatementFailed(Exception):
+    """The warehouse ran a statement and it ended FAILED, CANCELED or CLOSED."""
+
+
+class DeltaLogShipper:
+    """The greenlet that writes the handler's records to the table, one statement per batch."""
+
+    def __init__(self, handler, table, warehouse_id):
+        self.handler = handler
+        self.table = table                # quoted by delta_table_name
+        self.warehouse_id = warehouse_id
+        self.app = CONFIG.app_name or "coda"
+        self.host = os.uname().nodename
+        self.table_ready = False          # CREATE TABLE IF NOT EXISTS ran (or an insert worked)
+        self.next_seq = 0                 # the number of the first record not yet written
+        self.dropped = 0                  # records that fell off before they were written, not yet reported
+        self.failures = 0
+        self.error = None                 # why the last try failed
+        self.client, self.token = None, None
+        self.greenlet = None
+        self.sending = gevent.lock.Semaphore()  # held while a pass sends: shutdown waits for it
+
+    def due(self):
+        pending = self.handler.pending
+        return len(pending) >= DELTA_ROWS_PER_STATEMENT or bool(
+            pending) and time.time() - pending[0].created >= DELTA_FLUSH_SECONDS
+
+    def run_forever(self):
+        """Send when a batch is full or old enough; after a failure retry with backoff, doubling, capped."""
+        while True:
+            gevent.sleep(min(DELTA_BACKOFF_FIRST * 2 ** (self.failures - 1), DELTA_BACKOFF_CAP)
+                         if self.failures else DELTA_TICK)
+            if not self.failures and not self.due():
+                continue
+            try:
+                with self.sending:
+                    sent = self.send_pending()
+            except Exception as error:
+                self.failures, self.error = self.failures + 1, reason(error)
+                if self.failures == 1:
+                    log.warning("app logs could not be written to %s (%s); retrying with backoff, keeping "
+                                "the newest %d records", self.table, self.error, self.handler.pending.maxlen)
+                continue
+            if sent and self.failures:
+                log.info("app logs are written to %s again, after %d failed tries", self.table, self.failures)
+                self.failures, self.error = 0, None
+
+    def send_pending(self):
+        """Write every pending record: True once written, False while there is no valid token yet.
+
+        Raises on the first failure; what was not written stays pending."""
+        if not self.handler.pending:
+            return True
+        token = PAT.token if PAT.valid() else None
+        if not token:
+            return False
+        if token != self.token:  # the current token: rotation replaces it
+            self.client, self.token = workspace_client(token), token
+        create_error = None
+        if not self.table_ready:
+            try:
+                self.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({DELTA_COLUMNS}) USING DELTA "
+                             "COMMENT 'CoDA app logs'")
+                self.table_ready = True
+            except StatementFailed as error:  # no right to create here, maybe: the table may exist already
+                create_error = error
+        while rows := self.take():
+            try:
+                self.execute(*self.insert(rows))
+            except StatementFailed as error:
+                raise StatementFailed(f"{error} (creating the table failed too: {create_error})"
+                                      if create_error else str(error)) from None
+            self.table_ready = True
+            self.confirm(rows)
+        if self.dropped:
+            log.warning("%d app log records were dropped, the oldest first, before they could be written to %s",
+                        self.dropped, self.table)
+            self.dropped = 0
+        return True
+
+    def take(self):
+        """The oldest pending records that fit one statement; counts those that fell off unwritten."""
+        try:
+            rows = list(itertools.islice(self.handler.pending, DELTA_ROWS_PER_STATEMENT))
+        except RuntimeError:  # a native thread logged during the copy: take them next time
+            return []
+        if rows and rows[0].seq > self.next_seq:
+            self.dropped += rows[0].seq - self.next_seq
+            self.next_seq = rows[0].seq
+        size = 0
+        for count, row in enumerate(rows):
+            size += len(row.message.encode()) + 64
+            if count and size > DELTA_STATEMENT_BYTES:
+                return rows[:count]
+        return rows
+
+    def confirm(self, rows):
+        pending, last = self.handler.pending, rows[-1].seq
+        while pending and pending[0].seq <= last:
+            pending.popleft()
+        self.next_seq = last + 1
+
+    def insert(self, rows):
+        """One INSERT with a VALUES row of named parameters per record: no value is ever in the SQL text."""
+        from databricks.sdk.service.sql import StatementParameterListItem as Param
+
+        values = []
+        parameters = [Param(name="app", value=self.app), Param(name="host", value=self.host)]
+        for i, row in enumerate(rows):
+            values.append(f"(:ts_{i}, :level_{i}, :logger_{i}, :message_{i}, :app, :host)")
+            whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.created))
+            stamp = f"{whole}.{int(row.created % 1 * 1e6):06d}Z"  # UTC, to the microsecond
+            parameters += [Param(name=f"ts_{i}", value=stamp, type="TIMESTAMP"),
+                           Param(name=f"level_{i}", value=row.level), Param(name=f"logger_{i}", value=row.logger),
+                           Param(name=f"message_{i}", value=row.message)]
+        statement = f"INSERT INTO {self.table} (ts, level, logger, message, app, host) VALUES " + ", ".join(values)
+        return statement, parameters
+
+    def execute(self, statement, parameters=None):
+        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
+        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
+
+        run = self.client.statement_execution
+        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
+                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
+                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
+        deadline = time.monotonic() + DELTA_PATIENCE
+        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
+            if time.monotonic() > deadline:
+                try:
+                    run.cancel_execution(answer.statement_id)
+                except Exception as error:  # best effort, as the API says of cancelling anyway
+                    log.info("could not cancel a waiting log statement (%s)", reason(error))
+                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
+            gevent.sleep(DELTA_POLL_SECONDS)
+            answer = run.get_statement(answer.statement_id)
+        if answer.status.state != StatementState.SUCCEEDED:
+            error = answer.status.error
+            raise StatementFailed(f"the statement ended {answer.status.state.value}"
+                                  + (f": {error.message}" if error and error.message else ""))
+
+    def final_flush(self, seconds=3.0):
+        """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
+        then one last try to write what is pending; all within `seconds`."""
+        with gevent.Timeout(seconds, False), self.sending:
+            if self.greenlet is not None:
+                self.greenlet.kill()
+            try:
+                self.send_pending()
+            except Exception as error:
+                log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
+
+
+def start_delta_logs():
+    """With CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID set: CoDA's records also go to that table."""
+    if not (CONFIG.log_table or CONFIG.log_warehouse_id) or DELTA_LOGS:
+        return None
+    if not (CONFIG.log_table and CONFIG.log_warehouse_id):
+        log.warning("app logs to Delta need both CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID; logs stay local")
+        return None
+    try:
+        table = delta_table_name(CONFIG.log_table)
+    except ValueError as error:
+        log.warning("CODA_LOG_TABLE=%r %s; logs stay local", CONFIG.log_table, error)
+        return None
+    handler = DeltaLogHandler()
+    log.addHandler(handler)
+    shipper = DeltaLogShipper(handler, table, CONFIG.log_warehouse_id)
+    shipper.greenlet = gevent.spawn(shipper.run_forever)
+    DELTA_LOGS.append(shipper)
+    log.info("app logs also go to %s through SQL warehouse %s, once a token is configured",
+             table, CONFIG.log_warehouse_id)
+    return shipper
 
 
 # ===========================================================================
@@ -2745,6 +2990,7 @@ def release_import_memory():
 
 def serve(host, port):
     setup_logging()
+    start_delta_logs()
     ACCESS.bound_host = host
     server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
                         error_log=logging.getLogger("coda.http"))
@@ -2779,6 +3025,8 @@ def serve(host, port):
             log.warning("CODA_TOKEN is set but empty: local access needs no token")
     server.serve_forever()
     log.info("stopped")
+    for shipper in DELTA_LOGS:
+        shipper.final_flush()
 
 
 def doctor():

@@ -1,17 +1,12 @@
 """App logs to Delta (issue 6): CoDA's own log records, batched into a table
 through the SQL Statement Execution API, against the fake workspace.
 
-Until the code is pasted into coda.py it lives in /work/notes/delta_logs.py
-and is loaded from there; the one line that picks it is `delta = ...` below
-(after pasting it can read `delta = coda`). The send pass is called directly
-here (no monkey patching in this process); the greenlet's loop runs in a
-gevent-patched subprocess (`RUNNER`). The end-to-end test runs only once the
-code is in coda.py.
+The send pass is called directly here (no monkey patching in this process);
+the greenlet's loop runs in a gevent-patched subprocess (`RUNNER`).
 """
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import logging
 import os
@@ -29,17 +24,7 @@ from fake_workspace import FakeWorkspace
 sys.path.insert(0, str(ROOT))
 import coda  # noqa: E402  (imported, not run: no monkey patching, no server)
 
-SCRATCH = "/work/notes/delta_logs.py"
-
-
-def _scratch():
-    spec = importlib.util.spec_from_file_location("delta_logs", SCRATCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-delta = coda if hasattr(coda, "DeltaLogHandler") else _scratch()  # after pasting: delta = coda
+delta = coda
 
 TABLE = "`main`.`ops`.`coda_logs`"
 WAREHOUSE = "wh-0123456789abcdef"
@@ -351,18 +336,13 @@ def test_a_long_outage_drops_the_oldest_past_the_bound_and_says_how_many(fw, shi
 RUNNER = r"""
 from gevent import monkey
 monkey.patch_all(subprocess=False)
-import importlib.util, json, logging, sys, time
+import json, logging, sys, time
 import gevent
 
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["root"])
 import coda
-if hasattr(coda, "DeltaLogHandler"):
-    delta = coda
-else:
-    spec = importlib.util.spec_from_file_location("delta_logs", args["scratch"])
-    delta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(delta)
+delta = coda
 for name, value in args["constants"].items():
     setattr(delta, name, value)
 coda.log.setLevel(logging.INFO)
@@ -406,7 +386,7 @@ def run_greenlet(fw, tmp_path):
     def run(scenario, records, bound=None, **extra):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
         env.update(DATABRICKS_HOST=fw.url, HOME=str(tmp_path), CODA_TOKEN="")
-        args = dict(root=str(ROOT), scratch=SCRATCH, constants=FAST, token=fw.add_token(), bound=bound, table=TABLE,
+        args = dict(root=str(ROOT), constants=FAST, token=fw.add_token(), bound=bound, table=TABLE,
                     warehouse=WAREHOUSE, scenario=scenario, records=records, **extra)
         proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(args)], env=env, stdout=subprocess.PIPE,
                                 stderr=open(tmp_path / f"runner{len(started)}.log", "wb"), text=True)
@@ -493,8 +473,6 @@ def test_start_needs_both_variables_and_a_valid_table(monkeypatch, caplog):
         coda.log.removeHandler(shipper.handler)
 
 
-@pytest.mark.skipif(not hasattr(coda, "DeltaLogHandler"),
-                    reason="app logs to Delta are not pasted into coda.py yet (/work/notes/delta_logs.py)")
 def test_coda_writes_its_own_log_lines_to_the_table(start_coda, fw):
     server = start_coda({"DATABRICKS_HOST": fw.url, "DATABRICKS_GATEWAY_HOST": fw.gateway_url,
                          "CODA_PROXY_PORT": str(free_port()), "CODA_LOG_TABLE": "main.ops.coda_logs",
