@@ -12,7 +12,8 @@ README). This module is the whole backend; its sections, in reading order:
 
 Contents
      1. Configuration   every environment variable, in one frozen dataclass
-     2. Logging         one logger; a filter redacts anything token-shaped
+     2. Logging         one logger; a filter redacts anything token-shaped;
+                        optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
      4. Output streams  the byte ring with offsets and UTF-8-safe text slices
      5. Sessions        PTY, process group, reader greenlet, flow control;
@@ -24,7 +25,8 @@ Contents
     10. Setup           the step list and its runner
     11. Local proxy     token-injecting, request-repairing proxy for agents
     12. Tracing, sync   MLflow hooks; post-commit workspace sync
-    13. Command line    `python coda.py` serves; subcommands for hooks
+    13. Command line    `python coda.py` serves; subcommands: token, doctor,
+                        skills (and those the hooks call)
 """
 
 import sys
