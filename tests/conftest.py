@@ -28,6 +28,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout=20, step=0.05):
+    """The first truthy value of condition(), polled for at most `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
 class Coda:
     """A running coda.py, with small helpers that speak PROTOCOL.md."""
 

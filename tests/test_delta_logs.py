@@ -18,7 +18,7 @@ import types
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for
 from fake_workspace import FakeWorkspace
 
 sys.path.insert(0, str(ROOT))
@@ -59,16 +59,6 @@ def delivered(fw):
 
 def messages(fw):
     return [row["message"] for row in delivered(fw)]
-
-
-def wait_for(condition, timeout=20, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import requests
 import websocket
 import yaml
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for
 from fake_workspace import FakeWorkspace
-from test_databricks import wait_for
 
 SECRET_SHAPED = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY)$")
 

@@ -26,31 +26,23 @@ def session_ids_of(server):
     return [s["session_id"] for s in server.get("/api/sessions").json()]
 
 
-def server_children(pid):
-    """(pid, state) of every process whose parent is `pid`."""
-    found = []
+def processes():
+    """(pid, state, parent, session) of every process, from /proc."""
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append((int(name), fields[0]))
-    return found
+            yield int(name), fields[0], int(fields[1]), int(fields[3])
+
+
+def server_children(pid):
+    return [(child, state) for child, state, parent, _ in processes() if parent == pid]
 
 
 def processes_in_session(sid):
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(name))
-    return found
+    return [pid for pid, state, _, session in processes() if session == sid and state != "Z"]
 
 
 def shell_pid(server, session_id):
