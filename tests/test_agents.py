@@ -61,8 +61,10 @@ class Terminal:
         return ANSI.sub("", self.raw)
 
     def wait_for(self, needle, timeout):
+        """Wait until `needle` is on screen; spaces are ignored, since TUIs often draw
+        them as cursor moves, which the escape-stripping takes out."""
         deadline = time.time() + timeout
-        while needle not in self.text():
+        while needle.replace(" ", "") not in self.text().replace(" ", ""):
             assert time.time() < deadline, f"{needle!r} not seen; screen ends with {self.text()[-1500:]!r}"
             answer = self.coda.api("/api/output", {"session_id": self.sid, "since": self.offset, "wait": 1})
             self.raw += answer["output"]
