@@ -26,7 +26,7 @@ Contents
     11. Local proxy     token-injecting, request-repairing proxy for agents
     12. Tracing, sync   MLflow hooks; post-commit workspace sync
     13. Command line    `python coda.py` serves; subcommands: token, doctor,
-                        skills (and those the hooks call)
+                        skills, restore, and sync and trace (the hooks call them)
 """
 
 import sys
@@ -52,7 +52,22 @@ if __name__ == "__main__" and sys.argv[1:] == ["token"]:
           file=sys.stdout if token else sys.stderr)
     sys.exit(0 if token else 1)
 
-if __name__ == "__main__":  # patch before anything imports socket or threading
+if __name__ == "__main__" and sys.argv[1:3] in (["trace", "claude"], ["trace", "codex"], ["trace", "gemini"]):
+    # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
+    # grandchild, before the imports below cost the agent a quarter of a second (section 12).
+    import os
+
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    _null = os.open(os.devnull, os.O_RDWR)
+    _piped = sys.argv[2] != "codex" and not os.isatty(0)  # Claude Code and Gemini CLI pipe their JSON in
+    for _fd in (1, 2) if _piped else (0, 1, 2):
+        os.dup2(_null, _fd)
+
+if __name__ == "__main__" and sys.argv[1:2] != ["trace"]:  # patch before anything imports socket or threading
     from gevent import monkey
 
     monkey.patch_all(subprocess=False)  # setup imports gevent.subprocess when it needs it
@@ -181,6 +196,10 @@ class Config:
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
+    # Tracing (section 12)
+    mlflow_tracing: bool       # MLFLOW_TRACING_ENABLED: trace Claude Code, Codex and Gemini CLI turns (default false)
+    mlflow_experiment: str     # MLFLOW_EXPERIMENT_NAME: the experiment (default /Users/<user>/<DATABRICKS_APP_NAME or coda>)
+    mlflow_tracking_uri: str   # MLFLOW_TRACKING_URI: where traces go (default databricks; any MLflow URI, e.g. sqlite:///...)
     # App logs to Delta (section 2)
     log_table: str             # CODA_LOG_TABLE: catalog.schema.table CoDA's own log records also go to (default: none)
     log_warehouse_id: str      # CODA_LOG_WAREHOUSE_ID: the SQL warehouse that writes them (both needed)
@@ -237,6 +256,9 @@ class Config:
                 ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
                 ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
             proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
+            mlflow_tracing=_env_flag(env, "MLFLOW_TRACING_ENABLED", False),
+            mlflow_experiment=env.get("MLFLOW_EXPERIMENT_NAME", "").strip(),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", "").strip() or "databricks",
             log_table=env.get("CODA_LOG_TABLE", "").strip(),
             log_warehouse_id=env.get("CODA_LOG_WAREHOUSE_ID", "").strip(),
             skills=env.get("CODA_SKILLS", DEFAULT_SKILLS),
@@ -2014,6 +2036,7 @@ def configure_claude(ctx):
         if CONFIG.disable_auto_memory:
             env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = CONFIG.disable_auto_memory
         data["apiKeyHelper"] = " ".join(shlex.quote(part) for part in ctx.token_command)
+        claude_trace_hook(data)
 
     def state(data):
         data["hasCompletedOnboarding"] = True
@@ -2044,6 +2067,7 @@ def configure_codex(ctx):
         "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
     nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
     nested(data, "projects", str(ctx.projects))["trust_level"] = "trusted"
+    codex_notify(data)
     write_private(path, to_toml(data))
     write_owned(ctx.home / ".codex" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
 
@@ -2054,6 +2078,7 @@ def configure_gemini(ctx):
         nested(data, "security", "auth")["selectedType"] = "gemini-api-key"
         nested(data, "model")["name"] = CONFIG.gemini_model
         nested(data, "privacy")["usageStatisticsEnabled"] = False
+        gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
 
     merge_json(ctx.home / ".gemini" / "settings.json", settings)
@@ -2189,7 +2214,8 @@ class Step:
         try:
             with gevent.Timeout(self.timeout, StepFailed(f"timed out after {self.timeout} s")):
                 self.run(self)
-            self.status = "complete"
+            if self.status == "running":  # a step may have decided to skip itself
+                self.status = "complete"
         except StepFailed as error:
             self.status, self.error = "failed", redact(str(error))
         except Exception as error:
@@ -2356,6 +2382,7 @@ class Setup:
     def __init__(self):
         agents = [name for name, _ in enabled_agents()]
         self.boot = [
+            Step("git-hooks", "Git hooks: workspace sync on commit", install_commit_hook, "config", timeout=30),
             install_step("micro", "micro editor", "micro.sh", "micro"),
             install_step("gh", "GitHub CLI", "gh.sh", "gh"),
             install_step("databricks-cli", "Databricks CLI", "databricks.sh", "databricks"),
@@ -2366,6 +2393,9 @@ class Setup:
         self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
                            configure_databricks, "token", timeout=60)]
         self.token += [agent_config_step(name, writer) for name, writer in enabled_agents()]
+        if CONFIG.mlflow_tracing:
+            self.token.append(Step("tracing", "MLflow tracing", prepare_tracing, "token", timeout=180))
+        self.token.append(Step("restore-offer", "Projects saved in the workspace", offer_restore, "token", timeout=60))
         self.steps = self.boot + self.parallel + self.token
 
     def overall(self):
@@ -2395,9 +2425,6 @@ class Setup:
     def run_token_steps(self):
         """Write every agent's configuration for the current token, all at once (each its own files)."""
         gevent.joinall([gevent.spawn(step.execute) for step in self.token])
-
-
-SETUP = Setup()
 
 
 @api("/api/setup-status", "GET")
@@ -2975,6 +3002,991 @@ PROXY_SERVER = []  # the running proxy, for shutdown
 
 
 # ===========================================================================
+# 12. Tracing and sync
+# ===========================================================================
+
+# MLflow tracing (MLFLOW_TRACING_ENABLED). The server never imports mlflow: a
+# setup step runs `coda.py trace prepare`, which creates the experiment if it
+# is missing and writes ~/.coda/tracing.json (tracking URI and experiment; no
+# token: with the `databricks` URI MLflow reads ~/.databrickscfg, which CoDA
+# keeps current). Each agent's end-of-turn hook runs `coda.py trace AGENT`,
+# which answers the agent at once (the top of this file forks before the heavy
+# imports) and writes the trace from the detached grandchild; what happened
+# goes to ~/.coda/tracing.log. What each hook is given (measured):
+#   Claude Code 2.1  Stop hook, stdin {session_id, transcript_path, cwd, hook_event_name,
+#                    last_assistant_message, ...}: MLflow's own transcript processing builds
+#                    the AGENT, LLM and TOOL spans.
+#   Codex 0.171      notify, one argument {"type": "agent-turn-complete", "thread-id", "turn-id",
+#                    "cwd", "client", "input-messages", "last-assistant-message"}; Codex does not
+#                    wait for it. The spans come from the turn's lines in the session rollout,
+#                    ~/.codex/sessions/YYYY/MM/DD/rollout-<time>-<thread-id>.jsonl.
+#   Gemini CLI 0.61  AfterAgent hook (once per prompt, after the tool rounds), stdin {session_id,
+#                    transcript_path, cwd, prompt, prompt_response, ...}; the spans come from its
+#                    chat recording (JSON lines; a record written again under its id replaces it).
+TRACING_FILE = CONFIG.home / ".coda" / "tracing.json"
+TRACING_LOG = CONFIG.home / ".coda" / "tracing.log"
+TRACE_COMMAND = [sys.executable, str(HERE / "coda.py"), "trace"]
+TRACE_TIMEOUT = 300      # seconds a detached trace writer may take before it is killed
+HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
+# What keeps MLflow off the network beyond the tracking store: no model-price catalogue
+# (seconds of retries offline), no usage telemetry; and one synchronous export, since the
+# process ends right after.
+MLFLOW_QUIET = {"MLFLOW_MODEL_CATALOG_URI": "", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                "MLFLOW_DISABLE_AGENT_HINT": "1",
+                "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
+TRACING_READY = {}       # (tracking URI, experiment name) -> experiment id, resolved once per server
+
+
+class NotTraced(Exception):
+    """A turn that is rightly not recorded: the message says why, in the tracing log."""
+
+
+def experiment_name():
+    """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
+    if CONFIG.mlflow_experiment:
+        return CONFIG.mlflow_experiment
+    user = PAT.user or ACCESS.owner  # the token's own user first: its folder is the one it may write
+    return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
+
+
+def prepare_tracing(step):
+    """Setup step (only with tracing on): the experiment, created if missing, and ~/.coda/tracing.json
+    for the hooks, in a child process so the server never imports mlflow."""
+    name = experiment_name()
+    if not name:
+        step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
+        return
+    uri = CONFIG.mlflow_tracking_uri
+    if (uri, name) in TRACING_READY and TRACING_FILE.exists():
+        step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
+        return
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
+    if uri.startswith("databricks"):  # the child's own credentials; never on its command line
+        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PAT.token or "")
+    run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
+    TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
+
+
+def read_tracing_file():
+    try:
+        data = json.loads(TRACING_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def prepare_experiment():
+    """`coda.py trace prepare`: get or create the experiment, then write what the hooks need."""
+    os.environ.update(MLFLOW_QUIET)
+    import mlflow
+
+    uri, name = CONFIG.mlflow_tracking_uri, CONFIG.mlflow_experiment
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: hooks run elsewhere
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:  # made meanwhile by someone else
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":  # traces to a deleted experiment are refused
+            client.restore_experiment(experiment_id)
+    write_private(TRACING_FILE, json.dumps({"tracking_uri": uri, "experiment_id": experiment_id,
+                                            "experiment_name": name}) + "\n")
+    print(f"MLflow experiment {name} (id {experiment_id}) at {uri}")
+    return 0
+
+
+def tracing_check():
+    """For `coda.py doctor`: `coda.py trace check` in a child process (under gevent's patch, importing
+    mlflow deadlocks: its telemetry runs `uname -p` from a fork while the import lock is held)."""
+    from gevent import subprocess
+
+    done = subprocess.run(TRACE_COMMAND + ["check"], capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+    said = done.stdout.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"]
+    if done.returncode:
+        raise StepFailed(said[-1])
+    return said[-1]
+
+
+def check_tracing():
+    """`coda.py trace check`: one line on whether the tracking store holds the experiment the hooks use."""
+    settings = read_tracing_file()
+    if not CONFIG.mlflow_tracing:
+        print("off (MLFLOW_TRACING_ENABLED is not set)")
+        return 0
+    if not settings.get("experiment_id"):
+        print(f"{TRACING_FILE} is missing: paste a token in the CoDA page, whose setup creates the experiment")
+        return 1
+    os.environ.update(MLFLOW_QUIET)
+    import mlflow
+
+    try:
+        experiment = mlflow.MlflowClient(settings["tracking_uri"]).get_experiment(settings["experiment_id"])
+    except Exception as error:
+        print(f"{settings['tracking_uri']} does not answer ({reason(error)}): check MLFLOW_TRACKING_URI and that "
+              "the token may use MLflow")
+        return 1
+    if experiment.lifecycle_stage != "active":
+        print(f"the experiment {experiment.name} was deleted: restore it, or restart CoDA to create it again")
+        return 1
+    print(f"experiment {experiment.name} at {settings['tracking_uri']}")
+    return 0
+
+
+def tracing_hook(agent):
+    """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
+    if not CONFIG.mlflow_tracing:
+        TRACING_FILE.unlink(missing_ok=True)
+        return None
+    return TRACE_COMMAND + [agent]
+
+
+def _is_ours(agent):
+    """A hook entry CoDA wrote for `agent`, wherever coda.py lived then."""
+    suffix = f" trace {agent}"
+    return lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
+                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
+
+
+def merge_hook(data, event, entry, ours):
+    """settings["hooks"][event] (Claude Code's and Gemini CLI's shape: groups of {"hooks": [...]}) with
+    every entry `ours` removed, then `entry` added once when given; everything else is kept."""
+    hooks = data.get("hooks", {})
+    if not isinstance(hooks, dict) or not isinstance(hooks.get(event, []), list):
+        log.warning("the hooks in an agent's settings are not in a shape CoDA knows; left alone")
+        return
+    groups = []
+    for group in hooks.get(event, []):
+        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
+            inner = [hook for hook in group["hooks"] if not ours(hook)]
+            if not inner:
+                continue  # a group that held only ours
+            group = {**group, "hooks": inner}
+        groups.append(group)
+    if entry:
+        groups.append({"hooks": [entry]})
+    if groups:
+        hooks[event] = groups
+    else:
+        hooks.pop(event, None)
+    if hooks:
+        data["hooks"] = hooks
+    else:
+        data.pop("hooks", None)
+
+
+def claude_trace_hook(data):
+    """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
+    command = tracing_hook("claude")
+    entry = command and {"type": "command", "command": " ".join(shlex.quote(part) for part in command),
+                         "timeout": 30}
+    merge_hook(data, "Stop", entry, _is_ours("claude"))
+
+
+def gemini_trace_hook(data):
+    """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
+    command = tracing_hook("gemini")
+    entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
+                         "command": " ".join(shlex.quote(part) for part in command)}
+    merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
+
+
+def codex_notify(data):
+    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
+    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
+    command, current = tracing_hook("codex"), data.get("notify")
+    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
+    if current is not None and not ours:
+        if command:
+            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
+                        CONFIG.home / ".codex" / "config.toml")
+        return
+    if command:
+        data["notify"] = command
+    else:
+        data.pop("notify", None)
+
+
+def trace_command(agent, payload=None):
+    """`coda.py trace claude|codex|gemini [JSON]`: an agent's end-of-turn hook. It runs detached already
+    (the top of this file), so it may take its time: the agent has had its answer.
+    `coda.py trace prepare` (setup) and `coda.py trace check` (doctor) run in the foreground."""
+    if agent in ("prepare", "check"):
+        return prepare_experiment() if agent == "prepare" else check_tracing()
+    if agent not in TRACERS:
+        print("usage: coda.py trace claude|codex|gemini [JSON] | prepare | check", file=sys.stderr)
+        return 2
+    signal.alarm(TRACE_TIMEOUT)  # a hung tracking store must not leave writers behind
+    trace_log()
+    try:
+        hook = json.loads(payload or read_hook_input())
+        settings = read_tracing_file()
+        if not settings.get("experiment_id"):
+            raise NotTraced(f"tracing is not set up ({TRACING_FILE} is missing)")
+        os.environ.update(MLFLOW_QUIET, MLFLOW_TRACKING_URI=settings["tracking_uri"],
+                          MLFLOW_EXPERIMENT_ID=str(settings["experiment_id"]))
+        trace_id = TRACERS[agent](hook)
+        log.info("%s turn traced: %s in experiment %s", agent, trace_id, settings.get("experiment_name"))
+    except NotTraced as why:
+        log.info("%s turn not traced: %s", agent, why)
+    except Exception as error:
+        log.warning("%s turn not traced: %s", agent, reason(error))
+    return 0
+
+
+def trace_log():
+    """~/.coda/tracing.log (0600, one old generation kept past 1 MiB) as this process's stderr and log."""
+    TRACING_LOG.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if TRACING_LOG.stat().st_size > MIB:
+            os.replace(TRACING_LOG, TRACING_LOG.with_name(TRACING_LOG.name + ".1"))
+    except OSError:
+        pass
+    fd = os.open(TRACING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)  # MLflow's own warnings land there too
+    os.close(fd)
+    setup_logging()
+
+
+def read_hook_input():
+    """The hook's JSON on stdin (a pipe the agent writes, then closes), read with a deadline."""
+    import select
+
+    if os.isatty(0):
+        return "{}"
+    data, deadline = b"", time.time() + HOOK_INPUT_WAIT
+    while len(data) < 8 * MIB and select.select([0], [], [], max(0.0, deadline - time.time()))[0]:
+        chunk = os.read(0, 64 * 1024)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace") or "{}"
+
+
+def trace_claude(hook):
+    """Claude Code: MLflow's own transcript processing, on a copy taken now (a next prompt may follow)."""
+    transcript = snapshot(hook["transcript_path"])
+    from mlflow.claude_code import tracing
+
+    try:
+        cwd = os.getcwd()  # the agent's, recorded as the trace's working directory
+        os.chdir(TRACING_LOG.parent)
+        tracing.get_logger()  # it logs to ./.claude/mlflow/claude_tracing.log: not in the user's project
+        os.chdir(cwd)
+        trace = tracing.process_transcript(str(transcript), hook.get("session_id"))
+    finally:
+        transcript.unlink(missing_ok=True)
+    if trace is None:
+        raise RuntimeError(f"MLflow could not read the transcript (see {TRACING_LOG.parent}/.claude/mlflow/)")
+    return trace.info.trace_id
+
+
+def snapshot(path):
+    copy = TRACING_LOG.parent / f".transcript-{os.getpid()}.jsonl"
+    write_private(copy, Path(path).read_text(errors="replace"))
+    return copy
+
+
+def trace_codex(hook):
+    """Codex: one trace per completed turn, with LLM and tool spans from the session rollout."""
+    if hook.get("type") != "agent-turn-complete":
+        raise NotTraced(f"Codex notified {hook.get('type')!r}, not a completed turn")
+    thread, turn = str(hook.get("thread-id", "")), str(hook.get("turn-id", ""))
+    lines = codex_turn_lines(thread, turn)
+    if lines is None:  # Codex keeps a rollout for every thread of the user's, none for its helpers
+        raise NotTraced(f"thread {thread} has no session rollout: a Codex helper (such as its title writer)")
+    steps, model, start, end = codex_steps(lines)
+    return record_turn("codex_turn", "\n".join(map(str, hook.get("input-messages") or [])),
+                       hook.get("last-assistant-message") or "", steps, session=thread, start=start, end=end,
+                       attributes={"model": model, "turn_id": turn, "cwd": hook.get("cwd", "")})
+
+
+def codex_turn_lines(thread, turn):
+    """The rollout lines from the turn's task_started to its task_complete (waited for a few seconds);
+    None when the thread has no rollout."""
+    home = Path(os.environ.get("CODEX_HOME") or CONFIG.home / ".codex")
+    deadline = time.time() + 5
+    while True:
+        lines, inside = [], False
+        found = sorted((home / "sessions").glob(f"*/*/*/rollout-*{thread}.jsonl")) if re.fullmatch(r"[\w-]+", thread) else []
+        for line in found[-1].read_text(errors="replace").splitlines() if found else []:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            payload = item.get("payload") if isinstance(item.get("payload"), dict) else {}
+            if item.get("type") == "event_msg" and payload.get("turn_id") == turn:
+                if payload.get("type") == "task_started":
+                    lines, inside = [], True
+                elif payload.get("type") == "task_complete":
+                    return lines + [item]
+            if inside:
+                lines.append(item)
+        if time.time() > deadline:
+            return lines if found else None
+        time.sleep(0.5)
+
+
+def codex_steps(lines):
+    """LLM spans (one per model response: Codex records its usage after each) and tool spans."""
+    steps, calls, inputs, outputs, usage = [], {}, [], [], None
+    model, start = None, None
+    turn_start = end = _ns(lines[0].get("timestamp")) if lines else None
+    for item in lines:
+        payload, at = item.get("payload") or {}, _ns(item.get("timestamp"))
+        end = at or end
+        kind = payload.get("type")
+        if item.get("type") == "turn_context":
+            model = payload.get("model") or model
+        elif item.get("type") == "token_usage_record":
+            usage = payload.get("usage")
+            steps.append(_llm_step(model, inputs, outputs, start or turn_start, at, usage))
+            inputs, outputs, start = [], [], at
+        elif item.get("type") != "response_item":
+            continue
+        elif kind == "message" and payload.get("role") in ("user", "assistant"):
+            text = "".join(part.get("text", "") for part in payload.get("content") or [] if isinstance(part, dict))
+            (outputs if payload["role"] == "assistant" else inputs).append({"role": payload["role"], "content": text})
+            if payload["role"] == "user":
+                start = at
+        elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
+            arguments = payload.get("arguments") or payload.get("input") or payload.get("action")
+            outputs.append({"type": "tool_call", "name": payload.get("name", kind), "arguments": arguments})
+            calls[payload.get("call_id")] = {"kind": "TOOL", "name": f"tool_{payload.get('name', kind)}",
+                                             "start": at, "end": at, "inputs": _maybe_json(arguments),
+                                             "outputs": {}, "attributes": {"tool_name": payload.get("name", kind),
+                                                                           "tool_id": payload.get("call_id")}}
+            steps.append(calls[payload.get("call_id")])
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            inputs.append({"role": "tool", "tool_call_id": payload.get("call_id"), "content": payload.get("output")})
+            start = at
+            if payload.get("call_id") in calls:
+                calls[payload["call_id"]].update(end=at, outputs={"result": payload.get("output")})
+    if outputs:  # a last response without a usage record
+        steps.append(_llm_step(model, inputs, outputs, start or turn_start, end, None))
+    return steps, model, turn_start, end
+
+
+def trace_gemini(hook):
+    """Gemini CLI: one trace per prompt, with LLM and tool spans from its chat recording."""
+    records = gemini_records(hook.get("transcript_path") or "")
+    prompt = str(hook.get("prompt") or "")
+    turn = [i for i, r in enumerate(records) if r.get("type") == "user" and _gemini_text(r) == prompt.strip()]
+    records = records[turn[-1]:] if turn else []
+    steps, inputs, answer, model = [], [], None, None
+    start = _ns(records[0].get("timestamp")) if records else None
+    previous = start
+    for record in records:
+        at = _ns(record.get("timestamp"))
+        if record.get("type") == "user":
+            inputs.append({"role": "user", "content": record.get("content")})
+            previous = at
+        elif record.get("type") == "gemini":
+            model = record.get("model") or model
+            text = _gemini_text(record)
+            answer = text or answer
+            calls = [c for c in record.get("toolCalls") or [] if isinstance(c, dict)]
+            tokens = record.get("tokens") or {}
+            usage = {"input_tokens": tokens.get("input", 0), "output_tokens": tokens.get("output", 0)}
+            outputs = ([{"role": "assistant", "content": text}] if text else []) + \
+                      [{"type": "tool_call", "name": c.get("name"), "arguments": c.get("args")} for c in calls]
+            steps.append(_llm_step(model, inputs, outputs, previous, at, usage))
+            inputs, previous = [], at
+            for call in calls:
+                done = _ns(call.get("timestamp")) or at
+                steps.append({"kind": "TOOL", "name": f"tool_{call.get('name')}", "start": at, "end": done,
+                              "inputs": call.get("args"), "outputs": {"result": _gemini_result(call)},
+                              "attributes": {"tool_name": call.get("name"), "tool_id": call.get("id")}})
+                previous = max(previous or 0, done or 0) or None
+    answer = answer or str(hook.get("prompt_response") or "")
+    return record_turn("gemini_turn", prompt, answer, steps, session=str(hook.get("session_id", "")),
+                       start=start, end=previous, attributes={"model": model, "cwd": hook.get("cwd", "")})
+
+
+def gemini_records(path):
+    """The chat recording's messages in order, each as last written."""
+    records = {}
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("id") and record.get("type"):
+            records[record["id"]] = record  # an update keeps its first place
+    return list(records.values())
+
+
+def _gemini_text(record):
+    content = record.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict)).strip()
+    return str(content or "").strip()
+
+
+def _gemini_result(call):
+    for part in call.get("result") or []:
+        response = part.get("functionResponse", {}).get("response") if isinstance(part, dict) else None
+        if isinstance(response, dict):
+            return response.get("output", response)
+    return call.get("resultDisplay")
+
+
+def _llm_step(model, inputs, outputs, start, end, usage):
+    attributes = {"model": model or "unknown"}
+    if usage:
+        used_in, used_out = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+        attributes["mlflow.chat.tokenUsage"] = {"input_tokens": used_in, "output_tokens": used_out,
+                                                "total_tokens": used_in + used_out}
+    return {"kind": "LLM", "name": "llm", "start": start, "end": end, "attributes": attributes,
+            "inputs": {"model": model or "unknown", "messages": inputs}, "outputs": {"content": outputs}}
+
+
+def record_turn(name, prompt, answer, steps, session, start, end, attributes):
+    """One trace: an AGENT span for the turn, and under it an LLM or TOOL span per step."""
+    import mlflow
+
+    metadata = {"mlflow.trace.session": session, "mlflow.trace.user": os.environ.get("USER", "")}
+    root = mlflow.start_span_no_context(name=name, span_type="AGENT", inputs={"prompt": prompt},
+                                        attributes={k: v for k, v in attributes.items() if v},
+                                        metadata=metadata, start_time_ns=start)
+    last = root.start_time_ns
+    for step in steps:
+        begin = max(step["start"] or last, root.start_time_ns)
+        span = mlflow.start_span_no_context(name=step["name"], span_type=step["kind"], parent_span=root,
+                                            inputs=step["inputs"], attributes=step["attributes"],
+                                            start_time_ns=begin)
+        span.set_outputs(step["outputs"])
+        last = max(begin, step["end"] or begin)
+        span.end(end_time_ns=last)
+    root.set_outputs({"response": answer})
+    root.end(end_time_ns=max(end or last, last))
+    return root.trace_id
+
+
+def _ns(timestamp):
+    """An ISO 8601 time ("...Z") as nanoseconds since the epoch, or None."""
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp() * 1e9)
+    except ValueError:
+        return None
+
+
+def _maybe_json(text):
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
+
+
+TRACERS = {"claude": trace_claude, "codex": trace_codex, "gemini": trace_gemini}
+
+
+# Workspace sync: a global post-commit hook starts `coda.py sync <repo>` in the
+# background for every repository under ~/projects. The sync copies the commit's
+# tree (tracked files only, never the working tree) to
+# /Workspace/Users/<user>/projects/<repo>: only what changed since the last
+# synced commit, deletions included. What the workspace holds is recorded per
+# repository in <git dir>/coda-sync.json (paths, blob ids, workspace names), so
+# a sync needs neither the old commit (amended, rebased away) nor a listing. A
+# sync that fails leaves the record alone: the next commit retries it all.
+PROJECTS = CONFIG.home / "projects"
+GIT_HOOKS = CONFIG.home / ".coda" / "git-hooks"
+SYNC_LOG = CONFIG.home / ".sync.log"
+SYNC_PROGRAM = HERE / "coda.py"   # what the hook runs, with the Python serving CoDA
+SYNC_STATE = "coda-sync.json"     # in the repository's git dir
+SYNC_LOCK = "coda-sync.lock"
+WORKSPACE_PREFIX = "/Workspace"
+# Hooks that pass through to the repository's own: with core.hooksPath set globally, git
+# looks nowhere else. Left out, because merely existing changes what git does:
+# push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
+GIT_HOOK_NAMES = ("applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit",
+                  "prepare-commit-msg", "commit-msg", "post-checkout", "post-merge", "pre-push", "pre-rebase",
+                  "post-rewrite", "pre-auto-gc", "reference-transaction", "post-index-change",
+                  "sendemail-validate", "pre-receive", "update", "post-receive", "post-update")
+NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, its language
+    ".py": ("# Databricks notebook source", "PYTHON"),
+    ".sql": ("-- Databricks notebook source", "SQL"),
+    ".scala": ("// Databricks notebook source", "SCALA"),
+    ".r": ("# Databricks notebook source", "R"),
+}
+NOTEBOOK_EXTENSIONS = {"PYTHON": ".py", "SQL": ".sql", "SCALA": ".scala", "R": ".r"}  # restored notebooks
+
+PASS_THROUGH_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. A global core.hooksPath hides each repository's
+# own hooks, so this runs the repository's hook of the same name, if it has one.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+hook="$common/hooks/${0##*/}"
+if [ -x "$hook" ] && ! [ "$hook" -ef "$0" ]; then exec "$hook" "$@"; fi
+exit 0
+"""
+
+POST_COMMIT_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. Runs the repository's own post-commit, then copies
+# the commit to the Databricks workspace in the background (~/.sync.log says how it
+# went), for repositories under ~/projects only. Never fails or slows a commit.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+own="$common/hooks/post-commit"
+if [ -x "$own" ] && ! [ "$own" -ef "$0" ]; then "$own" "$@"; fi
+top=$(git rev-parse --show-toplevel 2>/dev/null) && top=$(cd "$top" && pwd -P) || exit 0
+projects=$(cd "$HOME/projects" 2>/dev/null && pwd -P) || exit 0
+case "$top/" in
+    "$projects"/?*) ;;
+    *) exit 0 ;;
+esac
+# Its own session: closing the terminal (SIGHUP, then SIGKILL to the session) must not end it.
+detach=nohup
+command -v setsid >/dev/null 2>&1 && detach=setsid
+unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
+$detach @PYTHON@ @PROGRAM@ sync "$top" >>"$HOME/.sync.log" 2>&1 </dev/null &
+exit 0
+"""
+
+
+class SyncError(Exception):
+    """Why a sync cannot go on: one line for ~/.sync.log."""
+
+
+def install_commit_hook(step):
+    """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
+    so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
+    current = git_config("core.hooksPath")
+    if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
+        raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
+                         "not copied to the workspace (unset it and restart CoDA to have them copied)")
+    for name in GIT_HOOK_NAMES:
+        write_hook(GIT_HOOKS / name, PASS_THROUGH_HOOK)
+    write_hook(GIT_HOOKS / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
+               .replace("@PROGRAM@", shlex.quote(str(SYNC_PROGRAM))))
+    if not current:
+        git_config("core.hooksPath", str(GIT_HOOKS))
+    step.output.append(f"commits under {PROJECTS} are copied to the workspace; repositories' own hooks still run")
+
+
+def write_hook(path, text):
+    write_private(path, text)
+    path.chmod(0o700)
+
+
+# -- the sync subcommand --------------------------------------------------------
+
+def sync_repository(repository):
+    """`coda.py sync REPO` (the post-commit hook runs it): copy REPO's last commit to the workspace.
+    One sync per repository at a time: one that finds another running leaves its commit to that one,
+    which goes again when HEAD moved meanwhile."""
+    sync_logging()
+    try:
+        repo = Path(git(Path(repository).resolve(), "rev-parse", "--show-toplevel").decode().strip())
+        folder = project_folder(repo)
+        git_dir = Path(git(repo, "rev-parse", "--absolute-git-dir").decode().strip())
+    except SyncError as error:
+        log.warning("sync of %s skipped: %s", repository, error)
+        return 1
+    with open(git_dir / SYNC_LOCK, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s: a sync is already running; it copies this commit too", folder)
+                return 0
+            try:
+                synced = sync_once(repo, folder, git_dir)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            if synced is None:
+                return 1
+            if head_commit(repo) == synced:
+                return 0
+
+
+def sync_logging():
+    """A subcommand's log goes to ~/.sync.log (and to the terminal of a user who runs it by hand),
+    through the same redacting filter as the server's."""
+    root = logging.getLogger()
+    root.handlers[:] = []
+    handlers = [logging.FileHandler(SYNC_LOG)] + ([logging.StreamHandler()] if sys.stderr.isatty() else [])
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.addFilter(RedactingFilter())
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("databricks").setLevel(logging.WARNING)
+
+
+def git(repo, *args):
+    """What `git -C repo args` prints (bytes), or SyncError with git's own words."""
+    from gevent import subprocess
+
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, stdin=subprocess.DEVNULL,
+                          timeout=300)
+    if done.returncode != 0:
+        raise SyncError(f"git {args[0]} failed: {done.stderr.decode(errors='replace').strip()[:300]}")
+    return done.stdout
+
+
+def head_commit(repo):
+    """HEAD's commit id, or None in a repository without commits."""
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}").decode().strip() or None
+    except SyncError:
+        return None
+
+
+def project_folder(repo):
+    """The repository's path under ~/projects, which is also its folder in the workspace."""
+    projects = PROJECTS.resolve()
+    if projects not in repo.resolve().parents:
+        raise SyncError(f"{repo} is not under {PROJECTS}")
+    return repo.resolve().relative_to(projects).as_posix()
+
+
+def sync_once(repo, folder, git_dir):
+    """Bring the workspace copy from the recorded state to HEAD: the commit copied, or None."""
+    commit = head_commit(repo)
+    if commit is None:
+        log.warning("sync of %s skipped: it has no commit yet", folder)
+        return None
+    state_path = git_dir / SYNC_STATE
+    state = read_sync_state(state_path)
+    short = commit[:12]
+    try:
+        host, token = saved_credentials()
+        if (state.get("commit"), state.get("folder"), state.get("host")) == (commit, folder, host):
+            return commit  # already there (a sync that went again for a commit it had copied)
+        started = time.time()
+        client, me = workspace_session(host, token)
+        root = f"{projects_folder(me.user_name)}/{folder}"
+        known = state.get("files", {}) if (state.get("root"), state.get("host")) == (root, host) else {}
+        if known and not workspace_exists(client, root):
+            known = {}  # the folder was deleted in the workspace: copy everything again
+        files, counts = apply_commit(client, repo, root, known, committed_files(repo, commit))
+        write_private(state_path, json.dumps({"commit": commit, "folder": folder, "host": host, "root": root,
+                                              "files": files}) + "\n")
+    except Exception as error:
+        log.warning("sync of %s at %s failed (%s); the next commit tries again", folder, short, reason(error))
+        return None
+    log.info("synced %s at %s to %s: %d uploaded, %d deleted%s in %.1f s", folder, short, root, counts["uploaded"],
+             counts["deleted"], f", {counts['refused']} refused" if counts["refused"] else "", time.time() - started)
+    return commit
+
+
+def read_sync_state(path):
+    """The record of what the workspace holds; {} (copy everything) when missing or not as written."""
+    try:
+        state = json.loads(path.read_text())
+        if all(entry.keys() >= {"blob", "remote", "notebook"} for entry in state["files"].values()):
+            return state
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {}
+
+
+def saved_credentials():
+    """The host and token CoDA keeps in ~/.databrickscfg (terminals, hence hooks, never get DATABRICKS_HOST)."""
+    host, token = read_databrickscfg()
+    host = host or CONFIG.databricks_host
+    if not host or not token:
+        raise SyncError("no Databricks token is configured yet (paste one in the CoDA page)")
+    SECRETS.add(token)
+    return host, token
+
+
+def workspace_session(host, token):
+    """A client with the saved token alone, and the user it belongs to (SCIM Me)."""
+    client = workspace_client(token, host=host)
+    return client, client.current_user.me()
+
+
+def projects_folder(user):
+    return f"{WORKSPACE_PREFIX}/Users/{user}/projects"
+
+
+def workspace_exists(client, path):
+    from databricks.sdk.errors import NotFound
+
+    try:
+        client.workspace.get_status(path)
+        return True
+    except NotFound:
+        return False
+
+
+def committed_files(repo, commit):
+    """{path: blob id} of the commit's regular files (symbolic links and submodules stay out)."""
+    files = {}
+    for entry in git(repo, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
+        if entry:
+            meta, path = entry.split(b"\t", 1)
+            mode, _, blob = meta.split()
+            if mode in (b"100644", b"100755"):
+                files[path.decode(errors="surrogateescape")] = blob.decode()
+    return files
+
+
+def apply_commit(client, repo, root, known, tree):
+    """Delete what went, upload what is new or changed. Returns the new record and the counts.
+
+    The workspace refusing one object for good (too large, a name or type clash) does not stop
+    the sync: it is logged and left out of the record, so the next sync tries it again. Anything
+    else (offline, an expired token, a server error) stops it, and the record stays as it was."""
+    from databricks.sdk.errors import BadRequest, ResourceConflict
+
+    counts = {"uploaded": 0, "deleted": 0, "refused": 0}
+    files = {path: entry for path, entry in known.items() if tree.get(path) == entry["blob"]}
+    uploads = {path: (blob, *planned_form(repo, path, blob)) for path, blob in tree.items() if path not in files}
+    after = {(e["remote"], e["notebook"]) for e in files.values()} | {(u[1], u[2] != "AUTO") for u in uploads.values()}
+    # An old object goes unless one of the same name and kind is there afterwards (kept, or overwritten).
+    going = {e["remote"] for p, e in known.items() if p not in files and (e["remote"], e["notebook"]) not in after}
+    for remote in outermost(going, remote_folders(remote for remote, _ in after)):
+        try:
+            delete_object(client, f"{root}/{remote}")
+            counts["deleted"] += 1
+        except (BadRequest, ResourceConflict) as error:
+            log.warning("the workspace refused to delete %s/%s: %s", root, remote, reason(error))
+            counts["refused"] += 1
+            inside = f"{remote}/"  # what stays recorded is deleted again by the next sync
+            files.update({p: e for p, e in known.items() if p not in tree and f"{e['remote']}/".startswith(inside)})
+    made = remote_folders(e["remote"] for e in files.values()) | ({""} if known else set())
+    for path, (blob, remote, form, language) in sorted(uploads.items()):
+        try:
+            upload_object(client, root, remote, git(repo, "cat-file", "blob", blob), form, language, made)
+        except (BadRequest, ResourceConflict) as error:
+            log.warning("the workspace refused %s/%s: %s", root, remote, reason(error))
+            counts["refused"] += 1
+            continue
+        files[path] = {"blob": blob, "remote": remote, "notebook": form != "AUTO"}
+        counts["uploaded"] += 1
+    return files, counts
+
+
+def planned_form(repo, path, blob):
+    """workspace_form, reading the content only where it decides (a possible notebook)."""
+    extension = os.path.splitext(path)[1].lower()
+    maybe_notebook = extension in NOTEBOOK_HEADERS or extension == ".ipynb"
+    return workspace_form(path, git(repo, "cat-file", "blob", blob) if maybe_notebook else b"")
+
+
+def workspace_form(path, content):
+    """Where and how a committed file goes: (workspace path under the project, format, language).
+    Databricks source notebooks and .ipynb become notebooks, named without their extension as
+    Databricks names them; everything else is a file under its own name."""
+    stem, extension = os.path.splitext(path)
+    if extension.lower() == ".ipynb":
+        language = jupyter_language(content)
+        if language:
+            return stem, "JUPYTER", language
+    header = NOTEBOOK_HEADERS.get(extension.lower())
+    first_line = content.split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf").strip()
+    if header and first_line == header[0].encode():
+        return stem, "SOURCE", header[1]
+    return path, "AUTO", None
+
+
+def jupyter_language(content):
+    """A notebook's language from its metadata (PYTHON when it names none), or None if not a notebook."""
+    try:
+        metadata = json.loads(content).get("metadata") or {}
+        name = (metadata.get("kernelspec") or {}).get("language") or (metadata.get("language_info") or {}).get("name")
+    except (ValueError, AttributeError):
+        return None
+    return {"r": "R", "scala": "SCALA", "sql": "SQL"}.get(str(name or "").lower(), "PYTHON")
+
+
+def remote_folders(remotes):
+    """Every folder the given workspace paths sit in ("a/b/c" -> "a", "a/b")."""
+    folders = set()
+    for remote in remotes:
+        parts = remote.split("/")[:-1]
+        folders.update("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return folders
+
+
+def outermost(going, staying_folders):
+    """What to delete: a folder left with nothing in it goes in one recursive delete, not file by file."""
+    targets = set()
+    for remote in going:
+        parts = remote.split("/")
+        emptied = ["/".join(parts[:n]) for n in range(1, len(parts)) if "/".join(parts[:n]) not in staying_folders]
+        targets.add(emptied[0] if emptied else remote)
+    return sorted(targets)
+
+
+def delete_object(client, path):
+    from databricks.sdk.errors import NotFound
+
+    try:
+        client.workspace.delete(path, recursive=True)
+    except NotFound:
+        pass  # already gone: deleted in the workspace by hand
+
+
+def upload_object(client, root, remote, content, form, language, made):
+    """Import one object, creating its folder first (once per sync) and again if it was deleted meanwhile."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.workspace import ImportFormat, Language
+
+    folder = remote.rpartition("/")[0]
+    path = f"{root}/{remote}"
+    if folder not in made:
+        client.workspace.mkdirs(f"{root}/{folder}".rstrip("/"))
+        made.update(remote_folders([remote]) | {"", folder})
+    upload = lambda: client.workspace.upload(path, content, format=ImportFormat[form], overwrite=True,  # noqa: E731
+                                             language=Language[language] if language else None)
+    try:
+        upload()
+    except NotFound:
+        client.workspace.mkdirs(f"{root}/{folder}".rstrip("/"))
+        upload()
+
+
+# -- restore ----------------------------------------------------------------------
+
+def offer_restore(step):
+    """Setup step (token): the app's disk does not survive a restart, so when ~/projects holds no
+    project and the workspace does, say how to bring them back. The user decides: no download here."""
+    if local_projects():
+        return
+    names = workspace_projects(workspace_client(PAT.token), PAT.user)
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
+                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(SYNC_PROGRAM))} restore` to download them")
+        log.info("%s", message)
+        step.output.append(message)
+
+
+def local_projects():
+    return [p for p in PROJECTS.iterdir() if p.is_dir() and not p.name.startswith(".")] if PROJECTS.is_dir() else []
+
+
+def workspace_projects(client, user):
+    """Names of the project folders in the user's workspace (none when the folder does not exist)."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.workspace import ObjectType
+
+    try:
+        return sorted(item.path.rstrip("/").rsplit("/", 1)[1] for item in client.workspace.list(projects_folder(user))
+                      if item.object_type == ObjectType.DIRECTORY)
+    except NotFound:
+        return []
+
+
+def restore_projects():
+    """`coda.py restore`: download each project the workspace holds and ~/projects lacks, as a new git
+    repository with one commit (the workspace keeps files, not history). Existing folders stay untouched."""
+    setup_logging()
+    try:
+        host, token = saved_credentials()
+        client, me = workspace_session(host, token)
+        names = workspace_projects(client, me.user_name)
+    except Exception as error:
+        log.error("restore failed: %s", reason(error))
+        return 1
+    missing = [name for name in names if not (PROJECTS / name).exists()]
+    log.info("the workspace holds %d project(s) under %s; %d missing from %s", len(names),
+             projects_folder(me.user_name), len(missing), PROJECTS)
+    failed = 0
+    for name in missing:
+        try:
+            restore_project(client, me, host, name)
+        except Exception as error:
+            failed += 1
+            log.error("could not restore %s: %s", name, reason(error))
+    return 1 if failed else 0
+
+
+def restore_project(client, me, host, name):
+    """Download into a hidden folder, commit, then rename: a half-restored project never looks whole."""
+    root = f"{projects_folder(me.user_name)}/{name}"
+    staging = PROJECTS / f".{name}.restoring"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        remotes = download_tree(client, root, staging)
+        commit = commit_restored(staging, me)
+        files = {path: {"blob": blob, "remote": remotes[path][0], "notebook": remotes[path][1]}
+                 for path, blob in committed_files(staging, commit).items() if path in remotes}
+        git_dir = Path(git(staging, "rev-parse", "--absolute-git-dir").decode().strip())
+        write_private(git_dir / SYNC_STATE, json.dumps({"commit": commit, "folder": name, "host": host,
+                                                        "root": root, "files": files}) + "\n")
+        staging.rename(PROJECTS / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("restored %s: %d files, committed as %s", name, len(remotes), commit[:12])
+
+
+def download_tree(client, root, into):
+    """Export every notebook (as source, with its language's extension) and file under `root`.
+    Returns {local path: (workspace path, notebook or not)}, paths relative."""
+    from databricks.sdk.service.workspace import ExportFormat, ObjectType
+
+    into.mkdir(parents=True)
+    remotes = {}
+    for item in client.workspace.list(root, recursive=True):
+        remote = relative_path(item.path, root)
+        if item.object_type == ObjectType.NOTEBOOK and item.language:
+            local, form = remote + NOTEBOOK_EXTENSIONS[item.language.value], ExportFormat.SOURCE
+        elif item.object_type == ObjectType.FILE:
+            local, form = remote, None
+        else:
+            log.info("skipped %s: a %s is not a file", item.path, item.object_type.value.lower())
+            continue
+        target = into / local
+        if local in remotes or target.exists():
+            log.warning("skipped %s: %s is taken by another object", item.path, local)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(client.workspace.download(item.path, format=form).read())
+        remotes[local] = (remote, item.object_type == ObjectType.NOTEBOOK)
+    return remotes
+
+
+def relative_path(path, root):
+    """`path` below `root`, either written with or without /Workspace; never outside it."""
+    path, root = (p.removeprefix(WORKSPACE_PREFIX) for p in (path, root))
+    relative = path.removeprefix(root.rstrip("/") + "/")
+    if relative == path or any(part in ("", ".", "..") for part in relative.split("/")):
+        raise SyncError(f"the workspace listed {path}, which is not a plain path under {root}")
+    return relative
+
+
+def commit_restored(repo, me):
+    """git init and one commit, with the user's git identity (from SCIM Me if git has none).
+    Hooks are off for it: a post-commit would upload everything right back."""
+    git(repo, "init", "-q")
+    git(repo, "add", "--all", "--force")  # all: what .gitignore names was tracked, or it would not be here
+    identity = []
+    if not git_identity_set(repo):
+        identity = ["-c", f"user.name={me.display_name or me.user_name}", "-c", f"user.email={me.user_name}"]
+    git(repo, *identity, "-c", "core.hooksPath=/dev/null", "commit", "-q", "--allow-empty", "--no-verify",
+        "-m", "Restored from the Databricks workspace")
+    return head_commit(repo)
+
+
+def git_identity_set(repo):
+    try:
+        return bool(git(repo, "config", "user.email").strip())
+    except SyncError:
+        return False
+
+
+SETUP = Setup()  # built here: its steps include section 12's hook and restore offer
+
+
+# ===========================================================================
 # 13. Command line
 # ===========================================================================
 
@@ -3093,6 +4105,7 @@ def doctor():
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
     checks = [("local proxy", proxy)]
+    checks.append(("MLflow tracing", tracing_check))
     for name, path in (("claude", settings_path), ("codex", CONFIG.home / ".codex" / "config.toml"),
                        ("gemini", CONFIG.home / ".gemini" / "settings.json"),
                        ("opencode", CONFIG.home / ".config" / "opencode" / "opencode.json"),
@@ -3128,7 +4141,12 @@ def refresh_skills():
     return 0 if step.status == "complete" else 1
 
 
-COMMANDS = {  # subcommand: (function, help)
+COMMANDS = {  # subcommand: (function, help, positional arguments)
+    "trace": (trace_command, "record an agent's turn in MLflow (its hooks run this; `trace prepare` at setup, "
+              "`trace check` for doctor)", ("agent", "payload?")),
+    "sync": (sync_repository, "copy a repository's last commit to the workspace (the post-commit hook runs this)",
+             ("repository",)),
+    "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
     "token": (None, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy import)"),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems"),
     "skills": (refresh_skills, "fetch the agent skill packs again"),
@@ -3141,11 +4159,14 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=CONFIG.port, help=f"port (default {CONFIG.port})")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="without one, serve")
-    for name, (_, text) in COMMANDS.items():
-        commands.add_parser(name, help=text)
+    for name, (_, text, *arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=text)
+        for argument in (arguments[0] if arguments else ()):
+            command.add_argument(argument.rstrip("?"), nargs="?" if argument.endswith("?") else None)
     args = parser.parse_args(argv)
     if args.command:
-        sys.exit(COMMANDS[args.command][0]())
+        function, _, *arguments = COMMANDS[args.command]
+        sys.exit(function(*(getattr(args, a.rstrip("?")) for a in (arguments[0] if arguments else ()))))
     serve(args.host, args.port)
 
 

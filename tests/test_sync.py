@@ -1,9 +1,6 @@
 """Workspace sync on commit, against the fake workspace: the real CoDA configured with a
 token, real git commits in a temporary HOME (git's global config lives there too), the
 post-commit hook CoDA installs, and the background `sync` it starts.
-
-Until section 12 is pasted into coda.py, the hook and the subcommands come from the
-scratch module /work/notes/sync.py; PROGRAM below is the one line to change then.
 """
 
 import fcntl
@@ -19,10 +16,7 @@ import pytest
 from conftest import ROOT, free_port
 from fake_workspace import FakeWorkspace
 
-# Once section 12 is in coda.py, this one line becomes:  PROGRAM = ROOT / "coda.py"
-PROGRAM = Path("/work/notes/sync.py")
-PASTED = PROGRAM == ROOT / "coda.py"  # then the server installs the hook itself, as a boot step
-pytestmark = pytest.mark.skipif(not PROGRAM.exists(), reason=f"{PROGRAM} is not here")
+PROGRAM = ROOT / "coda.py"
 
 NOTEBOOK = "# Databricks notebook source\nprint('hello')\n\n# COMMAND ----------\n\nprint(2)\n"
 IPYNB = json.dumps({"cells": [{"cell_type": "code", "source": ["print(1)"], "metadata": {}, "outputs": [],
@@ -57,15 +51,13 @@ class Home:
         return done
 
     def coda(self, *args, check=True):
-        """`python coda.py ARGS` (the scratch module until section 12 is pasted)."""
+        """`python coda.py ARGS`."""
         return self.run(sys.executable, str(PROGRAM), *args, check=check,
                         env={"DATABRICKS_HOST": self.workspace.url})  # only the runner's offer-restore reads it
 
     def install_hooks(self):
-        """What the server's boot step does; the step's answer."""
-        if PASTED:
-            return wait_for(lambda: step(self.server, "git-hooks", settled=True))
-        return json.loads(self.coda("install-hook", check=False).stdout)
+        """The server's boot step that installs the hooks; its answer."""
+        return wait_for(lambda: step(self.server, "git-hooks", settled=True))
 
     def git(self, repo, *args, check=True):
         return self.run("git", "-C", str(repo), *args, check=check)
@@ -353,10 +345,7 @@ def test_restore_after_a_fresh_start(start_coda, workspace, tmp_path):
     first.wait_synced(other)
 
     fresh = make_home(start_coda, workspace, tmp_path / "after")  # the app's disk after a restart
-    if PASTED:
-        offer = wait_for(lambda: step(fresh.server, "restore-offer", settled=True))
-    else:
-        offer = json.loads(fresh.coda("offer-restore").stdout)
+    offer = wait_for(lambda: step(fresh.server, "restore-offer", settled=True))
     assert offer["status"] == "complete"
     assert any("2 project(s) (demo, other)" in line and "restore" in line for line in offer["output"]), offer
 

@@ -19,11 +19,9 @@ import requests
 from conftest import ROOT, TOKEN, free_port
 from fake_workspace import FakeWorkspace
 
-# The server under test. Until section 12 is pasted into coda.py this is the scratch
-# runner (coda.py plus /work/notes/tracing.py); after the paste: [sys.executable, str(ROOT / "coda.py")]
-CODA = [sys.executable, "/work/notes/coda_traced.py"]
+CODA = [sys.executable, str(ROOT / "coda.py")]
 AGENTS_BIN = Path(os.environ.get("CODA_TEST_AGENTS") or Path.home() / ".cache" / "coda-test" / "agents") / "bin"
-pytestmark = pytest.mark.skipif(not Path(CODA[-1]).exists(), reason=f"{CODA[-1]} is not on this machine")
+pytestmark = pytest.mark.skipif(not (AGENTS_BIN / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
 TRACE_WAIT = 90  # seconds for a detached writer: Python and MLflow imports, then the store
 USER_STOP_HOOK = {"hooks": [{"type": "command", "command": "echo user-stop-hook"}]}
 
