@@ -196,6 +196,7 @@ class Config:
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
+    proxy_timeout: float       # CODA_PROXY_TIMEOUT: seconds the proxy waits for the gateway's next byte (default 600)
     # Tracing (section 12)
     mlflow_tracing: bool       # MLFLOW_TRACING_ENABLED: trace Claude Code, Codex and Gemini CLI turns (default false)
     mlflow_experiment: str     # MLFLOW_EXPERIMENT_NAME: the experiment (default /Users/<user>/<DATABRICKS_APP_NAME or coda>)
@@ -256,6 +257,7 @@ class Config:
                 ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
                 ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
             proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
+            proxy_timeout=_env_seconds(env, "CODA_PROXY_TIMEOUT", 600.0),
             mlflow_tracing=_env_flag(env, "MLFLOW_TRACING_ENABLED", False),
             mlflow_experiment=env.get("MLFLOW_EXPERIMENT_NAME", "").strip(),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", "").strip() or "databricks",
@@ -2889,7 +2891,6 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
               "x-goog-api-key", "accept-encoding", "content-encoding"}
 PROXY_MAX_BODY = 32 * MIB
-PROXY_TIMEOUT = (10, 600)  # connect, then between bytes: model turns can think for minutes
 
 
 def proxy_app(environ, start_response):
@@ -2956,7 +2957,7 @@ def _forward(method, url, headers, body, start_response, repair=None):
 
     try:
         upstream = requests.request(method, url, headers=headers, data=body, stream=True,
-                                    timeout=PROXY_TIMEOUT, allow_redirects=False)
+                                    timeout=(10, CONFIG.proxy_timeout), allow_redirects=False)
     except requests.Timeout:
         log.warning("proxy: %s %s timed out", method, urllib.parse.urlsplit(url).path)
         return _plain_json(start_response, "504 Gateway Timeout", {"error": "The AI Gateway did not answer in time."})

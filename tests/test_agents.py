@@ -134,3 +134,19 @@ def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
     finally:
         workspace.gateway_auth_failure_status = 401
         terminal.close()
+
+
+def test_opencode_completes_a_tool_call_through_the_proxy(rig):
+    coda, workspace = rig
+    terminal = Terminal(coda)
+    try:
+        mark = len(workspace.gateway_requests)
+        terminal.type_line("opencode run 'please USE_TOOL now'; echo EXIT-tool-$?")
+        terminal.wait_for("EXIT-tool-0", timeout=180)
+        assert "FAKE-REPLY-chat tool said: FAKE-TOOL-OUTPUT" in terminal.text()
+        turns = [r for r in workspace.gateway_requests[mark:] if r["api"] == "chat" and r["status"] == 200]
+        with_result = [r for r in turns if any(m.get("role") == "tool" for m in r["body"].get("messages", []))]
+        assert with_result, "no request carried the tool's result"
+        assert all(r["token"] in coda_tokens(workspace) for r in turns)  # the proxy's current token
+    finally:
+        terminal.close()

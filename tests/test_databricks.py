@@ -104,6 +104,9 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
                  home / ".local" / "share" / "opencode" / "auth.json", home / ".hermes" / "config.yaml"):
         assert mode(path) == "0o600", path
     assert "~/projects" in (home / ".claude" / "CLAUDE.md").read_text()
+    git_identity = subprocess.run(["git", "config", "--global", "user.email"], env={**os.environ, "HOME": str(home)},
+                                  capture_output=True, text=True).stdout.strip()
+    assert git_identity == workspace.user_name
 
     again = server.post("/api/configure-pat", {"token": pasted})
     assert again.status_code == 409
@@ -291,3 +294,31 @@ def test_proxy_says_502_when_the_gateway_is_down(start_coda, workspace):
     headers = {"Authorization": f"Bearer {proxy_key(server.home)}"}
     answer = requests.post(f"http://127.0.0.1:{port}/mlflow/v1/chat/completions", json=chat_body(), headers=headers, timeout=30)
     assert answer.status_code == 502 and answer.json()["error"]
+
+
+def test_proxy_forwards_events_as_they_arrive(proxied, workspace):
+    workspace.stream_delay = 0.4  # the upstream takes its time between events
+    try:
+        started = time.time()
+        answer = requests.post(proxied.proxy + "/mlflow/v1/chat/completions", json=chat_body("slow please"),
+                               headers=proxied.proxy_headers, stream=True, timeout=60)
+        arrivals = []
+        for chunk in answer.iter_content(None):
+            if b"data:" in chunk:
+                arrivals.append(time.time() - started)
+        total = time.time() - started
+    finally:
+        workspace.stream_delay = 0.0
+    assert len(arrivals) >= 3
+    assert arrivals[0] < total - 0.8, f"first event at {arrivals[0]:.2f} s of {total:.2f} s: it was held back"
+
+
+def test_proxy_says_504_when_the_gateway_is_too_slow(start_coda, workspace):
+    port = free_port()
+    server = start_coda(coda_env(workspace, CODA_PROXY_PORT=str(port), CODA_PROXY_TIMEOUT="1"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    workspace.inject("gateway", status=None, count=1, delay=4)  # answers, but only after 4 s
+    headers = {"Authorization": f"Bearer {proxy_key(server.home)}"}
+    answer = requests.post(f"http://127.0.0.1:{port}/mlflow/v1/chat/completions", json=chat_body(),
+                           headers=headers, timeout=30)
+    assert answer.status_code == 504 and answer.json()["error"]
