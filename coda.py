@@ -3564,6 +3564,9 @@ class SyncError(Exception):
 def install_commit_hook(step):
     """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
     so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
+    if not CONFIG.databricks_host:  # nothing to sync to: leave a local user's git alone
+        step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
+        return
     current = git_config("core.hooksPath")
     if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
         raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "

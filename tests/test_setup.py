@@ -64,6 +64,8 @@ def test_without_installs_the_install_steps_are_skipped(coda_server):
         assert steps[step_id]["status"] == "skipped" and steps[step_id]["error"] == "CODA_INSTALL=0"
     assert steps["proxy"]["status"] == "complete"
     assert steps["configure-claude"]["status"] == "skipped"  # no workspace configured locally
+    assert steps["git-hooks"]["status"] == "skipped"  # nothing to sync to: a local user's git is left alone
+    assert not (coda_server.home / ".gitconfig").exists()
     for step in answer["steps"]:
         assert set(step) >= {"id", "label", "status", "error", "started_at", "finished_at"}
 
