@@ -1744,6 +1744,7 @@ class Pat:
         self.token_id = None       # its id, when CoDA minted it
         self.expires_at = None     # epoch seconds, when known
         self.user = None
+        self.identity = None       # SCIM Me of the pasted token's user (git's identity comes from it)
         self.last_rotation = None
         self.error = None          # one sentence about the last failure, for /api/pat-status
         self.rotor = None
@@ -2305,7 +2306,7 @@ def agent_config_step(name, writer):
 def configure_databricks(step):
     """~/.databrickscfg for the CLI and SDK, and git's identity from SCIM Me when the user has none."""
     write_databrickscfg(PAT.token)
-    me = getattr(PAT, "identity", None)
+    me = PAT.identity
     if me is None:
         return
     for key, value in (("user.name", me.display_name or me.user_name), ("user.email", me.user_name)):
