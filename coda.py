@@ -78,6 +78,7 @@ import collections
 import dataclasses
 import errno
 import fcntl
+import functools
 import hmac
 import importlib
 import io
@@ -610,12 +611,7 @@ class Access:
         return None
 
     def _token_ok(self, environ):
-        offered = [urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("token", [""])[0]]
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        if auth[:7].lower() == "bearer ":
-            offered.append(auth[7:].strip())
-        offered.append(_cookie(environ, COOKIE))
-        return any(o and hmac.compare_digest(o.encode(), self.token.encode()) for o in offered)
+        return offers_secret(environ, self.token, "token", _cookie(environ, COOKIE))
 
     @staticmethod
     def _changes_state(environ):
@@ -634,6 +630,15 @@ class Access:
 
     def _allowed_hosts(self):
         return {_hostname(urllib.parse.urlsplit(o).netloc) for o in self.config.allowed_origins}
+
+
+def offers_secret(environ, secret, query_name, *also):
+    """Whether the request offers `secret`: as ?query_name=, a Bearer token, or one of `also`."""
+    offered = [urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get(query_name, [""])[0], *also]
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    if auth[:7].lower() == "bearer ":
+        offered.append(auth[7:].strip())
+    return any(o and hmac.compare_digest(o.encode(), secret.encode()) for o in offered)
 
 
 def _hostname(host_header):
@@ -1040,6 +1045,12 @@ class Sessions:
             raise ApiError(404, "Session not found.")
         return session
 
+    def touch(self, session_ids):
+        """Heartbeat: keep the listed live sessions from the idle reaper (unknown ids are ignored)."""
+        for session_id in session_ids:
+            if isinstance(session_id, str) and session_id in self.by_id:
+                self.by_id[session_id].touch()
+
     def close(self, session_id):
         session = self.get(session_id)
         session.close()
@@ -1294,9 +1305,7 @@ def heartbeat(body):
     ids = field(body, "session_ids", list, None)
     if ids is None:
         ids = [field(body, "session_id", str)]
-    for session_id in ids:
-        if isinstance(session_id, str) and session_id in SESSIONS.by_id:
-            SESSIONS.by_id[session_id].touch()
+    SESSIONS.touch(ids)
     return {"status": "ok"}
 
 
@@ -1512,9 +1521,7 @@ class TerminalSocket:
                 raise ApiError(400, "The message must be a JSON object.")
             kind = body.get("type")
             if kind == "heartbeat":
-                for sid in field(body, "session_ids", list, []):
-                    if isinstance(sid, str) and sid in SESSIONS.by_id:
-                        SESSIONS.by_id[sid].touch()
+                SESSIONS.touch(field(body, "session_ids", list, []))
                 return
             handler = self.HANDLERS.get(kind)
             if handler is None:
@@ -2169,8 +2176,10 @@ def agent_environment():
     return {**gemini_environment(AgentContext()), "OPENCODE_DISABLE_MODELS_FETCH": "1"}
 
 
+@functools.cache
 def proxy_key():
-    """The local proxy's key, kept in a 0600 file so configs written before a restart stay valid."""
+    """The local proxy's key, kept in a 0600 file so configs written before a restart stay valid;
+    read once (the proxy asks on every request)."""
     path = CONFIG.home / ".coda" / "proxy-key"
     try:
         key = path.read_text().strip()
@@ -2899,7 +2908,8 @@ def proxy_app(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/health":
         return _plain_json(start_response, "200 OK", {"status": "healthy", "token": PAT.valid()})
-    if not _proxy_key_ok(environ):
+    if not offers_secret(environ, proxy_key(), "key", environ.get("HTTP_X_API_KEY", ""),
+                         environ.get("HTTP_X_GOOG_API_KEY", "")):
         return _plain_json(start_response, "401 Unauthorized", {"error": "This proxy needs CoDA's proxy key."})
     prefix = next((p for p in PROXY_ROUTES if path == p or path.startswith(p + "/")), None)
     if prefix is None:
@@ -2930,16 +2940,6 @@ def _repaired_chat_body(body):
     repaired = repair_chat_request(request)
     log.info("proxy: chat request %s", describe_chat_request(repaired))
     return json.dumps(repaired).encode()
-
-
-def _proxy_key_ok(environ):
-    key = proxy_key()
-    offered = [environ.get("HTTP_X_API_KEY", ""), environ.get("HTTP_X_GOOG_API_KEY", ""),
-               urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("key", [""])[0]]
-    auth = environ.get("HTTP_AUTHORIZATION", "")
-    if auth[:7].lower() == "bearer ":
-        offered.append(auth[7:].strip())
-    return any(o and hmac.compare_digest(o.encode(), key.encode()) for o in offered)
 
 
 def _upstream_headers(environ):
