@@ -1159,8 +1159,8 @@ def clean_label(text):
     return "".join(ch for ch in text if ch.isprintable())[:100]
 
 
-def output_answer(session, since):
-    text, offset, next_offset, truncated = session.stream.read_text(since)
+def output_answer(session, since, limit=POLL_SLICE):
+    text, offset, next_offset, truncated = session.stream.read_text(since, limit)
     return {"output": text, "offset": offset, "next_offset": next_offset, "truncated": truncated,
             "exited": session.exit_code is not None or session.closing, "exit_code": session.exit_code,
             "shutting_down": SESSIONS.shutting_down.is_set()}
@@ -1226,10 +1226,8 @@ def attach_session(body):
     session = SESSIONS.get(field(body, "session_id", str))
     since = field(body, "since", int, session.stream.start, 0)
     session.touch()
-    answer = output_answer(session, since)
-    text, offset, next_offset, truncated = session.stream.read_text(since, CONFIG.scrollback_bytes)
-    answer.update(output=text, offset=offset, next_offset=next_offset, truncated=truncated,
-                  session_id=session.id, label=session.label, created_at=session.created_at,
+    answer = output_answer(session, since, CONFIG.scrollback_bytes)  # all that is kept, in one answer
+    answer.update(session_id=session.id, label=session.label, created_at=session.created_at,
                   process=session.process_name())
     return answer
 
