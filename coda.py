@@ -768,10 +768,16 @@ class ApiError(Exception):
         self.status = status
 
 
+def is_ci_marker(name):
+    """A browser terminal is interactive even when CoDA was started by a CI job;
+    these variables make Gemini CLI and other Ink TUIs refuse interactive mode."""
+    return name in ("CI", "CONTINUOUS_INTEGRATION") or name.startswith("CI_")
+
+
 def shell_environment(config, base=os.environ):
     """The environment a terminal starts with: ours, minus every secret."""
     env = {k: v for k, v in base.items()
-           if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES)}
+           if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES) and not is_ci_marker(k)}
     env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(config.home),
                CODA_VERSION=__version__, **agent_environment())
     if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):

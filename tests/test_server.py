@@ -245,13 +245,14 @@ def test_concurrent_closes_both_succeed(coda_server):
 def test_shell_environment_is_clean_and_ready(start_coda):
     server = start_coda({"DATABRICKS_TOKEN": "dapi0123456789abcdef0123456789abcdef", "DATABRICKS_HOST": "https://x",
                          "DATABRICKS_CLIENT_SECRET": "s3cr3t-value", "MY_API_KEY": "k-value-1", "DB_PASSWORD": "pw-value-1",
-                         "CLAUDECODE": "1", "GITHUB_TOKEN": "gh-value-1", "HARMLESS": "kept", "LANG": "", "LC_ALL": "", "LC_CTYPE": ""})
+                         "CLAUDECODE": "1", "GITHUB_TOKEN": "gh-value-1", "HARMLESS": "kept", "LANG": "", "LC_ALL": "", "LC_CTYPE": "",
+                         "CI": "true", "CONTINUOUS_INTEGRATION": "1", "CI_JOB_ID": "7"})
     sid = server.new_session()
     server.type(sid, "env | sort; echo CWD=$(pwd) CHARMAP=$(locale charmap); echo END$((1))ENV\r")
     text, _ = server.read_until(sid, "END1ENV\r\n")
     for name in ("DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CLIENT_SECRET", "MY_API_KEY", "DB_PASSWORD",
-                 "CLAUDECODE", "GITHUB_TOKEN", "CODA_TOKEN"):
-        assert f"\n{name}=" not in text, name
+                 "CLAUDECODE", "GITHUB_TOKEN", "CODA_TOKEN", "CI", "CONTINUOUS_INTEGRATION", "CI_JOB_ID"):
+        assert f"\n{name}=" not in text, name  # CI markers turn agent TUIs non-interactive
     for secret in ("dapi0123", "s3cr3t", "k-value", "pw-value", "gh-value", TOKEN):
         assert secret not in text
     assert "HARMLESS=kept" in text and "TERM=xterm-256color" in text and "COLORTERM=truecolor" in text
