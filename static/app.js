@@ -472,6 +472,28 @@ function chunks(text) {
   return out;
 }
 
+// xterm 6.0 re-measures its scrollbar on every line it scrolls (Viewport._sync
+// per buffer scroll event, each re-arming a hide timer) until the scrollback is
+// full, which makes a fresh terminal render a flood ~4x slower for its first
+// 10,000 lines; xterm 3 had synced once per frame (xterm.js #444). Coalesce those
+// calls to one per frame. Calls with an argument (resize, buffer switch) pass
+// through. A future xterm without this private method is left as it is.
+function syncScrollbarOncePerFrame(term) {
+  const viewport = term._core && term._core._viewport;
+  if (!viewport || typeof viewport._sync !== 'function') {
+    console.warn('CoDA: this xterm has no Viewport._sync; its scrollbar is synced on every line');
+    return;
+  }
+  const sync = viewport._sync.bind(viewport);
+  let queued = false;
+  viewport._sync = (...args) => {
+    if (args.length) return sync(...args);
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; sync(); });
+  };
+}
+
 function unrenderedBytes() {
   return allPanes().reduce((sum, p) => sum + (p.offset - p.rendered), 0);
 }
@@ -550,6 +572,7 @@ class Pane {
     term.loadAddon(new Unicode11Addon.Unicode11Addon());
     term.unicode.activeVersion = '11';
     term.open(this.host);
+    syncScrollbarOncePerFrame(term);
     this.loadRenderer();
     // The image addon decodes both Sixel and iTerm images (its base64 too)
     // with WebAssembly. Where the page's CSP forbids compiling it, the first
@@ -1450,6 +1473,7 @@ function exposeDebug() {
     paneText: (tabIndex, paneIndex) => text(tabs[tabIndex].panes[paneIndex || 0]),
     activeText: () => { const p = activePane(); return p ? text(p) : ''; },
     selection: () => { const p = activePane(); return p ? p.term.getSelection() : ''; },
+    scroll: () => { const b = activePane().term.buffer.active; return { top: b.viewportY, bottom: b.baseY, length: b.length }; },
     offsets: () => allPanes().map((p) => ({ session: p.sessionId, offset: p.offset, rendered: p.rendered })),
   });
 }

@@ -116,6 +116,7 @@ class Tab:
         for path, handler in (routes or {}).items():
             self.context.route(f"**/{path}", handler)
         self.problems = []
+        self.warnings = []
         self.pages = []
 
     def open(self):
@@ -127,6 +128,8 @@ class Tab:
         return page
 
     def on_console(self, msg):
+        if msg.type == "warning":
+            self.warnings.append(msg.text)
         if msg.type != "error":
             return
         if self.http_errors_expected and msg.text.startswith("Failed to load resource"):
@@ -213,6 +216,47 @@ def test_split_and_type_in_both_panes(open_tab):
     left = page.locator(".tab-view.active .pane").first.bounding_box()["width"]
     assert 0.14 * 1200 < left < 0.3 * 1200
     shot(page, "split")
+
+
+SCROLLBAR = """(() => {
+  const bar = document.querySelector('.tab-view.active .xterm .scrollbar.vertical');
+  const slider = bar.querySelector('.slider');
+  return { bar: bar.getBoundingClientRect().height, top: slider.offsetTop, height: slider.offsetHeight };
+})()"""
+
+
+# Counts timers armed: xterm 6 re-arms its scrollbar's hide timer on each sync.
+COUNT_TIMERS = """
+window.__timers = 0;
+const realSetTimeout = window.setTimeout;
+window.setTimeout = function (...args) { window.__timers += 1; return realSetTimeout.apply(this, args); };
+"""
+
+
+def test_scrollbar_follows_a_flood_and_scrolls_back(open_tab):
+    """app.js syncs xterm's scrollbar once per frame, not once per line (which
+    made a new terminal ~4x slower for its first 10,000 lines): a 5,000-line
+    flood arms a few timers, not thousands; after it the view and the scrollbar
+    are at the end, the slider's size reflects the scrollback, and the wheel
+    scrolls back."""
+    tab, page = open_tab(init_scripts=[COUNT_TIMERS])
+    wait_ready(page)
+    before = page.evaluate("window.__timers")
+    page.keyboard.type("seq 1 5000\n")
+    wait_text(page, "\n5000")
+    assert page.evaluate("window.__timers") - before < 1000
+    wait(page, "() => { const s = window.coda.scroll(); return s.top === s.bottom && s.length > 5000; }",
+         what="the view at the end of the output")
+    wait(page, f"() => {{ const s = {SCROLLBAR}; return Math.abs(s.top + s.height - s.bar) <= 2; }}",
+         what="the slider at the bottom")
+    at_end = page.evaluate(SCROLLBAR)
+    assert at_end["height"] < 0.1 * at_end["bar"]  # 5,000 lines behind a screenful
+    page.mouse.move(600, 300)
+    for _ in range(12):  # a wheel event scrolls a few lines
+        page.mouse.wheel(0, -500)
+    wait(page, "() => { const s = window.coda.scroll(); return s.top < s.bottom - 20; }", what="scrolled back")
+    wait(page, f"() => {SCROLLBAR}.top < {at_end['top'] - 2}", what="the slider moved up")
+    assert not [w for w in tab.warnings if "Viewport._sync" in w], tab.warnings
 
 
 def test_theme_and_font_persist_across_reload(open_tab):
