@@ -486,11 +486,13 @@ function syncScrollbarOncePerFrame(term) {
   }
   const sync = viewport._sync.bind(viewport);
   let queued = false;
+  let disposed = false;  // a pane closed mid-flood: its last queued sync must not run
+  term.loadAddon({ activate() {}, dispose() { disposed = true; } });
   viewport._sync = (...args) => {
     if (args.length) return sync(...args);
     if (queued) return;
     queued = true;
-    requestAnimationFrame(() => { queued = false; sync(); });
+    requestAnimationFrame(() => { queued = false; if (!disposed) sync(); });
   };
 }
 

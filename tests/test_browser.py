@@ -259,6 +259,26 @@ def test_scrollbar_follows_a_flood_and_scrolls_back(open_tab):
     assert not [w for w in tab.warnings if "Viewport._sync" in w], tab.warnings
 
 
+def test_closing_a_pane_mid_flood_raises_no_error(open_tab, coda_server):
+    """A pane closed while output scrolls it: the scrollbar sync queued for the
+    next frame must not touch the disposed terminal (the fixture fails the test
+    on any page error)."""
+    _, page = open_tab()
+    wait_ready(page)
+    for _ in range(12):
+        page.keyboard.press("Alt+Shift+D")
+        wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
+             what="a second pane with its session")
+        wait_text(page, "@", tab=0, pane=1)
+        flooding = page.evaluate("window.coda.tabs[0].sessions[1]")
+        page.keyboard.type("yes\n")
+        wait(page, "() => window.coda.paneText(0, 1).includes('y\\ny\\ny\\ny')", what="the flood")
+        page.keyboard.press("Alt+Shift+W")
+        wait(page, "() => window.coda.tabs[0].sessions.length === 1", what="the pane closed")
+        coda_server.post("/api/session/close", {"session_id": flooding})
+    page.wait_for_timeout(300)  # frames after the last close
+
+
 def test_theme_and_font_persist_across_reload(open_tab):
     tab, page = open_tab()
     wait_ready(page)
