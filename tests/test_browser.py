@@ -79,6 +79,13 @@ def wait_ready(page):
     wait_text(page, "@", timeout=15)   # the shell prompt (user@host)
 
 
+def split(page):
+    """Alt+Shift+D, then wait until the second pane has its session."""
+    page.keyboard.press("Alt+Shift+D")
+    wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
+         what="a second pane with its session")
+
+
 def shot(page, name):
     """Screenshots for the README, only when asked (CODA_SCREENSHOTS=1): a
     plain test run leaves the work tree alone."""
@@ -195,9 +202,7 @@ def test_type_a_command_and_read_its_output(open_tab, coda_server):
 def test_split_and_type_in_both_panes(open_tab):
     _, page = open_tab()
     wait_ready(page)
-    page.keyboard.press("Alt+Shift+D")
-    wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
-         what="a second pane with its session")
+    split(page)
     wait_text(page, "@", tab=0, pane=1)
     page.keyboard.type("echo right-$((1+1))\n")
     wait_text(page, "right-2", tab=0, pane=1)
@@ -266,9 +271,7 @@ def test_closing_a_pane_mid_flood_raises_no_error(open_tab, coda_server):
     _, page = open_tab()
     wait_ready(page)
     for _ in range(12):
-        page.keyboard.press("Alt+Shift+D")
-        wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
-             what="a second pane with its session")
+        split(page)
         wait_text(page, "@", tab=0, pane=1)
         flooding = page.evaluate("window.coda.tabs[0].sessions[1]")
         page.keyboard.type("yes\n")
@@ -886,9 +889,7 @@ def test_close_and_split_again_keeps_one_divider(open_tab):
     _, page = open_tab()
     wait_ready(page)
     for _ in range(2):
-        page.keyboard.press("Alt+Shift+D")
-        wait(page, "() => window.coda.tabs[0].sessions.length === 2 && window.coda.tabs[0].sessions[1]",
-             what="a second pane")
+        split(page)
         page.keyboard.press("Alt+Shift+BracketLeft")   # the first pane
         page.keyboard.press("Alt+Shift+W")
         wait(page, "() => window.coda.tabs[0].sessions.length === 1", what="one pane left")
