@@ -2049,7 +2049,7 @@ def configure_claude(ctx):
                    CLAUDE_CODE_API_KEY_HELPER_TTL_MS="60000")
         if CONFIG.disable_auto_memory:
             env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = CONFIG.disable_auto_memory
-        data["apiKeyHelper"] = " ".join(shlex.quote(part) for part in ctx.token_command)
+        data["apiKeyHelper"] = shlex.join(ctx.token_command)
         claude_trace_hook(data)
 
     def state(data):
@@ -3190,8 +3190,7 @@ def merge_hook(data, event, entry, ours):
 def claude_trace_hook(data):
     """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
     command = tracing_hook("claude")
-    entry = command and {"type": "command", "command": " ".join(shlex.quote(part) for part in command),
-                         "timeout": 30}
+    entry = command and {"type": "command", "command": shlex.join(command), "timeout": 30}
     merge_hook(data, "Stop", entry, _is_ours("claude"))
 
 
@@ -3199,7 +3198,7 @@ def gemini_trace_hook(data):
     """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
     command = tracing_hook("gemini")
     entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
-                         "command": " ".join(shlex.quote(part) for part in command)}
+                         "command": shlex.join(command)}
     merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
 
 
