@@ -2160,17 +2160,20 @@ def write_databrickscfg(token):
 
 
 MCP_NAMES = ("deepwiki", "exa", "team-memory")
-AGENTS = [  # (name, writer): adding an agent is one function and one row
-    ("claude", configure_claude),
-    ("codex", configure_codex),
-    ("gemini", configure_gemini),
-    ("opencode", configure_opencode),
-    ("hermes", configure_hermes),
+# Adding an agent is one function and one row: its command (and install name), the
+# label setup and doctor show, its writer, and the file doctor expects it to have written.
+Agent = collections.namedtuple("Agent", "name label configure config_file")
+AGENTS = [
+    Agent("claude", "Claude Code", configure_claude, ".claude/settings.json"),
+    Agent("codex", "Codex", configure_codex, ".codex/config.toml"),
+    Agent("gemini", "Gemini CLI", configure_gemini, ".gemini/settings.json"),
+    Agent("opencode", "OpenCode", configure_opencode, ".config/opencode/opencode.json"),
+    Agent("hermes", "Hermes Agent", configure_hermes, ".hermes/config.yaml"),
 ]
 
 
 def enabled_agents():
-    return [(name, writer) for name, writer in AGENTS if name != "hermes" or CONFIG.enable_hermes]
+    return [agent for agent in AGENTS if agent.name != "hermes" or CONFIG.enable_hermes]
 
 
 def agent_environment():
@@ -2204,8 +2207,6 @@ def proxy_key():
 
 LOCAL = CONFIG.home / ".local"   # where installs go: no root needed
 INSTALL_SCRIPTS = HERE / "install"
-AGENT_LABELS = {"claude": "Claude Code", "codex": "Codex", "gemini": "Gemini CLI", "opencode": "OpenCode",
-                "hermes": "Hermes Agent"}
 
 
 class StepFailed(Exception):
@@ -2307,13 +2308,13 @@ def check_proxy(step):
         gevent.sleep(0.2)
 
 
-def agent_config_step(name, writer):
+def agent_config_step(agent):
     def run(step):
         try:
-            writer(AgentContext())
+            agent.configure(AgentContext())
         except ConfigError as error:
             raise StepFailed(str(error)) from None
-    return Step(f"configure-{name}", f"Configure {AGENT_LABELS[name]}", run, "token", timeout=60)
+    return Step(f"configure-{agent.name}", f"Configure {agent.label}", run, "token", timeout=60)
 
 
 def configure_databricks(step):
@@ -2396,7 +2397,6 @@ class Setup:
     token steps whenever a token is configured."""
 
     def __init__(self):
-        agents = [name for name, _ in enabled_agents()]
         self.boot = [
             Step("git-hooks", "Git hooks: workspace sync on commit", install_commit_hook, "config", timeout=30),
             install_step("micro", "micro editor", "micro.sh", "micro"),
@@ -2404,11 +2404,12 @@ class Setup:
             install_step("databricks-cli", "Databricks CLI", "databricks.sh", "databricks"),
             Step("proxy", "Local agent proxy", check_proxy, "config", timeout=30),
         ]
-        self.parallel = [install_step(name, AGENT_LABELS[name], "agents.sh", name, name) for name in agents]
+        self.parallel = [install_step(agent.name, agent.label, "agents.sh", agent.name, agent.name)
+                         for agent in enabled_agents()]
         self.parallel.append(Step("skills", "Agent skills", install_skills, "install", timeout=600))
         self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
                            configure_databricks, "token", timeout=60)]
-        self.token += [agent_config_step(name, writer) for name, writer in enabled_agents()]
+        self.token += [agent_config_step(agent) for agent in enabled_agents()]
         if CONFIG.mlflow_tracing:
             self.token.append(Step("tracing", "MLflow tracing", prepare_tracing, "token", timeout=180))
         self.token.append(Step("restore-offer", "Projects saved in the workspace", offer_restore, "token", timeout=60))
@@ -4056,7 +4057,8 @@ def doctor():
     import requests
 
     host, token = read_databrickscfg()
-    settings_path = CONFIG.home / ".claude" / "settings.json"
+    claude = next(agent for agent in AGENTS if agent.name == "claude")
+    settings_path = CONFIG.home / claude.config_file  # it names the gateway the agents use
 
     def workspace():
         if not host:
@@ -4112,14 +4114,10 @@ def doctor():
 
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
-    checks = [("local proxy", proxy)]
-    checks.append(("MLflow tracing", tracing_check))
-    for name, path in (("claude", settings_path), ("codex", CONFIG.home / ".codex" / "config.toml"),
-                       ("gemini", CONFIG.home / ".gemini" / "settings.json"),
-                       ("opencode", CONFIG.home / ".config" / "opencode" / "opencode.json"),
-                       ("hermes", CONFIG.home / ".hermes" / "config.yaml")):
-        if name != "hermes" or CONFIG.enable_hermes:
-            checks.append((f"{AGENT_LABELS[name]} installed and configured", agent(name, path)))
+    checks = [("local proxy", proxy), ("MLflow tracing", tracing_check)]
+    checks += [(f"{each.label} installed and configured", agent(each.name, CONFIG.home / each.config_file))
+               for each in enabled_agents()]
+
     def run(label, check):
         try:
             print(f"ok    {label}: {check()}")
