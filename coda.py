@@ -1109,13 +1109,14 @@ SECURITY_HEADERS = [
 
 
 def api(path, method="POST", body_limit=MAX_JSON_BODY):
-    """Route decorator: JSON in (for POST), JSON out, ApiError to {"error"}."""
+    """Route decorator: JSON in (for POST; body_limit=None: the handler reads the body itself),
+    JSON out, ApiError to {"error"}."""
 
     def decorate(handler):
         def route(**kwargs):
             bottle.response.set_header("Cache-Control", "no-store")
             try:
-                if method == "POST":
+                if method == "POST" and body_limit:
                     kwargs["body"] = _json_body(body_limit)
                 return handler(**kwargs)
             except ApiError as error:
@@ -1316,14 +1317,9 @@ def heartbeat(body):
 UPLOAD_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-@app.post("/api/upload")
+@api("/api/upload", body_limit=None)  # multipart, read by _save_upload
 def upload():
-    bottle.response.set_header("Cache-Control", "no-store")
-    try:
-        return {"path": _save_upload()}
-    except ApiError as error:
-        bottle.response.status = error.status
-        return {"error": str(error)}
+    return {"path": _save_upload()}
 
 
 def size_text(size):
