@@ -2957,16 +2957,17 @@ def _forward(method, url, headers, body, start_response, repair=None):
     import_off_loop("requests")
     import requests
 
+    logged = urllib.parse.urlsplit(url).path  # the log gets the path alone
     try:
         upstream = requests.request(method, url, headers=headers, data=body, stream=True,
                                     timeout=(10, CONFIG.proxy_timeout), allow_redirects=False)
     except requests.Timeout:
-        log.warning("proxy: %s %s timed out", method, urllib.parse.urlsplit(url).path)
+        log.warning("proxy: %s %s timed out", method, logged)
         return _plain_json(start_response, "504 Gateway Timeout", {"error": "The AI Gateway did not answer in time."})
     except requests.RequestException as error:
-        log.warning("proxy: %s %s failed: %s", method, urllib.parse.urlsplit(url).path, reason(error))
+        log.warning("proxy: %s %s failed: %s", method, logged, reason(error))
         return _plain_json(start_response, "502 Bad Gateway", {"error": "The AI Gateway could not be reached."})
-    log.info("proxy: %s %s -> %d", method, urllib.parse.urlsplit(url).path, upstream.status_code)
+    log.info("proxy: %s %s -> %d", method, logged, upstream.status_code)
     headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
     start_response(f"{upstream.status_code} {upstream.reason}", headers)
     streaming = repair and "text/event-stream" in upstream.headers.get("Content-Type", "")
