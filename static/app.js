@@ -472,30 +472,6 @@ function chunks(text) {
   return out;
 }
 
-// xterm 6.0 re-measures its scrollbar on every line it scrolls (Viewport._sync
-// per buffer scroll event, each re-arming a hide timer) until the scrollback is
-// full, which makes a fresh terminal render a flood ~4x slower for its first
-// 10,000 lines; xterm 3 had synced once per frame (xterm.js #444). Coalesce those
-// calls to one per frame. Calls with an argument (resize, buffer switch) pass
-// through. A future xterm without this private method is left as it is.
-function syncScrollbarOncePerFrame(term) {
-  const viewport = term._core && term._core._viewport;
-  if (!viewport || typeof viewport._sync !== 'function') {
-    console.warn('CoDA: this xterm has no Viewport._sync; its scrollbar is synced on every line');
-    return;
-  }
-  const sync = viewport._sync.bind(viewport);
-  let queued = false;
-  let disposed = false;  // a pane closed mid-flood: its last queued sync must not run
-  term.loadAddon({ activate() {}, dispose() { disposed = true; } });
-  viewport._sync = (...args) => {
-    if (args.length) return sync(...args);
-    if (queued) return;
-    queued = true;
-    requestAnimationFrame(() => { queued = false; if (!disposed) sync(); });
-  };
-}
-
 function unrenderedBytes() {
   return allPanes().reduce((sum, p) => sum + (p.offset - p.rendered), 0);
 }
@@ -521,6 +497,31 @@ function softwareWebgl() {
     if (lose) lose.loseContext();   // free the probe's context at once
   } catch (_) { /* no answer: assume a GPU */ }
   return softwareGl;
+}
+
+// xterm 6.0 re-measures its scrollbar on every line it scrolls (Viewport._sync
+// per buffer scroll event, each re-arming a hide timer) until the scrollback is
+// full, which makes a fresh terminal render a flood ~4x slower for its first
+// 10,000 lines; xterm 3 had synced once per frame (xterm.js #444). Coalesce those
+// calls to one per frame. Calls with an argument (resize, buffer switch) pass
+// through. A future xterm without this private method is left as it is, with a
+// console warning.
+function syncScrollbarOncePerFrame(term) {
+  const viewport = term._core && term._core._viewport;
+  if (!viewport || typeof viewport._sync !== 'function') {
+    console.warn('CoDA: this xterm has no Viewport._sync; its scrollbar is synced on every line');
+    return;
+  }
+  const sync = viewport._sync.bind(viewport);
+  let queued = false;
+  let disposed = false;  // a pane closed mid-flood: its last queued sync must not run
+  term.loadAddon({ activate() {}, dispose() { disposed = true; } });
+  viewport._sync = (...args) => {
+    if (args.length) return sync(...args);
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; if (!disposed) sync(); });
+  };
 }
 
 let serverVersion = '';
@@ -755,7 +756,6 @@ function splashText() {
 
 const tabs = [];          // [{name, panes: [Pane, Pane?], split, el, tabEl, active}]
 let activeTab = null;
-let nextShellNumber = 1;
 
 function allPanes() { return tabs.flatMap((t) => t.panes); }
 function paneBySession(id) { return allPanes().find((p) => p.sessionId === id) || null; }
@@ -1048,7 +1048,6 @@ async function renderSessions() {
         await newTab(s.session_id, s.offset || 0);
       },
     });
-    if (open) attach.disabled = false;
     const kill = el('button', {
       class: 'danger', text: 'Kill',
       onclick: async () => {
