@@ -572,28 +572,27 @@ def test_responses_multi_turn_with_tool(fw):
     auth = {"Authorization": "Bearer " + tok}
     tools = [{"type": "function", "name": "exec_command", "parameters": {
         "type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}]
-    items = [{"type": "message", "role": "user",
-              "content": [{"type": "input_text", "text": "one"}]}]
-    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
-                                                 "tools": tools}).json()["output"]
-    assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses: one"
-    items += out + [{"type": "message", "role": "user",
-                     "content": [{"type": "input_text", "text": "two USE_TOOL"}]}]
-    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
-                                                 "tools": tools}).json()["output"]
-    call = out[0]
+    items = []
+
+    def turn(*new_items):
+        """Add the items, send the whole conversation, keep and return the answer's output."""
+        items.extend(new_items)
+        out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
+                                                     "tools": tools}).json()["output"]
+        items.extend(out)
+        return out
+
+    def user(text):
+        return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+    assert turn(user("one"))[0]["content"][0]["text"] == "FAKE-REPLY-responses: one"
+    call = turn(user("two USE_TOOL"))[0]
     assert call["type"] == "function_call" and json.loads(call["arguments"]) == {
         "cmd": fw.tool_command}
-    items += out + [{"type": "function_call_output", "call_id": call["call_id"],
-                     "output": "Chunk ID: 1\nOutput:\nFAKE-TOOL-OUTPUT\n"}]
-    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
-                                                 "tools": tools}).json()["output"]
+    out = turn({"type": "function_call_output", "call_id": call["call_id"],
+                "output": "Chunk ID: 1\nOutput:\nFAKE-TOOL-OUTPUT\n"})
     assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses tool said: FAKE-TOOL-OUTPUT"
-    items += out + [{"type": "message", "role": "user",
-                     "content": [{"type": "input_text", "text": "three"}]}]
-    out = requests.post(url, headers=auth, json={"model": "m", "stream": False, "input": items,
-                                                 "tools": tools}).json()["output"]
-    assert out[0]["content"][0]["text"] == "FAKE-REPLY-responses: three"
+    assert turn(user("three"))[0]["content"][0]["text"] == "FAKE-REPLY-responses: three"
 
 
 def test_gemini_tool_round_trip(fw):
