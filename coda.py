@@ -330,7 +330,6 @@ def setup_logging():
         log.warning(warning)
 
 
-
 # App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
 # the records of the "coda" logger (never terminal content, which is never
 # logged; never a token: each record passes the redacting filter first) are
@@ -2192,9 +2191,6 @@ def proxy_key():
         key = "coda-proxy-" + secrets.token_hex(24)
         write_private(path, key + "\n")
     return key
-
-
-
 
 
 # ===========================================================================
