@@ -60,15 +60,23 @@ class Terminal:
     def text(self):
         return ANSI.sub("", self.raw)
 
+    def read(self, wait):
+        answer = self.coda.api("/api/output", {"session_id": self.sid, "since": self.offset, "wait": wait})
+        self.raw += answer["output"]
+        self.offset = answer["next_offset"]
+
+    def tail(self):
+        """What the screen ends with now, for a failure message."""
+        self.read(0)
+        return self.text()[-1500:]
+
     def wait_for(self, needle, timeout):
         """Wait until `needle` is on screen; spaces are ignored, since TUIs often draw
         them as cursor moves, which the escape-stripping takes out."""
         deadline = time.time() + timeout
         while needle.replace(" ", "") not in self.text().replace(" ", ""):
             assert time.time() < deadline, f"{needle!r} not seen; screen ends with {self.text()[-1500:]!r}"
-            answer = self.coda.api("/api/output", {"session_id": self.sid, "since": self.offset, "wait": 1})
-            self.raw += answer["output"]
-            self.offset = answer["next_offset"]
+            self.read(1)
 
     def type_line(self, line):
         self.coda.type(self.sid, line)
@@ -104,6 +112,11 @@ def test_one_shot_reaches_the_gateway_with_a_live_token(rig, agent):
         terminal.close()
 
 
+def arrived(workspace, since):
+    """The gateway requests since `since`, as (api, status), for a failure message."""
+    return [(r["api"], r["status"]) for r in workspace.gateway_requests[since:]]
+
+
 @pytest.mark.parametrize("agent,dead_token_status", [(a, 401) for a in CASES] + [("codex", 403), ("claude", 403)])
 def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
     coda, workspace = rig
@@ -116,7 +129,8 @@ def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
         time.sleep(2)  # the prompt is drawn before it takes input
         mark = len(workspace.gateway_requests)
         terminal.type_line("first question")
-        assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), f"{agent}: no first answer"
+        assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), \
+            f"{agent}: no first answer; requests {arrived(workspace, mark)}; screen ends with {terminal.tail()!r}"
 
         old = coda_tokens(workspace)
         coda.api("/api/configure-pat", {"token": coda.pasted, "replace": True})  # a forced rotation
@@ -128,7 +142,8 @@ def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
         mark = len(workspace.gateway_requests)
         terminal.type_line("second question")
         answer = workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=90)
-        assert answer, f"{agent}: no answer after the rotation"
+        assert answer, (f"{agent}: no answer after the rotation; requests {arrived(workspace, mark)}; "
+                        f"screen ends with {terminal.tail()!r}")
         assert answer["token"] not in old
         terminal.wait_for(f"FAKE-REPLY-{api}", timeout=30)
     finally:
