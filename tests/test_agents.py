@@ -79,8 +79,15 @@ class Terminal:
             self.read(1)
 
     def type_line(self, line):
+        """Type a line, and press Enter only once it shows: a TUI that reads the two
+        together takes them for a paste and the Enter for a newline (Codex does)."""
+        seen = len(self.raw)
         self.coda.type(self.sid, line)
-        time.sleep(0.5)  # TUIs take a pasted line and its Enter apart
+        deadline = time.time() + 30
+        while line.replace(" ", "") not in ANSI.sub("", self.raw[seen:]).replace(" ", ""):
+            assert time.time() < deadline, f"{line!r} was not echoed; screen ends with {self.text()[-1500:]!r}"
+            self.read(1)
+        time.sleep(0.2)  # and the paste-burst window it was read in has closed
         self.coda.type(self.sid, "\r")
 
     def close(self):
