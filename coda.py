@@ -2290,11 +2290,15 @@ def check_proxy(step):
         connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
         try:
             connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return
+            status = connection.getresponse().status
         except OSError as error:
             if time.time() > deadline:
                 raise StepFailed(f"the local proxy on 127.0.0.1:{CONFIG.proxy_port} does not answer: {reason(error)}")
+        else:
+            if status == 200:
+                return
+            raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} answers /health with HTTP {status}: another program "
+                             "holds the port; set CODA_PROXY_PORT to a free one")
         finally:
             connection.close()
         gevent.sleep(0.2)
@@ -4089,10 +4093,17 @@ def doctor():
 
     def proxy():
         try:
-            health = requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=5).json()
-        except (requests.RequestException, ValueError) as error:
+            answer = requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=5)
+        except requests.RequestException as error:
             raise StepFailed(f"nothing answers on 127.0.0.1:{CONFIG.proxy_port} ({type(error).__name__}): "
                              "restart the app") from None
+        try:
+            health = answer.json() if answer.status_code == 200 else None
+        except ValueError:
+            health = None
+        if not isinstance(health, dict):
+            raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is not CoDA's proxy (HTTP {answer.status_code}): "
+                             "another program holds the port; set CODA_PROXY_PORT to a free one")
         if not health.get("token"):
             raise StepFailed("the local proxy has no valid token: paste one in the CoDA page")
         return f"127.0.0.1:{CONFIG.proxy_port}"

@@ -1,14 +1,17 @@
 """Setup at boot: the real install/ scripts pointed at local sources, honest step states,
 skills from local git repositories, and the parallel group really running in parallel."""
 
+import http.server
 import os
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import ROOT, free_port
 from test_install import Mirror, publish
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
@@ -71,6 +74,31 @@ def test_without_installs_the_install_steps_are_skipped(coda_server):
 
 
 @pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
+def test_a_proxy_port_held_by_another_program_fails_the_step_with_its_answer(start_coda):
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    squatter = http.server.HTTPServer(("127.0.0.1", free_port()), NotFound)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        coda = start_coda({"CODA_PROXY_PORT": str(squatter.server_port)})
+        coda.wait_healthy()
+        _, steps = wait_settled(coda, ["proxy"], timeout=60)
+        assert steps["proxy"]["status"] == "failed"
+        assert "HTTP 404" in steps["proxy"]["error"] and "CODA_PROXY_PORT" in steps["proxy"]["error"]
+        doctor = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "HOME": str(coda.home),
+                                                 "CODA_PROXY_PORT": str(squatter.server_port)})
+        assert "is not CoDA's proxy (HTTP 404)" in doctor.stdout, doctor.stdout + doctor.stderr
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+
+
 def test_setup_runs_the_real_installers_and_reports_honestly(start_coda, tmp_path):
     mirror_root = tmp_path / "mirror"
     mirror_root.mkdir()
