@@ -2282,25 +2282,37 @@ def install_step(step_id, label, script, binary, *args):
     return Step(step_id, label, run, "install")
 
 
-def check_proxy(step):
+def proxy_health():
+    """The local proxy's /health answer (setup's proxy step and doctor ask it). OSError when
+    nothing answers; StepFailed when what answers is not CoDA's proxy."""
     import http.client  # not requests: this runs at every boot, and requests is heavy
 
+    connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        answer = connection.getresponse()
+        body = answer.read()
+    finally:
+        connection.close()
+    try:
+        health = json.loads(body) if answer.status == 200 else None
+    except ValueError:
+        health = None
+    if not isinstance(health, dict):
+        raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is not CoDA's proxy (HTTP {answer.status}): "
+                         "another program holds the port; set CODA_PROXY_PORT to a free one")
+    return health
+
+
+def check_proxy(step):
     deadline = time.time() + 10
     while True:
-        connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
         try:
-            connection.request("GET", "/health")
-            status = connection.getresponse().status
+            proxy_health()
+            return
         except OSError as error:
             if time.time() > deadline:
                 raise StepFailed(f"the local proxy on 127.0.0.1:{CONFIG.proxy_port} does not answer: {reason(error)}")
-        else:
-            if status == 200:
-                return
-            raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} answers /health with HTTP {status}: another program "
-                             "holds the port; set CODA_PROXY_PORT to a free one")
-        finally:
-            connection.close()
         gevent.sleep(0.2)
 
 
@@ -4093,17 +4105,10 @@ def doctor():
 
     def proxy():
         try:
-            answer = requests.get(f"http://127.0.0.1:{CONFIG.proxy_port}/health", timeout=5)
-        except requests.RequestException as error:
+            health = proxy_health()
+        except OSError as error:
             raise StepFailed(f"nothing answers on 127.0.0.1:{CONFIG.proxy_port} ({type(error).__name__}): "
                              "restart the app") from None
-        try:
-            health = answer.json() if answer.status_code == 200 else None
-        except ValueError:
-            health = None
-        if not isinstance(health, dict):
-            raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is not CoDA's proxy (HTTP {answer.status_code}): "
-                             "another program holds the port; set CODA_PROXY_PORT to a free one")
         if not health.get("token"):
             raise StepFailed("the local proxy has no valid token: paste one in the CoDA page")
         return f"127.0.0.1:{CONFIG.proxy_port}"
