@@ -4162,9 +4162,10 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
     "sync": (sync_repository, "copy a repository's last commit to the workspace (the post-commit hook runs this)",
              ("repository",)),
     "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
-    "token": (None, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy import)"),
-    "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems"),
-    "skills": (refresh_skills, "fetch the agent skill packs again"),
+    "token": (None, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy "
+              "import)", ()),
+    "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
+    "skills": (refresh_skills, "fetch the agent skill packs again", ()),
 }
 
 
@@ -4174,14 +4175,14 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=CONFIG.port, help=f"port (default {CONFIG.port})")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="without one, serve")
-    for name, (_, text, *arguments) in COMMANDS.items():
+    for name, (_, text, arguments) in COMMANDS.items():
         command = commands.add_parser(name, help=text)
-        for argument in (arguments[0] if arguments else ()):
+        for argument in arguments:
             command.add_argument(argument.rstrip("?"), nargs="?" if argument.endswith("?") else None)
     args = parser.parse_args(argv)
     if args.command:
-        function, _, *arguments = COMMANDS[args.command]
-        sys.exit(function(*(getattr(args, a.rstrip("?")) for a in (arguments[0] if arguments else ()))))
+        function, _, arguments = COMMANDS[args.command]
+        sys.exit(function(*(getattr(args, a.rstrip("?")) for a in arguments)))
     serve(args.host, args.port)
 
 
