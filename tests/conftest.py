@@ -28,7 +28,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(condition, timeout=20, step=0.05):
+def wait_for(condition, timeout=20, step=0.05, what="the condition"):
     """The first truthy value of condition(), polled for at most `timeout` seconds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -36,7 +36,7 @@ def wait_for(condition, timeout=20, step=0.05):
         if value:
             return value
         time.sleep(step)
-    raise AssertionError("condition not met in time")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Coda:
@@ -48,7 +48,8 @@ class Coda:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
+        environment = {k: v for k, v in os.environ.items()
+                       if not k.startswith(("DATABRICKS_", "CODA_", "APP_", "MLFLOW_"))}
         environment.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1",
                            CODA_PROXY_PORT=str(free_port()))
         environment.update(env or {})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for
 from fake_workspace import FakeWorkspace
 
 PROGRAM = ROOT / "coda.py"
@@ -57,7 +57,7 @@ class Home:
 
     def install_hooks(self):
         """The server's boot step that installs the hooks; its answer."""
-        return wait_for(lambda: step(self.server, "git-hooks", settled=True))
+        return wait_for(lambda: step(self.server, "git-hooks", settled=True), timeout=60)
 
     def git(self, repo, *args, check=True):
         return self.run("git", "-C", str(repo), *args, check=check)
@@ -100,16 +100,6 @@ class Home:
     def remote_paths(self, project):
         root = self.remote(project) + "/"
         return {p[len(root):]: o for p, o in self.workspace.files.items() if p.startswith(root)}
-
-
-def wait_for(condition, timeout=60, interval=0.1):
-    deadline = time.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.time() < deadline, "condition not met in time"
-        time.sleep(interval)
 
 
 def step(server, step_id, settled=False):
@@ -332,7 +322,7 @@ def test_one_sync_at_a_time(home, workspace):
         assert "a sync is already running" in home.log()
         assert sync_state(repo)["commit"] == first
     commits = [home.commit(repo, f"burst {n}", {f"burst/{n}.txt": f"{n}\n"}) for n in range(5)]
-    wait_for(lambda: sync_state(repo)["commit"] == commits[-1])
+    wait_for(lambda: sync_state(repo)["commit"] == commits[-1], timeout=60)
     assert {f"burst/{n}.txt" for n in range(5)} | {"a.txt", "b.txt"} <= set(home.remote_paths("demo"))
 
 
@@ -345,7 +335,7 @@ def test_restore_after_a_fresh_start(start_coda, workspace, tmp_path):
     first.wait_synced(other)
 
     fresh = make_home(start_coda, workspace, tmp_path / "after")  # the app's disk after a restart
-    offer = wait_for(lambda: step(fresh.server, "restore-offer", settled=True))
+    offer = wait_for(lambda: step(fresh.server, "restore-offer", settled=True), timeout=60)
     assert offer["status"] == "complete"
     assert any("2 project(s) (demo, other)" in line and "restore" in line for line in offer["output"]), offer
 

@@ -6,7 +6,6 @@ local tracking store (sqlite in a temporary folder), in the expected experiment.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,9 +13,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import ROOT, TOKEN, free_port
+from conftest import ROOT, Coda, wait_for
 from fake_workspace import FakeWorkspace
 
 CODA = [sys.executable, str(ROOT / "coda.py")]
@@ -33,66 +31,22 @@ def workspace():
     fake.stop()
 
 
-class Server:
-    """A coda server (CODA) in HOME `home`, its output in home/coda.log."""
+class Server(Coda):
+    """conftest's Coda against the fake workspace, with the setup steps at hand."""
 
     def __init__(self, home, workspace, **env):
-        self.home = Path(home)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        environment = {k: v for k, v in os.environ.items()
-                       if not k.startswith(("DATABRICKS_", "CODA_", "APP_", "MLFLOW_"))}
-        environment.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1",
-                           CODA_PROXY_PORT=str(free_port()), DATABRICKS_HOST=workspace.url,
-                           DATABRICKS_GATEWAY_HOST=workspace.gateway_url, DEEPWIKI_MCP_URL="", EXA_MCP_URL="",
-                           **env)
-        self.log_file = open(self.home / "coda.log", "ab")
-        self.proc = subprocess.Popen(CODA + ["--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
-                                     env=environment, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT))
-        wait_for(lambda: self._healthy(), 20, "the server to answer /health")
-
-    def _healthy(self):
-        assert self.proc.poll() is None, self.log()
-        try:
-            return requests.get(self.url + "/health", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    def log(self):
-        return (self.home / "coda.log").read_text(errors="replace")
+        super().__init__(home, {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+                                "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "", **env})
 
     def configure(self, workspace, replace=False):
-        """Paste a token, then wait for every token step (agent configs, tracing) to finish."""
-        answer = requests.post(self.url + "/api/configure-pat", timeout=60,
-                               headers={"Authorization": f"Bearer {TOKEN}"},
-                               json={"token": workspace.add_token(comment="pasted"), "replace": replace})
+        """Paste a token; the token steps (agent configs, tracing) then run (see finished())."""
+        answer = self.post("/api/configure-pat", {"token": workspace.add_token(comment="pasted"), "replace": replace},
+                           timeout=60)
         assert answer.status_code == 200, answer.text
         return answer.json()
 
     def steps(self):
-        answer = requests.get(self.url + "/api/setup-status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-        return {step["id"]: step for step in answer.json()["steps"]}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        return {step["id"]: step for step in self.get("/api/setup-status", timeout=10).json()["steps"]}
 
 
 @pytest.fixture
@@ -135,7 +89,7 @@ def finished(server, prefix, timeout=120):
         chosen = [step for name, step in steps.items() if name.startswith(prefix)]
         return steps if chosen and all(step["status"] not in ("pending", "running") for step in chosen) else None
 
-    return wait_for(steps, timeout, f"the setup steps {prefix}*")
+    return wait_for(steps, timeout, step=0.2, what=f"the setup steps {prefix}*")
 
 
 def ready_tracing(server, workspace):
@@ -160,7 +114,7 @@ def traces(settings, count):
         finished = [t for t in got if t.info.trace_metadata.get("mlflow.trace.infoFinalized") == "true"]  # spans land first
         return finished if len(finished) >= count else None
 
-    return wait_for(found, TRACE_WAIT, f"{count} trace(s) in the tracking store")
+    return wait_for(found, TRACE_WAIT, step=0.2, what=f"{count} trace(s) in the tracking store")
 
 
 def span_types(trace):
@@ -327,7 +281,8 @@ def test_a_hook_without_tracing_set_up_says_so_in_its_log_and_nothing_else(tmp_p
                           env={**os.environ, "HOME": str(home)}, capture_output=True, timeout=30)
     assert done.returncode == 0 and done.stdout == done.stderr == b""
     assert time.perf_counter() - started < 2.0
-    log = wait_for(lambda: "not traced" in tracing_log(home) and tracing_log(home), 30, "the tracing log")
+    log = wait_for(lambda: "not traced" in tracing_log(home) and tracing_log(home), 30, step=0.2,
+                   what="the tracing log")
     assert "tracing is not set up" in log
     assert oct((home / ".coda" / "tracing.log").stat().st_mode & 0o777) == "0o600"
 
@@ -341,6 +296,7 @@ def test_a_codex_helper_thread_without_a_rollout_is_not_traced(tmp_path):
     hook = {"type": "agent-turn-complete", "thread-id": "0000-helper", "turn-id": "1", "client": "codex-tui",
             "input-messages": ["Generate a concise, single-line task title"], "last-assistant-message": "{}"}
     subprocess.run(CODA + ["trace", "codex", json.dumps(hook)], env={**os.environ, "HOME": str(home)}, timeout=30)
-    log = wait_for(lambda: "not traced" in tracing_log(home) and tracing_log(home), 30, "the tracing log")
+    log = wait_for(lambda: "not traced" in tracing_log(home) and tracing_log(home), 30, step=0.2,
+                   what="the tracing log")
     assert "thread 0000-helper has no session rollout" in log
     assert not (tmp_path / "mlflow.db").exists()  # MLflow never opened the store
