@@ -1,11 +1,9 @@
 """Setup at boot: the real install/ scripts pointed at local sources, honest step states,
 skills from local git repositories, and the parallel group really running in parallel."""
 
-import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -73,32 +71,23 @@ def test_without_installs_the_install_steps_are_skipped(coda_server):
         assert set(step) >= {"id", "label", "status", "error", "started_at", "finished_at"}
 
 
-@pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
-def test_a_proxy_port_held_by_another_program_fails_the_step_with_its_answer(start_coda):
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_error(404)
-
-        def log_message(self, *args):
-            pass
-
-    squatter = http.server.HTTPServer(("127.0.0.1", free_port()), NotFound)
-    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+def test_a_proxy_port_held_by_another_program_fails_the_step_with_its_answer(start_coda, tmp_path):
+    (tmp_path / "empty").mkdir()
+    squatter = Mirror(tmp_path / "empty")  # a file server with nothing to serve: /health is a 404
     try:
-        coda = start_coda({"CODA_PROXY_PORT": str(squatter.server_port)})
-        coda.wait_healthy()
+        port = str(squatter.server.server_address[1])
+        coda = start_coda({"CODA_PROXY_PORT": port})
         _, steps = wait_settled(coda, ["proxy"], timeout=60)
         assert steps["proxy"]["status"] == "failed"
         assert "HTTP 404" in steps["proxy"]["error"] and "CODA_PROXY_PORT" in steps["proxy"]["error"]
         doctor = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
-                                timeout=60, env={**os.environ, "HOME": str(coda.home),
-                                                 "CODA_PROXY_PORT": str(squatter.server_port)})
+                                timeout=60, env={**os.environ, "HOME": str(coda.home), "CODA_PROXY_PORT": port})
         assert "is not CoDA's proxy (HTTP 404)" in doctor.stdout, doctor.stdout + doctor.stderr
     finally:
-        squatter.shutdown()
-        squatter.server_close()
+        squatter.close()
 
 
+@pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
 def test_setup_runs_the_real_installers_and_reports_honestly(start_coda, tmp_path):
     mirror_root = tmp_path / "mirror"
     mirror_root.mkdir()
