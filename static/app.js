@@ -435,12 +435,13 @@ const transport = {
       const pane = paneBySession(id);
       if (!pane) continue;
       if (out.error) { pane.onExit(null, out.error); continue; }
-      if (out.output) {
+      // The exact bytes from the server's offset (the worker decoded them).
+      if (out.bytes.length) {
         this.pollOutstanding += 1;
-        pane.receive(out.offset, new TextEncoder().encode(out.output), () => this.pollRendered());
+        pane.receive(out.offset, out.bytes, () => this.pollRendered());
       }
       // Exited with output still coming: the next answer carries the rest.
-      if (out.exited && !out.output) pane.onExit(out.exit_code);
+      if (out.exited && !out.bytes.length) pane.onExit(out.exit_code);
     }
     // Ask for more at once unless xterm is far behind; then wait until the
     // batch is rendered, which is the poller's flow control.

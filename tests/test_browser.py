@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, TOKEN, free_port
+from conftest import ROOT, TOKEN, free_port, wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -341,6 +341,29 @@ def test_long_poll_when_websocket_is_blocked(open_tab):
     page.keyboard.type("seq 1 2000 | tail -n 3; echo done-$((5+5))\n")
     wait_text(page, "done-10")
     assert "1998\n1999\n2000" in text(page)
+
+
+@pytest.mark.parametrize("transport", ["ws", "poll"])
+def test_bytes_that_are_not_utf8_cost_no_following_output(open_tab, coda_server, transport):
+    """Output that is not valid UTF-8 reaches xterm as bytes: the text after it is
+    intact, over the WebSocket and over HTTP polling (whose JSON text could not carry
+    those bytes), and the pane's offset stays the server's."""
+    _, page = open_tab(init_scripts=[BLOCK_WEBSOCKET] if transport == "poll" else [])
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == transport
+    # The pause puts the invalid bytes and the text in separate answers.
+    page.keyboard.type("printf '\\377\\376\\375\\300'; sleep 0.3; echo Q0$((40+2))ABCDEFGHIJ\n")
+    wait_text(page, "Q042ABCDEFGHIJ")
+    # 500 lines of a euro sign, an invalid byte and a character cut short.
+    page.keyboard.type("yes \"$(printf '\\342\\202\\254\\377\\303')\" | head -n 500; echo after-$((9*9))\n")
+    wait_text(page, "\nafter-81")
+    session = page.evaluate("window.coda.tabs[0].sessions[0]")
+
+    def offsets_agree():
+        server_offset = {s["session_id"]: s["offset"] for s in coda_server.get("/api/sessions").json()}[session]
+        return page.evaluate("window.coda.offsets()[0].offset") == server_offset
+
+    wait_for(offsets_agree, timeout=10, what="the pane's offset to be the server's")
 
 
 def test_reload_restores_layout_and_replays_output(open_tab):
