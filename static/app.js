@@ -540,6 +540,17 @@ async function checkWasmAllowed() {
   } catch (_) { return false; }
 }
 
+// OSC 52 lets a program in the terminal (vim, tmux, also over ssh) copy to the
+// clipboard. A read would hand the browser's clipboard to whatever runs in the
+// PTY, a remote host included: reads get an empty answer, never the clipboard.
+const WRITE_ONLY_CLIPBOARD = {
+  readText: () => '',
+  writeText: (selection, text) => {
+    if (selection !== 'c' || !navigator.clipboard) return undefined;
+    return navigator.clipboard.writeText(text).catch(() => { /* not allowed now (no focus): drop it */ });
+  },
+};
+
 class Pane {
   constructor(tab) {
     this.tab = tab;
@@ -572,7 +583,7 @@ class Pane {
     term.loadAddon(this.fitAddon);
     term.loadAddon(this.search);
     term.loadAddon(new WebLinksAddon.WebLinksAddon());
-    term.loadAddon(new ClipboardAddon.ClipboardAddon());   // OSC 52 copy
+    term.loadAddon(new ClipboardAddon.ClipboardAddon(undefined, WRITE_ONLY_CLIPBOARD));   // OSC 52 copy
     term.loadAddon(new Unicode11Addon.Unicode11Addon());
     term.unicode.activeVersion = '11';
     term.open(this.host);

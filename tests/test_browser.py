@@ -862,6 +862,24 @@ def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab, coda_serve
     wait_text(page, "\nafter-copy", timeout=5)
 
 
+def test_osc52_sets_the_clipboard_but_never_reads_it(open_tab):
+    """A program may copy with OSC 52; its query (ESC ] 52 ; c ; ?) never sends the
+    browser's clipboard into the PTY, where a remote host could read it."""
+    tab, page = open_tab()
+    tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    wait_ready(page)
+    page.evaluate("navigator.clipboard.writeText('secret-clip-7')")
+    # Raw mode: an answer needs no newline to reach `read`, which keeps what came in 2 s.
+    page.keyboard.type("stty raw -echo; printf '\\033]52;c;?\\a'; read -t 2 -r -d Q x; stty sane; "
+                       "printf 'GOT:%s:E%sD\\n' \"$x\" N | cat -v\n")
+    wait_text(page, ":END")
+    [got] = re.findall(r"^GOT:(.*):END", text(page), re.M)
+    assert "secret-clip-7" not in text(page) and base64.b64encode(b"secret-clip-7").decode() not in got, got
+    page.keyboard.type("printf '\\033]52;c;%s\\a' $(printf written-clip-9 | base64); echo copied-$((2*3))\n")
+    wait_text(page, "\ncopied-6")
+    wait(page, "() => navigator.clipboard.readText().then((t) => t === 'written-clip-9')", what="the OSC 52 copy")
+
+
 def test_expired_login_shows_a_banner(open_tab):
     tab, page = open_tab(http_errors_expected=True)
     wait_ready(page)
