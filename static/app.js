@@ -1172,13 +1172,15 @@ function showTokenCard(pane, workspaceHost, why) {
   const host = String(workspaceHost).replace(/\/+$/, '');
   const origin = /^https?:\/\//.test(host) ? host : 'https://' + host;
   const input = el('input', { type: 'password', placeholder: 'dapi\u2026', autocomplete: 'off', spellcheck: 'false', 'aria-label': 'Databricks personal access token' });
-  const message = el('div', { class: 'pat-message', text: why || '' });
+  const message = el('div', { class: 'pat-message' });
   const submit = el('button', { text: 'Connect' });
   const card = el('form', { class: 'card pat-card', 'data-card': 'pat' },
     el('div', { class: 'card-title', text: 'Connect your Databricks token' }),
     el('p', {}, 'The coding agents call the workspace with your personal access token. ',
-      el('a', { href: origin + '/settings/user/developer/access-tokens', target: '_blank', rel: 'noopener noreferrer', text: 'Create one here' }), '.'),
-    el('div', { class: 'pat-row' }, input, submit), message);
+      el('a', { href: origin + '/settings/user/developer/access-tokens', target: '_blank', rel: 'noopener noreferrer', text: 'Create one here' }), '.'));
+  // Why the configured token does not work (expired, refused), from /api/pat-status.
+  if (why) card.append(el('p', { class: 'pat-reason', text: why }));
+  card.append(el('div', { class: 'pat-row' }, input, submit), message);
   // Keys typed here belong to the field, not to the terminal shortcuts.
   input.addEventListener('keydown', (ev) => ev.stopPropagation());
   card.addEventListener('submit', async (ev) => {

@@ -565,6 +565,29 @@ def test_no_token_prompt_locally(open_tab, coda_server):
     assert page.locator(".pat-card").count() == 0
 
 
+def open_as_owner(browser, start_coda, workspace, **env):
+    """coda.py in Databricks Apps mode against the fake workspace, and a page on it
+    signed in as the app's owner: (server, tab, page, owner headers)."""
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "CODA_PROXY_PORT": str(free_port()), "DATABRICKS_APP_NAME": workspace.app_name,
+           "DATABRICKS_CLIENT_ID": workspace.client_id, "DATABRICKS_CLIENT_SECRET": workspace.client_secret,
+           "CODA_TOKEN": None, **env}
+    server = start_coda(env, args=("--host", "127.0.0.1"))
+    as_owner = {"X-Forwarded-Email": workspace.app_creator}
+    deadline = time.monotonic() + 40
+    while requests.get(server.url + "/api/version", headers=as_owner).status_code != 200:
+        assert time.monotonic() < deadline, "the owner was not resolved"
+        time.sleep(0.1)
+    # The platform's proxy signs the owner in: every request carries the header.
+    tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+    page = tab.context.new_page()
+    page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
+    page.on("console", tab.on_console)
+    tab.pages.append(page)
+    page.goto(server.url + "/")
+    return server, tab, page, as_owner
+
+
 def test_token_prompt_in_apps_mode(browser, start_coda):
     """Databricks Apps mode against the fake workspace: the owner is asked for a
     token, a rejected one shows the workspace's reason, a good one connects."""
@@ -572,27 +595,12 @@ def test_token_prompt_in_apps_mode(browser, start_coda):
 
     workspace = FakeWorkspace().start()
     try:
-        env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
-               "CODA_PROXY_PORT": str(free_port()), "DATABRICKS_APP_NAME": workspace.app_name,
-               "DATABRICKS_CLIENT_ID": workspace.client_id, "DATABRICKS_CLIENT_SECRET": workspace.client_secret,
-               "CODA_TOKEN": None}
-        server = start_coda(env, args=("--host", "127.0.0.1"))
-        as_owner = {"X-Forwarded-Email": workspace.app_creator}
-        deadline = time.monotonic() + 40
-        while requests.get(server.url + "/api/version", headers=as_owner).status_code != 200:
-            assert time.monotonic() < deadline, "the owner was not resolved"
-            time.sleep(0.1)
-        # The platform's proxy signs the owner in: every request carries the header.
-        tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+        server, tab, page, as_owner = open_as_owner(browser, start_coda, workspace)
         try:
-            page = tab.context.new_page()
-            page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
-            page.on("console", tab.on_console)
-            page.goto(server.url + "/")
-            tab.pages.append(page)
             wait_ready(page)
             card = page.locator(".pat-card")
             card.wait_for()
+            assert card.locator(".pat-reason").count() == 0   # nothing has failed yet
             assert card.locator("a").get_attribute("href") == workspace.url + "/settings/user/developer/access-tokens"
             field = card.locator("input")
             assert field.get_attribute("type") == "password"
@@ -619,6 +627,33 @@ def test_token_prompt_in_apps_mode(browser, start_coda):
             assert server.get("/api/pat-status", headers=as_owner).json()["valid"] is True
             # The terminal works through the same proxy header, WebSocket included.
             assert page.evaluate("window.coda.transport") == "ws"
+        finally:
+            tab.close()
+        assert not tab.problems, tab.problems
+    finally:
+        workspace.stop()
+
+
+def test_token_prompt_says_why_the_configured_token_does_not_work(browser, start_coda):
+    """A token the workspace refuses (here DATABRICKS_TOKEN at start): the prompt
+    shows /api/pat-status's one-sentence reason above the field."""
+    from fake_workspace import FakeWorkspace
+
+    workspace = FakeWorkspace().start()
+    try:
+        server, tab, page, as_owner = open_as_owner(browser, start_coda, workspace,
+                                                    DATABRICKS_TOKEN="dapi" + "0" * 32)
+        try:
+            wait_for(lambda: server.get("/api/pat-status", headers=as_owner).json().get("error"),
+                     timeout=30, what="the refusal in /api/pat-status")
+            reason = server.get("/api/pat-status", headers=as_owner).json()["error"]
+            page.reload()
+            wait_ready(page)
+            shown = page.locator(".pat-card .pat-reason")
+            shown.wait_for()
+            assert shown.inner_text() == reason and "did not accept" in reason
+            assert shown.bounding_box()["y"] < page.locator(".pat-card input").bounding_box()["y"]
+            assert page.locator(".pat-message").inner_text() == ""
         finally:
             tab.close()
         assert not tab.problems, tab.problems
