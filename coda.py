@@ -15,7 +15,7 @@ Contents
      2. Logging         one logger; a filter redacts anything token-shaped;
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
-     4. Output streams  the byte ring with offsets and UTF-8-safe text slices
+     4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
@@ -73,6 +73,7 @@ if __name__ == "__main__" and sys.argv[1:2] != ["trace"]:  # patch before anythi
     monkey.patch_all(subprocess=False)  # setup imports gevent.subprocess when it needs it
 
 import argparse
+import base64
 import codecs
 import collections
 import dataclasses
@@ -737,6 +738,12 @@ class Stream:
         cut = max(cut, skip)
         return data[skip:cut].decode("utf-8", "replace"), offset + skip, offset + cut, truncated
 
+    def read_base64(self, since, limit=POLL_SLICE):
+        """(base64 text, offset, next_offset, truncated): the exact bytes, for JSON
+        answers that must carry output which is not valid UTF-8."""
+        offset, data, truncated = self.read(since, limit)
+        return base64.b64encode(data).decode("ascii"), offset, offset + len(data), truncated
+
 
 def _complete_length(data):
     """Length of `data` without a trailing incomplete UTF-8 sequence."""
@@ -1165,9 +1172,18 @@ def clean_label(text):
     return "".join(ch for ch in text if ch.isprintable())[:100]
 
 
-def output_answer(session, since, limit=POLL_SLICE):
-    text, offset, next_offset, truncated = session.stream.read_text(since, limit)
-    return {"output": text, "offset": offset, "next_offset": next_offset, "truncated": truncated,
+def output_encoding(body):
+    """How answers carry `output`: "text" (UTF-8, the default) or "base64" (the exact bytes)."""
+    encoding = field(body, "encoding", str, "text")
+    if encoding not in ("text", "base64"):
+        raise ApiError(400, "The field 'encoding' must be \"text\" or \"base64\".")
+    return encoding
+
+
+def output_answer(session, since, limit=POLL_SLICE, encoding="text"):
+    read = session.stream.read_base64 if encoding == "base64" else session.stream.read_text
+    output, offset, next_offset, truncated = read(since, limit)
+    return {"output": output, "offset": offset, "next_offset": next_offset, "truncated": truncated,
             "exited": session.exit_code is not None or session.closing, "exit_code": session.exit_code,
             "shutting_down": SESSIONS.shutting_down.is_set()}
 
@@ -1176,12 +1192,12 @@ def _has_news(answer):
     return answer.get("output") or answer.get("exited") or answer.get("truncated") or "error" in answer
 
 
-def wait_for_output(sessions_and_offsets, wait):
+def wait_for_output(sessions_and_offsets, wait, encoding="text"):
     """Long-poll: answers for every (session, since) as soon as any has news, or after `wait` s."""
     deadline = time.monotonic() + wait
     while True:
         events = [s.stream.changed() for s, _ in sessions_and_offsets if s]
-        answers = [output_answer(s, since) if s else {"error": "Session not found", "exited": True}
+        answers = [output_answer(s, since, encoding=encoding) if s else {"error": "Session not found", "exited": True}
                    for s, since in sessions_and_offsets]
         remaining = deadline - time.monotonic()
         if any(map(_has_news, answers)) or remaining <= 0 or SESSIONS.shutting_down.is_set():
@@ -1229,10 +1245,11 @@ def create_session(body):
 
 @api("/api/session/attach")
 def attach_session(body):
+    encoding = output_encoding(body)
     session = SESSIONS.get(field(body, "session_id", str))
     since = field(body, "since", int, session.stream.start, 0)
     session.touch()
-    answer = output_answer(session, since, CONFIG.scrollback_bytes)  # all that is kept, in one answer
+    answer = output_answer(session, since, CONFIG.scrollback_bytes, encoding)  # all that is kept, in one answer
     answer.update(session_id=session.id, label=session.label, created_at=session.created_at,
                   process=session.process_name())
     return answer
@@ -1274,9 +1291,10 @@ def poll_output(body):
     session_id = field(body, "session_id", str)
     since = field(body, "since", int, None, 0)
     wait = min(field(body, "wait", float, 0.0, 0.0), MAX_POLL_WAIT)
+    encoding = output_encoding(body)
     session = SESSIONS.get(session_id)
     session.touch()
-    [answer] = wait_for_output([(session, session.http_cursor if since is None else since)], wait)
+    [answer] = wait_for_output([(session, session.http_cursor if since is None else since)], wait, encoding)
     if since is None:
         session.http_cursor = answer["next_offset"]
     return answer
@@ -1291,13 +1309,14 @@ def poll_output_batch(body):
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in since.values()):
         raise ApiError(400, "The field 'since' must map session ids to offsets.")
     wait = min(field(body, "wait", float, 0.0, 0.0), MAX_POLL_WAIT)
+    encoding = output_encoding(body)
     wanted = []
     for session_id in ids:
         session = SESSIONS.by_id.get(session_id)
         if session:
             session.touch()
         wanted.append((session, since.get(session_id, session.http_cursor if session else 0)))
-    answers = wait_for_output(wanted, wait)
+    answers = wait_for_output(wanted, wait, encoding)
     for (session, offset), answer in zip(wanted, answers):
         if session and session.id not in since:
             session.http_cursor = answer["next_offset"]

@@ -435,12 +435,13 @@ const transport = {
       const pane = paneBySession(id);
       if (!pane) continue;
       if (out.error) { pane.onExit(null, out.error); continue; }
-      if (out.output) {
+      // The exact bytes from the server's offset (the worker decoded them).
+      if (out.bytes.length) {
         this.pollOutstanding += 1;
-        pane.receive(out.offset, new TextEncoder().encode(out.output), () => this.pollRendered());
+        pane.receive(out.offset, out.bytes, () => this.pollRendered());
       }
       // Exited with output still coming: the next answer carries the rest.
-      if (out.exited && !out.output) pane.onExit(out.exit_code);
+      if (out.exited && !out.bytes.length) pane.onExit(out.exit_code);
     }
     // Ask for more at once unless xterm is far behind; then wait until the
     // batch is rendered, which is the poller's flow control.
@@ -539,6 +540,17 @@ async function checkWasmAllowed() {
   } catch (_) { return false; }
 }
 
+// OSC 52 lets a program in the terminal (vim, tmux, also over ssh) copy to the
+// clipboard. A read would hand the browser's clipboard to whatever runs in the
+// PTY, a remote host included: reads get an empty answer, never the clipboard.
+const WRITE_ONLY_CLIPBOARD = {
+  readText: () => '',
+  writeText: (selection, text) => {
+    if (selection !== 'c' || !navigator.clipboard) return undefined;
+    return navigator.clipboard.writeText(text).catch(() => { /* not allowed now (no focus): drop it */ });
+  },
+};
+
 class Pane {
   constructor(tab) {
     this.tab = tab;
@@ -571,7 +583,7 @@ class Pane {
     term.loadAddon(this.fitAddon);
     term.loadAddon(this.search);
     term.loadAddon(new WebLinksAddon.WebLinksAddon());
-    term.loadAddon(new ClipboardAddon.ClipboardAddon());   // OSC 52 copy
+    term.loadAddon(new ClipboardAddon.ClipboardAddon(undefined, WRITE_ONLY_CLIPBOARD));   // OSC 52 copy
     term.loadAddon(new Unicode11Addon.Unicode11Addon());
     term.unicode.activeVersion = '11';
     term.open(this.host);
@@ -1160,13 +1172,15 @@ function showTokenCard(pane, workspaceHost, why) {
   const host = String(workspaceHost).replace(/\/+$/, '');
   const origin = /^https?:\/\//.test(host) ? host : 'https://' + host;
   const input = el('input', { type: 'password', placeholder: 'dapi\u2026', autocomplete: 'off', spellcheck: 'false', 'aria-label': 'Databricks personal access token' });
-  const message = el('div', { class: 'pat-message', text: why || '' });
+  const message = el('div', { class: 'pat-message' });
   const submit = el('button', { text: 'Connect' });
   const card = el('form', { class: 'card pat-card', 'data-card': 'pat' },
     el('div', { class: 'card-title', text: 'Connect your Databricks token' }),
     el('p', {}, 'The coding agents call the workspace with your personal access token. ',
-      el('a', { href: origin + '/settings/user/developer/access-tokens', target: '_blank', rel: 'noopener noreferrer', text: 'Create one here' }), '.'),
-    el('div', { class: 'pat-row' }, input, submit), message);
+      el('a', { href: origin + '/settings/user/developer/access-tokens', target: '_blank', rel: 'noopener noreferrer', text: 'Create one here' }), '.'));
+  // Why the configured token does not work (expired, refused), from /api/pat-status.
+  if (why) card.append(el('p', { class: 'pat-reason', text: why }));
+  card.append(el('div', { class: 'pat-row' }, input, submit), message);
   // Keys typed here belong to the field, not to the terminal shortcuts.
   input.addEventListener('keydown', (ev) => ev.stopPropagation());
   card.addEventListener('submit', async (ev) => {

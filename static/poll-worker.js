@@ -12,6 +12,8 @@
 //               {type:'next'}                      ready for the next answer
 //               {type:'stop'}                      stop polling
 // Messages out: {type:'outputs', outputs, shutting_down}
+//               each output carries `bytes` (a Uint8Array) instead of the
+//               server's base64 `output`: the exact PTY bytes from `offset`
 //               {type:'status', status, failures}  a failed poll (status 0: no answer)
 'use strict';
 
@@ -89,7 +91,9 @@ async function loop(id) {
         method: 'POST',
         credentials: 'same-origin',
         headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ session_ids: ids, since, wait: WAIT_SECONDS }),
+        // base64: JSON text cannot carry bytes that are not UTF-8, and the
+        // page writes exact bytes, so offsets stay the server's.
+        body: JSON.stringify({ session_ids: ids, since, wait: WAIT_SECONDS, encoding: 'base64' }),
         signal: controller.signal,
       });
     } catch (_) {
@@ -110,20 +114,33 @@ async function loop(id) {
     let data;
     try { data = await resp.json(); } catch (_) { continue; }
     if (gen !== generation || !current()) continue;
-    const outputs = data.outputs || {};
+    const outputs = {};            // the answers for sessions we still follow
+    const buffers = [];
     let any = false;
-    for (const [id, out] of Object.entries(outputs)) {
+    for (const [id, out] of Object.entries(data.outputs || {})) {
       if (!(id in since)) continue;
+      outputs[id] = out;
+      out.bytes = fromBase64(out.output || '');
+      delete out.output;
+      buffers.push(out.bytes.buffer);
       // An exited session is done once its last bytes have arrived.
-      if (out.error || (out.exited && !out.output)) delete since[id];
+      if (out.error || (out.exited && !out.bytes.length)) delete since[id];
       else if (typeof out.next_offset === 'number') since[id] = out.next_offset;
-      if (out.output || out.error || out.exited) any = true;
+      if (out.bytes.length || out.error || out.exited) any = true;
     }
     if (any || data.shutting_down) {
       mayFetch = false;
-      self.postMessage({ type: 'outputs', outputs, shutting_down: !!data.shutting_down });
+      self.postMessage({ type: 'outputs', outputs, shutting_down: !!data.shutting_down }, buffers);
     }
     // While the server shuts down, do not spin on instant answers.
     if (data.shutting_down) await pause(1000);
   }
+}
+
+function fromBase64(text) {
+  if (Uint8Array.fromBase64) return Uint8Array.fromBase64(text);
+  const binary = atob(text);   // browsers older than Uint8Array.fromBase64
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i += 1) bytes[i] = binary.charCodeAt(i);
+  return bytes;
 }

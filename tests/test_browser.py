@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, TOKEN, free_port
+from conftest import ROOT, TOKEN, free_port, wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -343,6 +343,29 @@ def test_long_poll_when_websocket_is_blocked(open_tab):
     assert "1998\n1999\n2000" in text(page)
 
 
+@pytest.mark.parametrize("transport", ["ws", "poll"])
+def test_bytes_that_are_not_utf8_cost_no_following_output(open_tab, coda_server, transport):
+    """Output that is not valid UTF-8 reaches xterm as bytes: the text after it is
+    intact, over the WebSocket and over HTTP polling (whose JSON text could not carry
+    those bytes), and the pane's offset stays the server's."""
+    _, page = open_tab(init_scripts=[BLOCK_WEBSOCKET] if transport == "poll" else [])
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == transport
+    # The pause puts the invalid bytes and the text in separate answers.
+    page.keyboard.type("printf '\\377\\376\\375\\300'; sleep 0.3; echo Q0$((40+2))ABCDEFGHIJ\n")
+    wait_text(page, "Q042ABCDEFGHIJ")
+    # 500 lines of a euro sign, an invalid byte and a character cut short.
+    page.keyboard.type("yes \"$(printf '\\342\\202\\254\\377\\303')\" | head -n 500; echo after-$((9*9))\n")
+    wait_text(page, "\nafter-81")
+    session = page.evaluate("window.coda.tabs[0].sessions[0]")
+
+    def offsets_agree():
+        server_offset = {s["session_id"]: s["offset"] for s in coda_server.get("/api/sessions").json()}[session]
+        return page.evaluate("window.coda.offsets()[0].offset") == server_offset
+
+    wait_for(offsets_agree, timeout=10, what="the pane's offset to be the server's")
+
+
 def test_reload_restores_layout_and_replays_output(open_tab):
     tab, page = open_tab()
     wait_ready(page)
@@ -542,6 +565,29 @@ def test_no_token_prompt_locally(open_tab, coda_server):
     assert page.locator(".pat-card").count() == 0
 
 
+def open_as_owner(browser, start_coda, workspace, **env):
+    """coda.py in Databricks Apps mode against the fake workspace, and a page on it
+    signed in as the app's owner: (server, tab, page, owner headers)."""
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "CODA_PROXY_PORT": str(free_port()), "DATABRICKS_APP_NAME": workspace.app_name,
+           "DATABRICKS_CLIENT_ID": workspace.client_id, "DATABRICKS_CLIENT_SECRET": workspace.client_secret,
+           "CODA_TOKEN": None, **env}
+    server = start_coda(env, args=("--host", "127.0.0.1"))
+    as_owner = {"X-Forwarded-Email": workspace.app_creator}
+    deadline = time.monotonic() + 40
+    while requests.get(server.url + "/api/version", headers=as_owner).status_code != 200:
+        assert time.monotonic() < deadline, "the owner was not resolved"
+        time.sleep(0.1)
+    # The platform's proxy signs the owner in: every request carries the header.
+    tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+    page = tab.context.new_page()
+    page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
+    page.on("console", tab.on_console)
+    tab.pages.append(page)
+    page.goto(server.url + "/")
+    return server, tab, page, as_owner
+
+
 def test_token_prompt_in_apps_mode(browser, start_coda):
     """Databricks Apps mode against the fake workspace: the owner is asked for a
     token, a rejected one shows the workspace's reason, a good one connects."""
@@ -549,27 +595,12 @@ def test_token_prompt_in_apps_mode(browser, start_coda):
 
     workspace = FakeWorkspace().start()
     try:
-        env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
-               "CODA_PROXY_PORT": str(free_port()), "DATABRICKS_APP_NAME": workspace.app_name,
-               "DATABRICKS_CLIENT_ID": workspace.client_id, "DATABRICKS_CLIENT_SECRET": workspace.client_secret,
-               "CODA_TOKEN": None}
-        server = start_coda(env, args=("--host", "127.0.0.1"))
-        as_owner = {"X-Forwarded-Email": workspace.app_creator}
-        deadline = time.monotonic() + 40
-        while requests.get(server.url + "/api/version", headers=as_owner).status_code != 200:
-            assert time.monotonic() < deadline, "the owner was not resolved"
-            time.sleep(0.1)
-        # The platform's proxy signs the owner in: every request carries the header.
-        tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+        server, tab, page, as_owner = open_as_owner(browser, start_coda, workspace)
         try:
-            page = tab.context.new_page()
-            page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
-            page.on("console", tab.on_console)
-            page.goto(server.url + "/")
-            tab.pages.append(page)
             wait_ready(page)
             card = page.locator(".pat-card")
             card.wait_for()
+            assert card.locator(".pat-reason").count() == 0   # nothing has failed yet
             assert card.locator("a").get_attribute("href") == workspace.url + "/settings/user/developer/access-tokens"
             field = card.locator("input")
             assert field.get_attribute("type") == "password"
@@ -596,6 +627,33 @@ def test_token_prompt_in_apps_mode(browser, start_coda):
             assert server.get("/api/pat-status", headers=as_owner).json()["valid"] is True
             # The terminal works through the same proxy header, WebSocket included.
             assert page.evaluate("window.coda.transport") == "ws"
+        finally:
+            tab.close()
+        assert not tab.problems, tab.problems
+    finally:
+        workspace.stop()
+
+
+def test_token_prompt_says_why_the_configured_token_does_not_work(browser, start_coda):
+    """A token the workspace refuses (here DATABRICKS_TOKEN at start): the prompt
+    shows /api/pat-status's one-sentence reason above the field."""
+    from fake_workspace import FakeWorkspace
+
+    workspace = FakeWorkspace().start()
+    try:
+        server, tab, page, as_owner = open_as_owner(browser, start_coda, workspace,
+                                                    DATABRICKS_TOKEN="dapi" + "0" * 32)
+        try:
+            wait_for(lambda: server.get("/api/pat-status", headers=as_owner).json().get("error"),
+                     timeout=30, what="the refusal in /api/pat-status")
+            reason = server.get("/api/pat-status", headers=as_owner).json()["error"]
+            page.reload()
+            wait_ready(page)
+            shown = page.locator(".pat-card .pat-reason")
+            shown.wait_for()
+            assert shown.inner_text() == reason and "did not accept" in reason
+            assert shown.bounding_box()["y"] < page.locator(".pat-card input").bounding_box()["y"]
+            assert page.locator(".pat-message").inner_text() == ""
         finally:
             tab.close()
         assert not tab.problems, tab.problems
@@ -837,6 +895,24 @@ def test_ctrl_c_copies_a_selection_and_interrupts_otherwise(open_tab, coda_serve
     interrupt_a_sleep(page, coda_server)
     page.keyboard.type("echo after-copy\n")
     wait_text(page, "\nafter-copy", timeout=5)
+
+
+def test_osc52_sets_the_clipboard_but_never_reads_it(open_tab):
+    """A program may copy with OSC 52; its query (ESC ] 52 ; c ; ?) never sends the
+    browser's clipboard into the PTY, where a remote host could read it."""
+    tab, page = open_tab()
+    tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    wait_ready(page)
+    page.evaluate("navigator.clipboard.writeText('secret-clip-7')")
+    # Raw mode: an answer needs no newline to reach `read`, which keeps what came in 2 s.
+    page.keyboard.type("stty raw -echo; printf '\\033]52;c;?\\a'; read -t 2 -r -d Q x; stty sane; "
+                       "printf 'GOT:%s:E%sD\\n' \"$x\" N | cat -v\n")
+    wait_text(page, ":END")
+    [got] = re.findall(r"^GOT:(.*):END", text(page), re.M)
+    assert "secret-clip-7" not in text(page) and base64.b64encode(b"secret-clip-7").decode() not in got, got
+    page.keyboard.type("printf '\\033]52;c;%s\\a' $(printf written-clip-9 | base64); echo copied-$((2*3))\n")
+    wait_text(page, "\ncopied-6")
+    wait(page, "() => navigator.clipboard.readText().then((t) => t === 'written-clip-9')", what="the OSC 52 copy")
 
 
 def test_expired_login_shows_a_banner(open_tab):

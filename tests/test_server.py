@@ -1,5 +1,6 @@
 """The terminal server against PROTOCOL.md: the real coda.py, real PTYs, real sockets."""
 
+import base64
 import concurrent.futures
 import hashlib
 import json
@@ -179,10 +180,13 @@ def test_generated_token_is_printed_once_as_a_url(start_coda):
     ("/api/resize", {"session_id": "nope", "cols": 10, "rows": 10}, 404),
     ("/api/output", {"session_id": "nope"}, 404),
     ("/api/output", {"session_id": "nope", "since": -1}, 400),
+    ("/api/output", {"session_id": "nope", "encoding": "hex"}, 400),
+    ("/api/session/attach", {"session_id": "nope", "encoding": 64}, 400),
     ("/api/session/attach", {"session_id": "nope"}, 404),
     ("/api/session/close", {}, 400),
     ("/api/session/label", {"session_id": "nope", "label": "x"}, 404),
     ("/api/output-batch", {"session_ids": "abc"}, 400),
+    ("/api/output-batch", {"session_ids": [], "encoding": "utf-16"}, 400),
 ])
 def test_bad_requests_get_their_status_and_one_sentence(coda_server, path, body, status):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -412,6 +416,67 @@ def test_multibyte_utf8_arrives_intact_over_both_transports(coda_server):
     assert expected in ws_text
     polled, offset = coda_server.read_until(sid, "E1ND\r\n", since=0)
     assert expected in polled and "\ufffd" not in polled
+    sock.close()
+    coda_server.close_session(sid)
+
+
+def make_binary_file(home, size=1_500_000):
+    """Bytes that are not UTF-8 (invalid bytes, cut characters) between 3- and 4-byte
+    characters, so that 1 MiB answers and 64 KiB frames cut characters in two."""
+    rng = random.Random(52)
+    tokens = [b"\xff", b"\xfe\xfd", b"\xc0", b"\xe2\x82", "€".encode(), "🙂".encode(), b"\x1b[31m", b"\x00\x07",
+              b"ascii ", bytes(range(256))]
+    data = bytearray()
+    while len(data) < size:
+        data += rng.choice(tokens)
+    path = Path(home) / "binary.bin"
+    path.write_bytes(bytes(data))
+    return path, bytes(data)
+
+
+def poll_bytes(server, sid, since, marker=None, timeout=30):
+    """Long-poll base64 output from `since` until `marker` appears (or one answer without
+    a marker), checking that every answer starts exactly where the last ended."""
+    data, offset, deadline = b"", since, time.time() + timeout
+    while True:
+        answer = server.api("/api/output", {"session_id": sid, "since": offset, "wait": 2, "encoding": "base64"})
+        piece = base64.b64decode(answer["output"], validate=True)
+        assert answer["offset"] == offset and answer["next_offset"] == offset + len(piece)
+        assert answer["truncated"] is False
+        data, offset = data + piece, answer["next_offset"]
+        if marker is None or marker in data:
+            return data, offset
+        assert time.time() < deadline, f"{marker!r} not seen in {data[-300:]!r}"
+
+
+def test_binary_output_arrives_byte_exact_over_base64_polls_attach_and_the_socket(coda_server):
+    path, expected = make_binary_file(coda_server.home)
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(sid, since=0)
+    # Raw mode: the terminal passes the bytes through untranslated (no \n -> \r\n).
+    coda_server.type(sid, f"stty raw -echo; echo BE$((1))GIN; cat {path}; echo E$((1))ND; stty sane\r")
+    polled, end = poll_bytes(coda_server, sid, 0, b"E1ND\n")
+    start = polled.index(b"BE1GIN\n") + len(b"BE1GIN\n")
+    assert polled[start:polled.rindex(b"E1ND\n")] == expected
+    # Offsets are exact byte offsets: a `since` inside a character starts right there,
+    # and a 1 MiB answer that cuts a character continues with its remaining bytes.
+    emoji = start + expected.index("🙂".encode())
+    for since in (emoji + 1, emoji + 3, start + 1):
+        assert poll_bytes(coda_server, sid, since)[0] == polled[since:since + 1024 * 1024]
+    emoji_after_a_mib = polled.index("🙂".encode(), start + 1024 * 1024)
+    cut = emoji_after_a_mib + 2 - 1024 * 1024   # a 1 MiB answer from here ends inside that 🙂
+    first, middle = poll_bytes(coda_server, sid, cut)
+    second, _ = poll_bytes(coda_server, sid, middle)
+    assert middle == cut + 1024 * 1024 and first.endswith("🙂".encode()[:2]) and second.startswith("🙂".encode()[2:])
+    assert first + second == polled[cut:cut + len(first) + len(second)]
+    attached = coda_server.api("/api/session/attach", {"session_id": sid, "since": start, "encoding": "base64"})
+    assert attached["offset"] == start
+    assert base64.b64decode(attached["output"]).startswith(expected + b"E1ND\n")
+    streamed, _ = sock.collect(sid, b"E1ND\n", start=0)
+    assert streamed[start:streamed.rindex(b"E1ND\n")] == expected
+    # Without `encoding` the answer stays text, as before.
+    assert "\ufffd" in coda_server.api("/api/output", {"session_id": sid, "since": start})["output"]
     sock.close()
     coda_server.close_session(sid)
 

@@ -87,3 +87,26 @@ def test_an_incomplete_tail_waits_for_its_last_bytes():
     assert out == "a" and next_offset == 1
     stream.append(smile[2:])
     assert stream.read_text(next_offset)[0] == "🙂"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=20), st.integers(0, 6000),
+       st.integers(1, 700))
+def test_base64_slices_are_the_exact_bytes_from_any_offset(parts, since, read_size):
+    """Invalid UTF-8 and a `since` inside a character included: no boundary adjustment."""
+    import base64
+
+    whole = b"".join(parts)
+    stream = coda.Stream(limit=1 << 20)
+    for part in parts:
+        stream.append(part)
+    since = min(since, len(whole))
+    received, offset = b"", since
+    while offset < len(whole):
+        output, start, next_offset, truncated = stream.read_base64(offset, read_size)
+        data = base64.b64decode(output, validate=True)
+        assert start == offset and next_offset == offset + len(data) and not truncated
+        assert 0 < len(data) <= read_size
+        received += data
+        offset = next_offset
+    assert received == whole[since:]
