@@ -16,7 +16,8 @@ Contents
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
      4. Output streams  the byte ring with offsets and UTF-8-safe text slices
-     5. Sessions        PTY, process group, reader greenlet, flow control;
+     5. Sessions        PTY, process group, reader greenlet, flow control,
+                        a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
      7. WebSocket       one handler per socket, one sender greenlet per session
@@ -281,6 +282,7 @@ FRAME_SLICE = 64 * KIB           # bytes of output in one binary frame (an echo 
 READ_SIZE = 64 * KIB             # bytes gathered from the PTY before one append
 PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30 s
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
+INPUT_QUEUE_BYTES = 4 * MIB      # input waiting for one session's program; beyond it input is refused (429)
 EXITED_LINGER = 300              # an exited session stays readable this long
 
 # ===========================================================================
@@ -872,7 +874,9 @@ class Session:
         self.http_cursor = 0          # /api/output without `since` continues here
         self._may_read = gevent.event.Event()
         self._may_read.set()
-        self._write_lock = gevent.lock.Semaphore()
+        self._input = collections.deque()  # input not yet written, in arrival order (WS and HTTP alike)
+        self._input_bytes = 0
+        self._input_waiting = gevent.event.Event()
         projects = config.home / "projects"
         projects.mkdir(parents=True, exist_ok=True)
         master, slave = os.openpty()
@@ -890,6 +894,7 @@ class Session:
         self._readable = hub.loop.io(master, 1)
         self._writable = hub.loop.io(master, 2)
         self._reader = gevent.spawn(self._pump)
+        self._writer = gevent.spawn(self._write_forever)
         gevent.spawn(self._await_exit)
 
     # -- output ------------------------------------------------------------
@@ -956,19 +961,41 @@ class Session:
 
     # -- input -------------------------------------------------------------
     def write(self, data):
-        """Keystrokes to the PTY, in order, waiting (not queueing) when it is full."""
+        """Queue keystrokes for the PTY and return at once: a program that reads nothing
+        stalls only its own session, never the socket or request that carries them."""
+        if self.fd is None:
+            raise ApiError(404, "Session not found.")
+        if self._input_bytes + len(data) > INPUT_QUEUE_BYTES:
+            raise ApiError(429, f"This session's program is not reading its input: with this, more than "
+                                f"{INPUT_QUEUE_BYTES // MIB} MiB would be waiting for it, so this input was not sent.")
+        self._input.append(data)
+        self._input_bytes += len(data)
+        self._input_waiting.set()
+
+    def _write_forever(self):
+        """The writer greenlet: queued input to the PTY, in order."""
+        while True:
+            self._input_waiting.wait()
+            self._input_waiting.clear()
+            while self._input:
+                if not self._write_all(self._input[0]):
+                    self._input.clear()  # the terminal is gone; the exit notice follows
+                    self._input_bytes = 0
+                    break
+                self._input_bytes -= len(self._input.popleft())
+
+    def _write_all(self, data):
+        """Write `data`, waiting while the PTY is full; False when the terminal is gone."""
         hub = gevent.get_hub()
-        with self._write_lock:
-            view = memoryview(data)
-            while view:
-                if self.fd is None:
-                    raise ApiError(404, "Session not found.")
-                try:
-                    view = view[os.write(self.fd, view):]
-                except BlockingIOError:
-                    hub.wait(self._writable)
-                except OSError:
-                    return  # the terminal is gone; the exit notice follows
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                hub.wait(self._writable)
+            except OSError:
+                return False
+        return True
 
     def resize(self, cols, rows):
         if self.fd is not None:
@@ -1005,6 +1032,9 @@ class Session:
         _signal_session(self.pid, signal.SIGKILL)
         self.exited.wait()
         fd, self.fd = self.fd, None
+        self._writer.kill()
+        self._input.clear()
+        self._input_bytes = 0
         hub = gevent.get_hub()
         for watcher in (self._readable, self._writable):
             hub.cancel_wait(watcher, OSError(errno.EBADF, "session closed"))
