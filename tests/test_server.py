@@ -702,18 +702,26 @@ def test_a_session_that_reads_nothing_stalls_only_itself_on_the_socket(coda_serv
 
 def test_long_poll_input_is_queued_not_written_and_overflow_is_429(coda_server):
     stuck, quiet = coda_server.new_session(), coda_server.new_session()
-    wait_for_sleep(coda_server, stuck, "STUCK")
-    statuses = []
-    for _ in range(10):
+    gate = coda_server.home / f"gate-{stuck}"
+    accepted = 6 * 600 * 1024  # 4 MiB may wait for a session: the 7th paste of 600 KiB is one too many
+    coda_server.type(stuck, f"stty raw -echo; echo GATE$((1+1)); until [ -e {gate} ]; do sleep 0.1; done; "
+                            f"head -c {accepted} | md5sum\r")
+    coda_server.read_until(stuck, "GATE2")
+    pastes, statuses = [], []
+    for letter in "abcdefghij":
+        paste = letter * 600 * 1024
         started = time.time()
-        answer = coda_server.post("/api/input", {"session_id": stuck, "input": "x" * 600 * 1024}, timeout=5)
-        assert time.time() - started < 3
+        answer = coda_server.post("/api/input", {"session_id": stuck, "input": paste}, timeout=5)
+        assert time.time() - started < 3  # it is queued, not written to a PTY nobody reads
         statuses.append(answer.status_code)
         if answer.status_code != 200:
             break
-    assert statuses[:6] == [200] * 6 and statuses[-1] == 429
+        pastes.append(paste)
+    assert statuses == [200] * 6 + [429]
     assert "not reading its input" in answer.json()["error"]
-    coda_server.wait_prompt(quiet)
+    coda_server.wait_prompt(quiet)  # the other session is unaffected
+    gate.touch()  # now the program reads: what was queued arrives whole and in order
+    coda_server.read_until(stuck, hashlib.md5("".join(pastes).encode()).hexdigest(), timeout=30)
     coda_server.close_session(stuck)
     coda_server.close_session(quiet)
 
