@@ -16,7 +16,8 @@ Contents
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
-     5. Sessions        PTY, process group, reader greenlet, flow control;
+     5. Sessions        PTY, process group, reader greenlet, flow control,
+                        a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
      7. WebSocket       one handler per socket, one sender greenlet per session
@@ -188,6 +189,8 @@ class Config:
     gateway_host: str          # DATABRICKS_GATEWAY_HOST: the AI Gateway base, skipping discovery
     token_lifetime: int        # PAT_TOKEN_LIFETIME: seconds each minted token lives (default 900)
     rotation_interval: float   # PAT_ROTATION_INTERVAL: seconds between rotations (default 600)
+    sdk_http_timeout: int      # CODA_SDK_HTTP_TIMEOUT: seconds databricks-sdk waits for one answer (default 20)
+    sdk_retry_timeout: int     # CODA_SDK_RETRY_TIMEOUT: seconds it retries a failing call within (default 30)
     # Agents (section 9)
     anthropic_model: str       # ANTHROPIC_MODEL: Claude Code's model (default databricks-claude-opus-4-7)
     codex_model: str           # CODEX_MODEL: Codex's model (default databricks-gpt-5-5)
@@ -247,6 +250,8 @@ class Config:
             gateway_host=_env_url(env, "DATABRICKS_GATEWAY_HOST"),
             token_lifetime=_env_int(env, "PAT_TOKEN_LIFETIME", 900),
             rotation_interval=_env_seconds(env, "PAT_ROTATION_INTERVAL", 600.0),
+            sdk_http_timeout=_env_int(env, "CODA_SDK_HTTP_TIMEOUT", 20),
+            sdk_retry_timeout=_env_int(env, "CODA_SDK_RETRY_TIMEOUT", 30),
             anthropic_model=env.get("ANTHROPIC_MODEL", "").strip() or "databricks-claude-opus-4-7",
             codex_model=env.get("CODEX_MODEL", "").strip() or "databricks-gpt-5-5",
             gemini_model=env.get("GEMINI_MODEL", "").strip() or "databricks-gemini-2-5-pro",
@@ -282,6 +287,7 @@ FRAME_SLICE = 64 * KIB           # bytes of output in one binary frame (an echo 
 READ_SIZE = 64 * KIB             # bytes gathered from the PTY before one append
 PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30 s
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
+INPUT_QUEUE_BYTES = 4 * MIB      # input waiting for one session's program; beyond it input is refused (429)
 EXITED_LINGER = 300              # an exited session stays readable this long
 
 # ===========================================================================
@@ -302,7 +308,7 @@ _TOKEN_SHAPES = re.compile(
 
 
 def redact(text):
-    for secret in SECRETS:
+    for secret in tuple(SECRETS):  # a native thread's log record may race a rotation's update
         if len(secret) >= 8:  # shorter ones would shred ordinary words
             text = text.replace(secret, "[REDACTED]")
     return _TOKEN_SHAPES.sub("[REDACTED]", text)
@@ -879,7 +885,9 @@ class Session:
         self.http_cursor = 0          # /api/output without `since` continues here
         self._may_read = gevent.event.Event()
         self._may_read.set()
-        self._write_lock = gevent.lock.Semaphore()
+        self._input = collections.deque()  # input not yet written, in arrival order (WS and HTTP alike)
+        self._input_bytes = 0
+        self._input_waiting = gevent.event.Event()
         projects = config.home / "projects"
         projects.mkdir(parents=True, exist_ok=True)
         master, slave = os.openpty()
@@ -897,6 +905,7 @@ class Session:
         self._readable = hub.loop.io(master, 1)
         self._writable = hub.loop.io(master, 2)
         self._reader = gevent.spawn(self._pump)
+        self._writer = gevent.spawn(self._write_forever)
         gevent.spawn(self._await_exit)
 
     # -- output ------------------------------------------------------------
@@ -963,19 +972,41 @@ class Session:
 
     # -- input -------------------------------------------------------------
     def write(self, data):
-        """Keystrokes to the PTY, in order, waiting (not queueing) when it is full."""
+        """Queue keystrokes for the PTY and return at once: a program that reads nothing
+        stalls only its own session, never the socket or request that carries them."""
+        if self.fd is None:
+            raise ApiError(404, "Session not found.")
+        if self._input_bytes + len(data) > INPUT_QUEUE_BYTES:
+            raise ApiError(429, f"This session's program is not reading its input: with this, more than "
+                                f"{INPUT_QUEUE_BYTES // MIB} MiB would be waiting for it, so this input was not sent.")
+        self._input.append(data)
+        self._input_bytes += len(data)
+        self._input_waiting.set()
+
+    def _write_forever(self):
+        """The writer greenlet: queued input to the PTY, in order."""
+        while True:
+            self._input_waiting.wait()
+            self._input_waiting.clear()
+            while self._input:
+                if not self._write_all(self._input[0]):
+                    self._input.clear()  # the terminal is gone; the exit notice follows
+                    self._input_bytes = 0
+                    break
+                self._input_bytes -= len(self._input.popleft())
+
+    def _write_all(self, data):
+        """Write `data`, waiting while the PTY is full; False when the terminal is gone."""
         hub = gevent.get_hub()
-        with self._write_lock:
-            view = memoryview(data)
-            while view:
-                if self.fd is None:
-                    raise ApiError(404, "Session not found.")
-                try:
-                    view = view[os.write(self.fd, view):]
-                except BlockingIOError:
-                    hub.wait(self._writable)
-                except OSError:
-                    return  # the terminal is gone; the exit notice follows
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                hub.wait(self._writable)
+            except OSError:
+                return False
+        return True
 
     def resize(self, cols, rows):
         if self.fd is not None:
@@ -1012,6 +1043,9 @@ class Session:
         _signal_session(self.pid, signal.SIGKILL)
         self.exited.wait()
         fd, self.fd = self.fd, None
+        self._writer.kill()
+        self._input.clear()
+        self._input_bytes = 0
         hub = gevent.get_hub()
         for watcher in (self._readable, self._writable):
             hub.cancel_wait(watcher, OSError(errno.EBADF, "session closed"))
@@ -1661,6 +1695,7 @@ GATEWAY_PATHS = {
 PROBE_SECONDS = 3
 # Minted tokens carry this process's own comment, so CoDA can prove which listed tokens are its own.
 TOKEN_COMMENT = f"CoDA short-lived token {secrets.token_hex(6)} (rotated and revoked automatically)"
+PAT_STATUS_FILE = CONFIG.home / ".coda" / "pat-status.json"  # /api/pat-status without the token, for doctor
 
 
 def import_off_loop(module):
@@ -1675,7 +1710,8 @@ def workspace_client(token=None, host=None):
     from databricks.sdk import WorkspaceClient  # lazy: a local user never pays for it
     from databricks.sdk.core import Config as SdkConfig
 
-    common = dict(host=host or CONFIG.databricks_host, http_timeout_seconds=20, retry_timeout_seconds=30,
+    common = dict(host=host or CONFIG.databricks_host, http_timeout_seconds=CONFIG.sdk_http_timeout,
+                  retry_timeout_seconds=CONFIG.sdk_retry_timeout,
                   product="coda", product_version=__version__)
     if token:
         return WorkspaceClient(config=SdkConfig(token=token, auth_type="pat", **common))
@@ -1685,9 +1721,31 @@ def workspace_client(token=None, host=None):
 
 def reason(error):
     """One redacted line saying why something failed."""
+    if isinstance(error, TimeoutError) and error.__cause__ is not None:  # databricks-sdk's retries gave up: on what
+        return reason(error.__cause__)
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = re.split(r"\.? (?:Config|Env): ", text)[0]  # databricks-sdk appends its whole configuration
+    text = re.sub(r"HTTPS?ConnectionPool\([^)]*\): ", "", text)  # urllib3 names the pool, then the failure
+    refused_connection = re.search(r"Failed to establish a new connection: (\[Errno -?\d+\] [^\"')]+)", text)
+    text = refused_connection.group(1) if refused_connection else text
     return redact(text)[:300]
+
+
+def is_refusal(error):
+    """A definite no to the token (401/403), as opposed to an outage, a 5xx or a timeout."""
+    from databricks.sdk.errors import PermissionDenied, Unauthenticated
+    return isinstance(error, (Unauthenticated, PermissionDenied))
+
+
+def is_outage(error):
+    """The workspace is out of reach, timing out or failing (5xx), rather than answering no."""
+    from databricks.sdk.errors import DatabricksError, DeadlineExceeded, InternalError, TemporarilyUnavailable
+    return not isinstance(error, DatabricksError) or isinstance(
+        error, (InternalError, TemporarilyUnavailable, DeadlineExceeded))
+
+
+def utc_clock(epoch):
+    return time.strftime("%H:%M UTC", time.gmtime(epoch))
 
 
 def resolve_owner_forever():
@@ -1762,12 +1820,17 @@ class Pat:
     CoDA revokes only tokens it minted itself (it has their ids from token/create).
     A pasted token is never revoked: no Databricks API maps a token's value to
     its id, so CoDA cannot prove which listed token it is.
+
+    Only a definite refusal (401/403) ends a token; an outage, a 5xx or a timeout
+    is retried while the token is valid, and said in `error` meanwhile.
     """
 
     def __init__(self):
         self.token = None          # the current token: a minted one, or the pasted one until a mint succeeds
         self.token_id = None       # its id, when CoDA minted it
         self.expires_at = None     # epoch seconds, when known
+        self.refused = False       # the workspace refused the current token (401/403)
+        self.minted = {}           # token_id -> (value, expires_at): minted here, maybe still live, so redacted
         self.user = None
         self.identity = None       # SCIM Me of the pasted token's user (git's identity comes from it)
         self.last_rotation = None
@@ -1776,22 +1839,35 @@ class Pat:
         self.lock = gevent.lock.Semaphore()  # one configure or rotation at a time
 
     def valid(self):
-        return bool(self.token) and (self.expires_at is None or time.time() < self.expires_at)
+        return bool(self.token) and not self.refused and (self.expires_at is None or time.time() < self.expires_at)
 
     def status(self):
         answer = {"configured": self.token is not None, "valid": self.valid(), "user": self.user,
                   "workspace_host": CONFIG.databricks_host or None, "expires_at": self.expires_at}
-        if self.error:
-            answer["error"] = self.error
+        error = self.error
+        if self.token and not answer["valid"] and not self.refused:
+            error = f"The token expired at {utc_clock(self.expires_at)} before it could be rotated; paste a new one."
+        if error:
+            answer["error"] = error
         return answer
+
+    def report(self, error):
+        """Set (or clear) the failure sentence; keep a token-free copy of the status for `coda.py doctor`."""
+        if error:
+            log.warning("%s", error)
+        self.error = error
+        try:
+            write_private(PAT_STATUS_FILE, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
+        except OSError as failure:
+            log.warning("could not write %s: %s", PAT_STATUS_FILE, reason(failure))
 
     def configure(self, token, replace=False):
         """Validate a pasted token with SCIM Me (that token alone), mint from it, configure the agents."""
         if not CONFIG.databricks_host:
             raise ApiError(400, "No Databricks workspace is configured: set DATABRICKS_HOST.")
-        if self.valid() and not replace:
-            raise ApiError(409, 'A valid token is already configured; send "replace": true to replace it.')
-        with self.lock:
+        with self.lock:  # the 409 check and the change it guards are one decision
+            if self.valid() and not replace:
+                raise ApiError(409, 'A valid token is already configured; send "replace": true to replace it.')
             import_off_loop("databricks.sdk")
             from databricks.sdk.errors import DatabricksError
 
@@ -1801,15 +1877,15 @@ class Pat:
                 raise ApiError(400, f"The workspace did not accept this token: {reason(error)}") from None
             except Exception as error:
                 raise ApiError(400, f"The workspace at {CONFIG.databricks_host} could not be reached: {reason(error)}") from None
-            SECRETS.add(token)
-            self.user, self.token, self.token_id, self.expires_at, self.error = me.user_name, token, None, None, None
+            SECRETS.add(token)  # a pasted token stays live (CoDA cannot revoke it), so it stays redacted
+            self.user, self.token, self.token_id, self.expires_at, self.refused = me.user_name, token, None, None, False
             self.identity = me
             GATEWAY.discover(token)
             try:
                 self._mint()
+                self.report(None)
             except Exception as error:
-                self.error = f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile."
-                log.warning("%s", self.error)
+                self.report(f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile.")
         SETUP.run_token_steps()
         if self.rotor is None or self.rotor.dead:
             self.rotor = gevent.spawn(self._rotate_forever)
@@ -1823,6 +1899,7 @@ class Pat:
         expiry = (created.token_info.expiry_time or 0) / 1000
         self.token, self.token_id = created.token_value, created.token_info.token_id
         self.expires_at = expiry if expiry > 0 else time.time() + CONFIG.token_lifetime
+        self.minted[self.token_id] = (self.token, self.expires_at)
         self.last_rotation = time.time()
         write_databrickscfg(self.token)
         self._revoke_old()
@@ -1831,42 +1908,63 @@ class Pat:
         """Revoke every other token this process minted: also one whose create timed out
         after the workspace had made it, and any whose revocation failed before."""
         client = workspace_client(self.token)
+        alive = set(self.minted)  # until the workspace's list says otherwise
         try:
-            for info in client.tokens.list():
-                if info.comment == TOKEN_COMMENT and info.token_id != self.token_id:
-                    client.tokens.delete(info.token_id)
+            alive = {info.token_id for info in client.tokens.list() if info.comment == TOKEN_COMMENT}
+            for token_id in alive - {self.token_id}:
+                client.tokens.delete(token_id)
+                alive.discard(token_id)
         except Exception as error:
             log.warning("could not revoke old CoDA tokens yet (%s); will retry at the next rotation", reason(error))
+        self._forget_dead(alive)
+
+    def _forget_dead(self, alive):
+        """Stop redacting minted tokens that can no longer be live (revoked, expired, or not listed),
+        so SECRETS holds a bounded number of values however many rotations there have been."""
+        now = time.time()
+        for token_id, (value, expires_at) in list(self.minted.items()):
+            if token_id != self.token_id and (token_id not in alive or expires_at < now):
+                del self.minted[token_id]
+                SECRETS.discard(value)
 
     def _rotate_forever(self):
         """Mint a fresh token every interval, also with no session open; back off on failure."""
         failures = 0
         while True:
-            gevent.sleep(CONFIG.rotation_interval if not failures else min(2.0 ** failures, 60.0))
+            backoff = min(2.0 ** failures, 60.0, max(1.0, CONFIG.rotation_interval))
+            gevent.sleep(CONFIG.rotation_interval if not failures else backoff)
             if not self.valid():
-                self.error = "The token expired before it could be rotated; paste a new one."
-                log.warning("%s", self.error)
+                self.report(self.status().get("error"))
                 return
             with self.lock:
                 try:
                     self._mint()
-                    failures, self.error = 0, None
+                    failures = 0
+                    self.report(None)
                 except Exception as error:
                     failures += 1
-                    if not self._still_accepted():
-                        self.expires_at = time.time()
-                        self.error = f"The workspace no longer accepts the token ({reason(error)}); paste a new one."
-                        log.warning("%s", self.error)
+                    if self._ends_token(error):
+                        self.refused = True
+                        self.report(f"The workspace refused the token ({reason(error)}); paste a new one.")
                         return
-                    self.error = f"Token rotation failed ({reason(error)}); retrying while the current token is valid."
-                    log.warning("%s", self.error)
+                    self.report(self._retrying(error))
 
-    def _still_accepted(self):
+    def _ends_token(self, error):
+        """A refusal to mint is the token's end only if SCIM Me refuses it too (it may just lack the scope)."""
+        if not is_refusal(error):
+            return False
         try:
             workspace_client(self.token).current_user.me()
-            return True
-        except Exception:
             return False
+        except Exception as check:
+            return is_refusal(check)
+
+    def _retrying(self, error):
+        until = (f"the current token is valid until {utc_clock(self.expires_at)}" if self.expires_at
+                 else "the pasted token stays in use")
+        if is_outage(error):
+            return f"Could not reach the workspace to rotate the token ({reason(error)}); retrying, {until}."
+        return f"Token rotation failed ({reason(error)}); retrying, {until}."
 
     def configure_from_environment(self):
         """A DATABRICKS_TOKEN given at start is treated like a pasted one."""
@@ -4101,7 +4199,19 @@ def doctor():
         try:
             return f"signed in as {workspace_client(token, host).current_user.me().user_name}"
         except Exception as error:
-            raise StepFailed(f"the workspace refuses the token ({reason(error)}): paste a new one in the CoDA page") from None
+            if is_refusal(error):
+                raise StepFailed(f"the workspace refuses the token ({reason(error)}): paste a new one in the CoDA page") from None
+            raise StepFailed(f"could not ask the workspace about the token ({reason(error)}): try again shortly") from None
+
+    def rotation():
+        try:
+            status = json.loads(PAT_STATUS_FILE.read_text())
+        except (OSError, ValueError):
+            raise StepFailed("the server has not reported on the token yet: paste a token in the CoDA page") from None
+        expires_at = status.get("expires_at")
+        if status.get("error") or (expires_at and expires_at < time.time()):
+            raise StepFailed(status.get("error") or f"the token expired at {utc_clock(expires_at)}: paste a new one")
+        return f"valid until {utc_clock(expires_at)}" if expires_at else "the pasted token is in use"
 
     def can_mint():
         client = workspace_client(token, host)
@@ -4142,7 +4252,7 @@ def doctor():
 
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
-    checks = [("local proxy", proxy), ("MLflow tracing", tracing_check)]
+    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
     checks += [(f"{each.label} installed and configured", agent(each.name, CONFIG.home / each.config_file))
                for each in enabled_agents()]
 

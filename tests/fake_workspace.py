@@ -45,6 +45,7 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   ``live_tokens(kind="pat", comment_contains=None)``, ``live_token_values()``,
   ``revoked_tokens()``, ``minted_tokens()`` (made by token/create).
 * knobs: ``inject(route, status=503, count=1, delay=0)`` (5xx, timeouts),
+  ``disconnect()`` / ``reconnect()`` (the workspace port refuses connections meanwhile),
   ``max_token_lifetime_seconds`` (admin cap), ``token_quota``,
   ``refuse_within_seconds`` (refuse tokens close to expiry),
   ``invalid_token_status`` (403), ``gateway_auth_failure_status`` (401; Codex
@@ -254,6 +255,21 @@ class FakeWorkspace:
         for t in self._threads:
             t.join(timeout=5)
         self._servers, self._threads = [], []
+
+    def disconnect(self):
+        """Close the workspace origin's port: clients get "connection refused" (an outage)
+        until ``reconnect()``, which listens on the same port again with every token kept."""
+        ws = self._servers[0]
+        ws.shutdown()
+        ws.server_close()
+
+    def reconnect(self):
+        ws = _Server((self.host, self.port), _Handler, self, "workspace")
+        self._servers[0] = ws
+        t = threading.Thread(target=ws.serve_forever, kwargs={"poll_interval": 0.1},
+                             name="fake-workspace", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def __enter__(self):
         return self.start()

@@ -2,13 +2,16 @@
 owner resolution, the PAT lifecycle with rotation, gateway discovery, agent
 configs, and the local proxy."""
 
+import concurrent.futures
 import configparser
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 import tomllib
+from unittest import mock
 
 import pytest
 import requests
@@ -156,7 +159,8 @@ def test_hundred_accelerated_rotations_leave_one_live_coda_token(start_coda, wor
 
 
 def test_rotation_retries_through_errors_and_timeouts(start_coda, workspace):
-    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="60", PAT_ROTATION_INTERVAL="0.5"))
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="60", PAT_ROTATION_INTERVAL="0.5",
+                                 CODA_SDK_HTTP_TIMEOUT="2", CODA_SDK_RETRY_TIMEOUT="4"))
     server.api("/api/configure-pat", {"token": workspace.add_token()})
     first = len(workspace.minted_tokens())
     workspace.inject("token/create", status=503, count=40)
@@ -164,11 +168,133 @@ def test_rotation_retries_through_errors_and_timeouts(start_coda, workspace):
     status = server.get("/api/pat-status").json()
     assert status["valid"] is True and "retrying" in status["error"]
     workspace.clear_faults()
-    workspace.inject("token/create", status=None, count=1, delay=25)  # longer than CoDA's HTTP timeout
+    workspace.inject("token/create", status=None, count=1, delay=3)  # longer than CoDA's HTTP timeout
     wait_for(lambda: len(workspace.minted_tokens()) > first + 1, timeout=90)
     wait_for(lambda: "error" not in server.get("/api/pat-status").json(), timeout=30)
     # The timed-out create finished on the workspace's side too: the next sweep revokes it.
     wait_for(lambda: len(coda_tokens(workspace)) == 1, timeout=30)
+
+
+def pat_status_with_error(server):
+    status = server.get("/api/pat-status").json()
+    return status if "error" in status else None
+
+
+def doctor(server):
+    return subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "HOME": str(server.home)}).stdout
+
+
+OUTAGE = dict(PAT_ROTATION_INTERVAL="0.5", CODA_SDK_HTTP_TIMEOUT="1", CODA_SDK_RETRY_TIMEOUT="1")
+
+
+def test_a_workspace_outage_keeps_the_token_and_rotation_resumes_after_it(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="300", **OUTAGE))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    workspace.disconnect()  # connection refused
+    status = wait_for(lambda: pat_status_with_error(server), timeout=30, what="the outage in pat-status")
+    assert status["valid"] is True
+    assert "Could not reach the workspace" in status["error"] and "valid until" in status["error"]
+    deadline = time.time() + 4  # failed rotation after failed rotation: the token is still good
+    while time.time() < deadline:
+        assert server.get("/api/pat-status").json()["valid"] is True
+        time.sleep(0.2)
+    assert "Could not reach the workspace" in doctor(server)
+    before = len(workspace.minted_tokens())
+
+    workspace.reconnect()
+    wait_for(lambda: "error" not in server.get("/api/pat-status").json(), timeout=30, what="rotation to resume")
+    assert len(workspace.minted_tokens()) > before
+    [current] = wait_for(lambda: coda_tokens(workspace) if len(coda_tokens(workspace)) == 1 else None, timeout=10)
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(server.home / ".databrickscfg")
+    assert config["DEFAULT"]["token"] == current.value
+    assert "ok    token rotation: valid until" in doctor(server)
+
+
+def test_a_hanging_or_failing_workspace_is_retried_not_taken_for_a_refusal(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="300", **OUTAGE))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    for route in ("token/create", "scim-me"):
+        workspace.inject(route, status=None, count=1000, delay=3)  # answers only after CoDA gave up
+    status = wait_for(lambda: pat_status_with_error(server), timeout=30)
+    assert status["valid"] is True and "retrying" in status["error"]
+    workspace.clear_faults()
+    for route in ("token/create", "scim-me"):
+        workspace.inject(route, status=503, count=1000)
+    wait_for(lambda: "injected failure" in (pat_status_with_error(server) or {}).get("error", ""), timeout=30)
+    assert server.get("/api/pat-status").json()["valid"] is True
+    workspace.clear_faults()
+    wait_for(lambda: "error" not in server.get("/api/pat-status").json(), timeout=30, what="rotation to resume")
+
+
+def test_a_token_that_expires_during_an_outage_says_expired(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="6", **OUTAGE))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    workspace.disconnect()
+    status = wait_for(lambda: (lambda s: s if not s["valid"] else None)(server.get("/api/pat-status").json()),
+                      timeout=30, what="the token to expire")
+    assert status["configured"] is True and "expired" in status["error"] and "paste a new one" in status["error"]
+    workspace.reconnect()
+
+
+def test_a_token_that_lapsed_between_rotations_says_expired(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="3", PAT_ROTATION_INTERVAL="3600"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    status = wait_for(lambda: (lambda s: s if not s["valid"] else None)(server.get("/api/pat-status").json()),
+                      timeout=30, what="the token to expire")
+    assert "expired at" in status.get("error", "") and "paste a new one" in status["error"]
+
+
+def test_a_refused_token_gives_its_reason(start_coda, workspace):
+    server = start_coda(coda_env(workspace, PAT_TOKEN_LIFETIME="300", PAT_ROTATION_INTERVAL="0.3"))
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    for record in coda_tokens(workspace):
+        workspace.revoke_token(record.value)
+    status = wait_for(lambda: (lambda s: s if not s["valid"] else None)(server.get("/api/pat-status").json()))
+    assert "refused" in status["error"] and "paste a new one" in status["error"]
+    assert "refuses the token" in doctor(server)
+
+
+def test_two_tokens_pasted_at_once_make_one_decision(start_coda, workspace):
+    server = start_coda(coda_env(workspace))
+    workspace.inject("scim-me", status=None, count=2, delay=1)  # both requests are in flight together
+    tokens = [workspace.add_token(), workspace.add_token()]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda token: server.post("/api/configure-pat", {"token": token}), tokens))
+    assert sorted(answer.status_code for answer in answers) == [200, 409]
+    assert len(coda_tokens(workspace)) <= 1
+
+
+def load_coda(home, **env):
+    """A fresh coda module in this process, configured by `env`: for tests of its inner bookkeeping."""
+    with mock.patch.dict(os.environ, {"HOME": str(home), **env}):
+        spec = importlib.util.spec_from_file_location("coda_under_test", ROOT / "coda.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_the_redaction_list_holds_only_tokens_that_may_be_live(workspace, tmp_path):
+    local = "local-access-token-0123456789"
+    coda = load_coda(tmp_path, DATABRICKS_HOST=workspace.url, CODA_TOKEN=local, CODA_SDK_RETRY_TIMEOUT="1")
+    pat, pasted = coda.Pat(), workspace.add_token()
+    pat.token = pasted
+    coda.SECRETS.add(pasted)
+    for _ in range(30):
+        pat._mint()
+    assert coda.SECRETS == {local, pasted, pat.token}
+
+    previous = pat.token
+    workspace.inject("token/delete", status=503, count=100)  # the previous token outlives the next rotation
+    pat._mint()
+    workspace.clear_faults()
+    assert workspace.find_token(previous).live()
+    assert coda.SECRETS == {local, pasted, previous, pat.token}
+    pat._mint()  # this sweep revokes both older ones
+    assert not workspace.find_token(previous).live()
+    assert coda.SECRETS == {local, pasted, pat.token}
+    assert coda.redact(f"token {pat.token}!") == "token [REDACTED]!"
 
 
 def test_a_token_lacking_the_scope_to_mint_is_used_and_reported(start_coda, workspace):

@@ -724,6 +724,92 @@ def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
     coda_server.close_session(quiet)
 
 
+
+def wait_for_sleep(server, session_id, marker):
+    """Start `stty raw -echo; sleep 8` (a program that reads nothing) once the shell has shown `marker`."""
+    server.type(session_id, f"echo {marker}$((1+1)); stty raw -echo; sleep 8\r")
+    server.read_until(session_id, f"{marker}2")
+    wait_for(lambda: [s for s in server.get("/api/sessions").json() if s["session_id"] == session_id][0]["process"] == "sleep",
+             what="sleep in the foreground")
+
+
+def test_a_session_that_reads_nothing_stalls_only_itself_on_the_socket(coda_server):
+    stuck, quiet = coda_server.new_session(), coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(quiet, since=0)
+    wait_for_sleep(coda_server, stuck, "STUCK")
+    sock.send(type="terminal_input", session_id=stuck, input="x" * 600 * 1024)
+    started = time.time()
+    sock.send(type="terminal_input", session_id=quiet, input="echo QUIET$((9*9))\r")
+    sock.collect(quiet, b"QUIET81\r\n", timeout=3)  # the stuck session's sleep lasts 8 s
+    assert time.time() - started < 3
+
+    errors = []
+    for _ in range(10):  # 4 MiB may wait for a session: the 7th paste of 600 KiB is one too many
+        sock.send(type="terminal_input", session_id=stuck, input="y" * 600 * 1024)
+        sock.send(type="dance")  # answered with an error once every message before it is handled
+        while True:
+            item = sock.receive()
+            if item[0] == "event" and item[1]["type"] == "error":
+                if "dance" in item[1]["message"]:
+                    break
+                errors.append(item[1])
+        if errors:
+            break
+    [error] = errors
+    assert error["session_id"] == stuck and "not reading its input" in error["message"]
+    sock.send(type="terminal_input", session_id=quiet, input="echo AFTER$((6*7))\r")
+    sock.collect(quiet, b"AFTER42\r\n", timeout=3)
+    sock.close()
+    coda_server.close_session(stuck)
+    coda_server.close_session(quiet)
+
+
+def test_long_poll_input_is_queued_not_written_and_overflow_is_429(coda_server):
+    stuck, quiet = coda_server.new_session(), coda_server.new_session()
+    gate = coda_server.home / f"gate-{stuck}"
+    accepted = 6 * 600 * 1024  # 4 MiB may wait for a session: the 7th paste of 600 KiB is one too many
+    coda_server.type(stuck, f"stty raw -echo; echo GATE$((1+1)); until [ -e {gate} ]; do sleep 0.1; done; "
+                            f"head -c {accepted} | md5sum\r")
+    coda_server.read_until(stuck, "GATE2")
+    pastes, statuses = [], []
+    for letter in "abcdefghij":
+        paste = letter * 600 * 1024
+        started = time.time()
+        answer = coda_server.post("/api/input", {"session_id": stuck, "input": paste}, timeout=5)
+        assert time.time() - started < 3  # it is queued, not written to a PTY nobody reads
+        statuses.append(answer.status_code)
+        if answer.status_code != 200:
+            break
+        pastes.append(paste)
+    assert statuses == [200] * 6 + [429]
+    assert "not reading its input" in answer.json()["error"]
+    coda_server.wait_prompt(quiet)  # the other session is unaffected
+    gate.touch()  # now the program reads: what was queued arrives whole and in order
+    coda_server.read_until(stuck, hashlib.md5("".join(pastes).encode()).hexdigest(), timeout=30)
+    coda_server.close_session(stuck)
+    coda_server.close_session(quiet)
+
+
+def test_input_keeps_its_order_across_websocket_and_long_poll(coda_server):
+    sid = coda_server.new_session()
+    sock = coda_server.websocket()
+    coda_server.type(sid, "echo GO$((1+1)); stty raw -echo; sleep 1; head -c 2000000 | md5sum\r")
+    coda_server.read_until(sid, "GO2")
+    chunks = [(f"{i:06d}" * 20000)[:100000] for i in range(20)]
+    for i, chunk in enumerate(chunks):
+        if i % 2:
+            coda_server.type(sid, chunk)
+        else:
+            sock.send(type="terminal_input", session_id=sid, input=chunk)
+            sock.send(type="dance")  # its error answer says the input before it is queued
+            while not (lambda item: item[0] == "event" and "dance" in item[1].get("message", ""))(sock.receive()):
+                pass
+    digest = hashlib.md5("".join(chunks).encode()).hexdigest()
+    coda_server.read_until(sid, digest, timeout=30)
+    sock.close()
+    coda_server.close_session(sid)
+
 # --- uploads --------------------------------------------------------------------
 
 def test_upload_stays_in_uploads_with_a_clean_name(coda_server):
