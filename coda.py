@@ -3537,6 +3537,8 @@ NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, i
     ".r": ("# Databricks notebook source", "R"),
 }
 NOTEBOOK_EXTENSIONS = {"PYTHON": ".py", "SQL": ".sql", "SCALA": ".scala", "R": ".r"}  # restored notebooks
+# CoDA's own git commands in a restored folder: no fsmonitor command and no hooks, whatever a config says.
+RESTORE_GIT = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
 
 PASS_THROUGH_HOOK = """\
 #!/bin/sh
@@ -3743,15 +3745,27 @@ def workspace_exists(client, path):
 
 
 def committed_files(repo, commit):
-    """{path: blob id} of the commit's regular files (symbolic links and submodules stay out)."""
+    """{path: blob id} of the commit's regular files (symbolic links and submodules stay out, and
+    so does anything in a folder git would take for its own, which a crafted tree can hold)."""
     files = {}
     for entry in git(repo, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
         if entry:
             meta, path = entry.split(b"\t", 1)
             mode, _, blob = meta.split()
-            if mode in (b"100644", b"100755"):
-                files[path.decode(errors="surrogateescape")] = blob.decode()
+            path = path.decode(errors="surrogateescape")
+            if mode in (b"100644", b"100755") and holds_git_name(path):
+                log.warning("left out %s: git's own files are never copied to the workspace", path)
+            elif mode in (b"100644", b"100755"):
+                files[path] = blob.decode()
     return files
+
+
+def holds_git_name(path):
+    """Whether a component of the /-separated `path` names git's own folder, as git reads names:
+    .git in any case, also with the trailing dots, spaces or :stream NTFS ignores, or NTFS's short
+    name git~1. Such paths are never restored (a planted .git/config or hook runs at the next git
+    command) and never uploaded; git refuses to track them anyway."""
+    return any(part.split(":")[0].rstrip(" .").lower() in (".git", "git~1") for part in path.split("/"))
 
 
 def apply_commit(client, repo, root, known, tree):
@@ -3913,7 +3927,9 @@ def restore_projects():
     except Exception as error:
         log.error("restore failed: %s", reason(error))
         return 1
-    missing = [name for name in names if not (PROJECTS / name).exists()]
+    for name in [name for name in names if holds_git_name(name)]:
+        log.warning("skipped the workspace folder projects/%s: git's own files are never restored", name)
+    missing = [name for name in names if not holds_git_name(name) and not (PROJECTS / name).exists()]
     log.info("the workspace holds %d project(s) under %s; %d missing from %s", len(names),
              projects_folder(me.user_name), len(missing), PROJECTS)
     failed = 0
@@ -3927,11 +3943,14 @@ def restore_projects():
 
 
 def restore_project(client, me, host, name):
-    """Download into a hidden folder, commit, then rename: a half-restored project never looks whole."""
+    """Download into a hidden folder, commit, then rename: a half-restored project never looks whole.
+    The repository is made first, by git itself, so nothing downloaded can become its config."""
     root = f"{projects_folder(me.user_name)}/{name}"
     staging = PROJECTS / f".{name}.restoring"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        staging.mkdir(parents=True)
+        git(staging, *RESTORE_GIT, "init", "-q")
         remotes = download_tree(client, root, staging)
         commit = commit_restored(staging, me)
         files = {path: {"blob": blob, "remote": remotes[path][0], "notebook": remotes[path][1]}
@@ -3947,28 +3966,36 @@ def restore_project(client, me, host, name):
 
 
 def download_tree(client, root, into):
-    """Export every notebook (as source, with its language's extension) and file under `root`.
-    Returns {local path: (workspace path, notebook or not)}, paths relative."""
+    """Export every notebook (as source, with its language's extension) and file under `root`,
+    except git's own folders and files (not even listed). Returns {local path: (workspace path,
+    notebook or not)}, paths relative."""
     from databricks.sdk.service.workspace import ExportFormat, ObjectType
 
-    into.mkdir(parents=True)
     remotes = {}
-    for item in client.workspace.list(root, recursive=True):
-        remote = relative_path(item.path, root)
-        if item.object_type == ObjectType.NOTEBOOK and item.language:
-            local, form = remote + NOTEBOOK_EXTENSIONS[item.language.value], ExportFormat.SOURCE
-        elif item.object_type == ObjectType.FILE:
-            local, form = remote, None
-        else:
-            log.info("skipped %s: a %s is not a file", item.path, item.object_type.value.lower())
-            continue
-        target = into / local
-        if local in remotes or target.exists():
-            log.warning("skipped %s: %s is taken by another object", item.path, local)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.workspace.download(item.path, format=form).read())
-        remotes[local] = (remote, item.object_type == ObjectType.NOTEBOOK)
+    folders = collections.deque([root])
+    while folders:
+        for item in client.workspace.list(folders.popleft()):
+            remote = relative_path(item.path, root)
+            if holds_git_name(remote):
+                log.warning("skipped %s: git's own files are never restored", item.path)
+                continue
+            if item.object_type == ObjectType.DIRECTORY:
+                folders.append(item.path)
+                continue
+            if item.object_type == ObjectType.NOTEBOOK and item.language:
+                local, form = remote + NOTEBOOK_EXTENSIONS[item.language.value], ExportFormat.SOURCE
+            elif item.object_type == ObjectType.FILE:
+                local, form = remote, None
+            else:
+                log.info("skipped %s: a %s is not a file", item.path, item.object_type.value.lower())
+                continue
+            target = into / local
+            if local in remotes or target.exists():
+                log.warning("skipped %s: %s is taken by another object", item.path, local)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.workspace.download(item.path, format=form).read())
+            remotes[local] = (remote, item.object_type == ObjectType.NOTEBOOK)
     return remotes
 
 
@@ -3982,14 +4009,13 @@ def relative_path(path, root):
 
 
 def commit_restored(repo, me):
-    """git init and one commit, with the user's git identity (from SCIM Me if git has none).
-    Hooks are off for it: a post-commit would upload everything right back."""
-    git(repo, "init", "-q")
-    git(repo, "add", "--all", "--force")  # all: what .gitignore names was tracked, or it would not be here
+    """One commit of everything, with the user's git identity (from SCIM Me if git has none).
+    Hooks are off for it (a post-commit would upload everything right back), and so is fsmonitor."""
+    git(repo, *RESTORE_GIT, "add", "--all", "--force")  # all: what .gitignore names was tracked, or it would not be here
     identity = []
     if not git_identity_set(repo):
         identity = ["-c", f"user.name={me.display_name or me.user_name}", "-c", f"user.email={me.user_name}"]
-    git(repo, *identity, "-c", "core.hooksPath=/dev/null", "commit", "-q", "--allow-empty", "--no-verify",
+    git(repo, *identity, *RESTORE_GIT, "commit", "-q", "--allow-empty", "--no-verify",
         "-m", "Restored from the Databricks workspace")
     return head_commit(repo)
 
