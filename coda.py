@@ -1912,6 +1912,18 @@ def merge_json(path, merge):
     write_private(path, json.dumps(data, indent=2) + "\n")
 
 
+def merge_toml(path, merge):
+    """merge_json for TOML (Codex's config.toml)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML ({error}); CoDA left it alone") from None
+    merge(data)
+    write_private(path, to_toml(data))
+
+
 def nested(data, *keys):
     """data[k1][k2]..., creating dictionaries on the way."""
     for key in keys:
@@ -2031,6 +2043,33 @@ class AgentContext:
         return self.proxy + GATEWAY_PATHS[api][0]
 
 
+# Folder trust. Claude Code, Codex and Gemini CLI ask before they let a folder's own settings
+# and hooks run; CoDA answers only for the projects it restored itself (trust_folder). Measured
+# with the CLIs (Claude Code 2.1, Codex 0.171, Gemini CLI 0.61): a trusted folder covers its
+# subfolders in Claude Code (up to the root of the git repository they are in) and in Gemini CLI
+# (all of them), and only itself, or the repository it is the root of, in Codex. So trusting
+# ~/projects or $HOME, as earlier CoDA versions did, trusted every repository a user cloned.
+# Those exact entries (~/projects in all three, $HOME in Gemini CLI's) are removed at every
+# start; every other entry is the user's and stays (a user who accepted a prompt for ~/projects
+# itself answers it again).
+def forget_old_trust(entries, folder, key, value):
+    """Take `key` out of entries[folder] where it holds the `value` an earlier CoDA wrote."""
+    entry = entries.get(folder) if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and entry.get(key) == value:
+        del entry[key]
+        if not entry:
+            del entries[folder]
+
+
+def trust_folder(folder):
+    """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
+    path = str(folder.resolve())
+    home = CONFIG.home
+    merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
+    merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
+    merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
+
+
 def configure_claude(ctx):
     """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
     def settings(data):
@@ -2049,7 +2088,7 @@ def configure_claude(ctx):
 
     def state(data):
         data["hasCompletedOnboarding"] = True
-        nested(data, "projects", str(ctx.projects))["hasTrustDialogAccepted"] = True
+        forget_old_trust(data.get("projects"), str(ctx.projects), "hasTrustDialogAccepted", True)
         servers = nested(data, "mcpServers")
         for name in MCP_NAMES:
             servers.pop(name, None)
@@ -2062,22 +2101,17 @@ def configure_claude(ctx):
 
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
-    import tomllib
+    def settings(data):
+        data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled")
+        command, *args = ctx.token_command
+        nested(data, "model_providers")["databricks"] = {
+            "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
+            "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
+        nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
+        forget_old_trust(data.get("projects"), str(ctx.projects), "trust_level", "trusted")
+        codex_notify(data)
 
-    path = ctx.home / ".codex" / "config.toml"
-    try:
-        data = tomllib.loads(path.read_text()) if path.exists() else {}
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML ({error}); CoDA left it alone") from None
-    data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled")
-    command, *args = ctx.token_command
-    nested(data, "model_providers")["databricks"] = {
-        "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
-        "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
-    nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
-    nested(data, "projects", str(ctx.projects))["trust_level"] = "trusted"
-    codex_notify(data)
-    write_private(path, to_toml(data))
+    merge_toml(ctx.home / ".codex" / "config.toml", settings)
     write_owned(ctx.home / ".codex" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
 
 
@@ -2090,10 +2124,14 @@ def configure_gemini(ctx):
         gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
 
+    def trusted_folders(data):
+        for folder in (str(ctx.projects), str(ctx.home)):
+            if data.get(folder) == "TRUST_FOLDER":
+                del data[folder]
+
     merge_json(ctx.home / ".gemini" / "settings.json", settings)
     merge_env_file(ctx.home / ".gemini" / ".env", gemini_environment(ctx))
-    merge_json(ctx.home / ".gemini" / "trustedFolders.json",
-               lambda data: data.update({str(ctx.projects): "TRUST_FOLDER", str(ctx.home): "TRUST_FOLDER"}))
+    merge_json(ctx.home / ".gemini" / "trustedFolders.json", trusted_folders)
     write_owned(ctx.home / ".gemini" / "GEMINI.md", AGENT_INSTRUCTIONS, "<!--")
 
 
@@ -3962,6 +4000,10 @@ def restore_project(client, me, host, name):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        trust_folder(PROJECTS / name)  # the user's own project, as synced: the agents open it without asking
+    except ConfigError as error:
+        log.warning("restored %s, but the agents will ask before they trust it: %s", name, error)
     log.info("restored %s: %d files, committed as %s", name, len(remotes), commit[:12])
 
 
