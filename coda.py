@@ -2014,7 +2014,8 @@ You are running inside CoDA, a browser terminal hosted as a Databricks App.
 - Uploaded files and pasted images are saved in `~/uploads`.
 """
 
-# Databricks models the agents can pick, with their context and output limits (OpenCode needs them).
+# Databricks models the agents can pick, with their context and output limits as Databricks
+# documents them (OpenCode needs them; Codex and Hermes Agent use the context window).
 MODEL_LIMITS = {
     "databricks-claude-opus-4-7": (200_000, 32_000),
     "databricks-claude-opus-4-6": (200_000, 32_000),
@@ -2023,6 +2024,18 @@ MODEL_LIMITS = {
     "databricks-gpt-5-5": (400_000, 128_000),
     "databricks-gemini-2-5-pro": (1_000_000, 64_000),
 }
+DEFAULT_LIMITS = (128_000, 16_000)  # a model without a row: less than any of the above allows
+
+
+def model_limits(name):
+    return MODEL_LIMITS.get(name, DEFAULT_LIMITS)
+
+
+def configured_models():
+    """Every model CoDA names to an agent (an undeclared one makes OpenCode pick another provider's)."""
+    chosen = (CONFIG.anthropic_model, CONFIG.codex_model, CONFIG.gemini_model, CONFIG.hermes_model,
+              CONFIG.hermes_fallback_model)
+    return list(dict.fromkeys(name for name in (*MODEL_LIMITS, *chosen) if name))
 
 
 class AgentContext:
@@ -2102,7 +2115,8 @@ def configure_claude(ctx):
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
     def settings(data):
-        data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled")
+        data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled",
+                    model_context_window=model_limits(CONFIG.codex_model)[0])
         command, *args = ctx.token_command
         nested(data, "model_providers")["databricks"] = {
             "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
@@ -2149,10 +2163,13 @@ def configure_opencode(ctx):
         nested(data, "provider")["databricks"] = {
             "npm": "@ai-sdk/openai-compatible", "name": "Databricks AI Gateway",
             "options": {"baseURL": ctx.proxied("chat")},
-            "models": {name: {"name": name, "limit": {"context": context, "output": output}}
-                       for name, (context, output) in MODEL_LIMITS.items()}}
+            "models": {name: {"name": name, "limit": dict(zip(("context", "output"), model_limits(name)))}
+                       for name in configured_models()}}
         data.update(model=f"databricks/{model}", small_model=f"databricks/{model}", autoupdate=False,
                     share="disabled")
+        # Only the providers named here load: no fallback to one CoDA did not set up (a user's own stay).
+        enabled = data.get("enabled_providers") if isinstance(data.get("enabled_providers"), list) else []
+        data["enabled_providers"] = list(dict.fromkeys([*enabled, "databricks"]))
         servers = nested(data, "mcp")
         for name in MCP_NAMES:
             servers.pop(name, None)
@@ -2167,11 +2184,13 @@ def configure_opencode(ctx):
 def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
-    config = {"model": {**provider, "default": CONFIG.hermes_model},
+    config = {"model": {**provider, "default": CONFIG.hermes_model,
+                        "context_length": model_limits(CONFIG.hermes_model)[0]},
               "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
               "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
     if CONFIG.hermes_fallback_model:
-        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model}
+        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model,
+                                    "context_length": model_limits(CONFIG.hermes_fallback_model)[0]}
     write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
     write_owned(ctx.projects / "HERMES.md", AGENT_INSTRUCTIONS, "<!--")
 

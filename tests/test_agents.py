@@ -261,3 +261,35 @@ def test_a_restored_project_is_trusted_and_a_fresh_clone_is_not(rig, restored_an
     finally:
         terminal.close()
 
+
+def test_opencode_keeps_a_model_coda_has_no_row_for(rig, tmp_path):
+    """HERMES_MODEL names a model newer than CoDA's table: OpenCode still asks the gateway for it
+    (undeclared, it once fell back to a Google model and failed for want of a Google API key)."""
+    _, workspace = rig
+    model = "databricks-claude-opus-9-9"
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "", "PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}",
+           "HERMES_MODEL": model, "ENABLE_HERMES": "0"}
+    coda = Coda(tmp_path / "home", env)
+    try:
+        coda.api("/api/configure-pat", {"token": workspace.add_token(comment="pasted by the user")})
+        config = coda.home / ".config" / "opencode" / "opencode.json"
+        deadline = time.time() + 60
+        while not (config.exists() and model in config.read_text()):
+            assert time.time() < deadline, "OpenCode was not configured"
+            time.sleep(0.2)
+        settings = json.loads(config.read_text())
+        assert settings["enabled_providers"] == ["databricks"]
+        assert set(settings["provider"]["databricks"]["models"]) >= {model, "databricks-claude-opus-4-7"}
+        terminal = Terminal(coda, "~")
+        try:
+            mark = len(workspace.gateway_requests)
+            terminal.type_line("opencode run 'hello from a new model'; echo EXIT-new-$?")
+            terminal.wait_for("EXIT-new-0", timeout=120)
+            assert "FAKE-REPLY-chat: hello from a new model" in terminal.text()
+            calls = [r for r in workspace.gateway_requests[mark:] if r["api"] == "chat" and r["status"] == 200]
+            assert calls and all(r["model"] == model for r in calls), [r["model"] for r in calls]
+        finally:
+            terminal.close()
+    finally:
+        coda.stop()
