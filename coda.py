@@ -2056,33 +2056,6 @@ class AgentContext:
         return self.proxy + GATEWAY_PATHS[api][0]
 
 
-# Folder trust. Claude Code, Codex and Gemini CLI ask before they let a folder's own settings
-# and hooks run; CoDA answers only for the projects it restored itself (trust_folder). Measured
-# with the CLIs (Claude Code 2.1, Codex 0.171, Gemini CLI 0.61): a trusted folder covers its
-# subfolders in Claude Code (up to the root of the git repository they are in) and in Gemini CLI
-# (all of them), and only itself, or the repository it is the root of, in Codex. So trusting
-# ~/projects or $HOME, as earlier CoDA versions did, trusted every repository a user cloned.
-# Those exact entries (~/projects in all three, $HOME in Gemini CLI's) are removed at every
-# start; every other entry is the user's and stays (a user who accepted a prompt for ~/projects
-# itself answers it again).
-def forget_old_trust(entries, folder, key, value):
-    """Take `key` out of entries[folder] where it holds the `value` an earlier CoDA wrote."""
-    entry = entries.get(folder) if isinstance(entries, dict) else None
-    if isinstance(entry, dict) and entry.get(key) == value:
-        del entry[key]
-        if not entry:
-            del entries[folder]
-
-
-def trust_folder(folder):
-    """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
-    path = str(folder.resolve())
-    home = CONFIG.home
-    merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
-    merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
-    merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
-
-
 def configure_claude(ctx):
     """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
     def settings(data):
@@ -2193,6 +2166,33 @@ def configure_hermes(ctx):
                                     "context_length": model_limits(CONFIG.hermes_fallback_model)[0]}
     write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
     write_owned(ctx.projects / "HERMES.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+# Folder trust. Claude Code, Codex and Gemini CLI ask before they let a folder's own settings
+# and hooks run; CoDA answers only for the projects it restored itself (trust_folder). Measured
+# with the CLIs (Claude Code 2.1, Codex 0.171, Gemini CLI 0.61): a trusted folder covers its
+# subfolders in Claude Code (up to the root of the git repository they are in) and in Gemini CLI
+# (all of them), and only itself, or the repository it is the root of, in Codex. So trusting
+# ~/projects or $HOME, as earlier CoDA versions did, trusted every repository a user cloned.
+# Those exact entries (~/projects in all three, $HOME in Gemini CLI's) are removed at every
+# start; every other entry is the user's and stays (a user who accepted a prompt for ~/projects
+# itself answers it again).
+def forget_old_trust(entries, folder, key, value):
+    """Take `key` out of entries[folder] where it holds the `value` an earlier CoDA wrote."""
+    entry = entries.get(folder) if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and entry.get(key) == value:
+        del entry[key]
+        if not entry:
+            del entries[folder]
+
+
+def trust_folder(folder):
+    """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
+    path = str(folder.resolve())
+    home = CONFIG.home
+    merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
+    merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
+    merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
 
 
 def write_databrickscfg(token):
