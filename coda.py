@@ -2029,6 +2029,18 @@ def merge_json(path, merge):
     write_private(path, json.dumps(data, indent=2) + "\n")
 
 
+def merge_toml(path, merge):
+    """merge_json for TOML (Codex's config.toml)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text()) if path.exists() else {}
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML ({error}); CoDA left it alone") from None
+    merge(data)
+    write_private(path, to_toml(data))
+
+
 def nested(data, *keys):
     """data[k1][k2]..., creating dictionaries on the way."""
     for key in keys:
@@ -2119,7 +2131,8 @@ You are running inside CoDA, a browser terminal hosted as a Databricks App.
 - Uploaded files and pasted images are saved in `~/uploads`.
 """
 
-# Databricks models the agents can pick, with their context and output limits (OpenCode needs them).
+# Databricks models the agents can pick, with their context and output limits as Databricks
+# documents them (OpenCode needs them; Codex and Hermes Agent use the context window).
 MODEL_LIMITS = {
     "databricks-claude-opus-4-7": (200_000, 32_000),
     "databricks-claude-opus-4-6": (200_000, 32_000),
@@ -2128,6 +2141,18 @@ MODEL_LIMITS = {
     "databricks-gpt-5-5": (400_000, 128_000),
     "databricks-gemini-2-5-pro": (1_000_000, 64_000),
 }
+DEFAULT_LIMITS = (128_000, 16_000)  # a model without a row: less than any of the above allows
+
+
+def model_limits(name):
+    return MODEL_LIMITS.get(name, DEFAULT_LIMITS)
+
+
+def configured_models():
+    """Every model CoDA names to an agent (an undeclared one makes OpenCode pick another provider's)."""
+    chosen = (CONFIG.anthropic_model, CONFIG.codex_model, CONFIG.gemini_model, CONFIG.hermes_model,
+              CONFIG.hermes_fallback_model)
+    return list(dict.fromkeys(name for name in (*MODEL_LIMITS, *chosen) if name))
 
 
 class AgentContext:
@@ -2166,7 +2191,7 @@ def configure_claude(ctx):
 
     def state(data):
         data["hasCompletedOnboarding"] = True
-        nested(data, "projects", str(ctx.projects))["hasTrustDialogAccepted"] = True
+        forget_old_trust(data.get("projects"), str(ctx.projects), "hasTrustDialogAccepted", True)
         servers = nested(data, "mcpServers")
         for name in MCP_NAMES:
             servers.pop(name, None)
@@ -2179,22 +2204,18 @@ def configure_claude(ctx):
 
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
-    import tomllib
+    def settings(data):
+        data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled",
+                    model_context_window=model_limits(CONFIG.codex_model)[0])
+        command, *args = ctx.token_command
+        nested(data, "model_providers")["databricks"] = {
+            "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
+            "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
+        nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
+        forget_old_trust(data.get("projects"), str(ctx.projects), "trust_level", "trusted")
+        codex_notify(data)
 
-    path = ctx.home / ".codex" / "config.toml"
-    try:
-        data = tomllib.loads(path.read_text()) if path.exists() else {}
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML ({error}); CoDA left it alone") from None
-    data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled")
-    command, *args = ctx.token_command
-    nested(data, "model_providers")["databricks"] = {
-        "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
-        "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
-    nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
-    nested(data, "projects", str(ctx.projects))["trust_level"] = "trusted"
-    codex_notify(data)
-    write_private(path, to_toml(data))
+    merge_toml(ctx.home / ".codex" / "config.toml", settings)
     write_owned(ctx.home / ".codex" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
 
 
@@ -2207,10 +2228,14 @@ def configure_gemini(ctx):
         gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
 
+    def trusted_folders(data):
+        for folder in (str(ctx.projects), str(ctx.home)):
+            if data.get(folder) == "TRUST_FOLDER":
+                del data[folder]
+
     merge_json(ctx.home / ".gemini" / "settings.json", settings)
     merge_env_file(ctx.home / ".gemini" / ".env", gemini_environment(ctx))
-    merge_json(ctx.home / ".gemini" / "trustedFolders.json",
-               lambda data: data.update({str(ctx.projects): "TRUST_FOLDER", str(ctx.home): "TRUST_FOLDER"}))
+    merge_json(ctx.home / ".gemini" / "trustedFolders.json", trusted_folders)
     write_owned(ctx.home / ".gemini" / "GEMINI.md", AGENT_INSTRUCTIONS, "<!--")
 
 
@@ -2228,10 +2253,13 @@ def configure_opencode(ctx):
         nested(data, "provider")["databricks"] = {
             "npm": "@ai-sdk/openai-compatible", "name": "Databricks AI Gateway",
             "options": {"baseURL": ctx.proxied("chat")},
-            "models": {name: {"name": name, "limit": {"context": context, "output": output}}
-                       for name, (context, output) in MODEL_LIMITS.items()}}
+            "models": {name: {"name": name, "limit": dict(zip(("context", "output"), model_limits(name)))}
+                       for name in configured_models()}}
         data.update(model=f"databricks/{model}", small_model=f"databricks/{model}", autoupdate=False,
                     share="disabled")
+        # Only the providers named here load: no fallback to one CoDA did not set up (a user's own stay).
+        enabled = data.get("enabled_providers") if isinstance(data.get("enabled_providers"), list) else []
+        data["enabled_providers"] = list(dict.fromkeys([*enabled, "databricks"]))
         servers = nested(data, "mcp")
         for name in MCP_NAMES:
             servers.pop(name, None)
@@ -2246,13 +2274,42 @@ def configure_opencode(ctx):
 def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
-    config = {"model": {**provider, "default": CONFIG.hermes_model},
+    config = {"model": {**provider, "default": CONFIG.hermes_model,
+                        "context_length": model_limits(CONFIG.hermes_model)[0]},
               "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
               "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
     if CONFIG.hermes_fallback_model:
-        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model}
+        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model,
+                                    "context_length": model_limits(CONFIG.hermes_fallback_model)[0]}
     write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
     write_owned(ctx.projects / "HERMES.md", AGENT_INSTRUCTIONS, "<!--")
+
+
+# Folder trust. Claude Code, Codex and Gemini CLI ask before they let a folder's own settings
+# and hooks run; CoDA answers only for the projects it restored itself (trust_folder). Measured
+# with the CLIs (Claude Code 2.1, Codex 0.171, Gemini CLI 0.61): a trusted folder covers its
+# subfolders in Claude Code (up to the root of the git repository they are in) and in Gemini CLI
+# (all of them), and only itself, or the repository it is the root of, in Codex. So trusting
+# ~/projects or $HOME, as earlier CoDA versions did, trusted every repository a user cloned.
+# Those exact entries (~/projects in all three, $HOME in Gemini CLI's) are removed at every
+# start; every other entry is the user's and stays (a user who accepted a prompt for ~/projects
+# itself answers it again).
+def forget_old_trust(entries, folder, key, value):
+    """Take `key` out of entries[folder] where it holds the `value` an earlier CoDA wrote."""
+    entry = entries.get(folder) if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and entry.get(key) == value:
+        del entry[key]
+        if not entry:
+            del entries[folder]
+
+
+def trust_folder(folder):
+    """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
+    path = str(folder.resolve())
+    home = CONFIG.home
+    merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
+    merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
+    merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
 
 
 def write_databrickscfg(token):
@@ -3654,6 +3711,8 @@ NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, i
     ".r": ("# Databricks notebook source", "R"),
 }
 NOTEBOOK_EXTENSIONS = {"PYTHON": ".py", "SQL": ".sql", "SCALA": ".scala", "R": ".r"}  # restored notebooks
+# CoDA's own git commands in a restored folder: no fsmonitor command and no hooks, whatever a config says.
+RESTORE_GIT = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
 
 PASS_THROUGH_HOOK = """\
 #!/bin/sh
@@ -3860,15 +3919,27 @@ def workspace_exists(client, path):
 
 
 def committed_files(repo, commit):
-    """{path: blob id} of the commit's regular files (symbolic links and submodules stay out)."""
+    """{path: blob id} of the commit's regular files (symbolic links and submodules stay out, and
+    so does anything in a folder git would take for its own, which a crafted tree can hold)."""
     files = {}
     for entry in git(repo, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
         if entry:
             meta, path = entry.split(b"\t", 1)
             mode, _, blob = meta.split()
-            if mode in (b"100644", b"100755"):
-                files[path.decode(errors="surrogateescape")] = blob.decode()
+            path = path.decode(errors="surrogateescape")
+            if mode in (b"100644", b"100755") and holds_git_name(path):
+                log.warning("left out %s: git's own files are never copied to the workspace", path)
+            elif mode in (b"100644", b"100755"):
+                files[path] = blob.decode()
     return files
+
+
+def holds_git_name(path):
+    """Whether a component of the /-separated `path` names git's own folder, as git reads names:
+    .git in any case, also with the trailing dots, spaces or :stream NTFS ignores, or NTFS's short
+    name git~1. Such paths are never restored (a planted .git/config or hook runs at the next git
+    command) and never uploaded; git refuses to track them anyway."""
+    return any(part.split(":")[0].rstrip(" .").lower() in (".git", "git~1") for part in path.split("/"))
 
 
 def apply_commit(client, repo, root, known, tree):
@@ -4030,7 +4101,9 @@ def restore_projects():
     except Exception as error:
         log.error("restore failed: %s", reason(error))
         return 1
-    missing = [name for name in names if not (PROJECTS / name).exists()]
+    for name in [name for name in names if holds_git_name(name)]:
+        log.warning("skipped the workspace folder projects/%s: git's own files are never restored", name)
+    missing = [name for name in names if not holds_git_name(name) and not (PROJECTS / name).exists()]
     log.info("the workspace holds %d project(s) under %s; %d missing from %s", len(names),
              projects_folder(me.user_name), len(missing), PROJECTS)
     failed = 0
@@ -4044,11 +4117,14 @@ def restore_projects():
 
 
 def restore_project(client, me, host, name):
-    """Download into a hidden folder, commit, then rename: a half-restored project never looks whole."""
+    """Download into a hidden folder, commit, then rename: a half-restored project never looks whole.
+    The repository is made first, by git itself, so nothing downloaded can become its config."""
     root = f"{projects_folder(me.user_name)}/{name}"
     staging = PROJECTS / f".{name}.restoring"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        staging.mkdir(parents=True)
+        git(staging, *RESTORE_GIT, "init", "-q")
         remotes = download_tree(client, root, staging)
         commit = commit_restored(staging, me)
         files = {path: {"blob": blob, "remote": remotes[path][0], "notebook": remotes[path][1]}
@@ -4060,32 +4136,44 @@ def restore_project(client, me, host, name):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        trust_folder(PROJECTS / name)  # the user's own project, as synced: the agents open it without asking
+    except ConfigError as error:
+        log.warning("restored %s, but the agents will ask before they trust it: %s", name, error)
     log.info("restored %s: %d files, committed as %s", name, len(remotes), commit[:12])
 
 
 def download_tree(client, root, into):
-    """Export every notebook (as source, with its language's extension) and file under `root`.
-    Returns {local path: (workspace path, notebook or not)}, paths relative."""
+    """Export every notebook (as source, with its language's extension) and file under `root`,
+    except git's own folders and files (not even listed). Returns {local path: (workspace path,
+    notebook or not)}, paths relative."""
     from databricks.sdk.service.workspace import ExportFormat, ObjectType
 
-    into.mkdir(parents=True)
     remotes = {}
-    for item in client.workspace.list(root, recursive=True):
-        remote = relative_path(item.path, root)
-        if item.object_type == ObjectType.NOTEBOOK and item.language:
-            local, form = remote + NOTEBOOK_EXTENSIONS[item.language.value], ExportFormat.SOURCE
-        elif item.object_type == ObjectType.FILE:
-            local, form = remote, None
-        else:
-            log.info("skipped %s: a %s is not a file", item.path, item.object_type.value.lower())
-            continue
-        target = into / local
-        if local in remotes or target.exists():
-            log.warning("skipped %s: %s is taken by another object", item.path, local)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.workspace.download(item.path, format=form).read())
-        remotes[local] = (remote, item.object_type == ObjectType.NOTEBOOK)
+    folders = collections.deque([root])
+    while folders:
+        for item in client.workspace.list(folders.popleft()):
+            remote = relative_path(item.path, root)
+            if holds_git_name(remote):
+                log.warning("skipped %s: git's own files are never restored", item.path)
+                continue
+            if item.object_type == ObjectType.DIRECTORY:
+                folders.append(item.path)
+                continue
+            if item.object_type == ObjectType.NOTEBOOK and item.language:
+                local, form = remote + NOTEBOOK_EXTENSIONS[item.language.value], ExportFormat.SOURCE
+            elif item.object_type == ObjectType.FILE:
+                local, form = remote, None
+            else:
+                log.info("skipped %s: a %s is not a file", item.path, item.object_type.value.lower())
+                continue
+            target = into / local
+            if local in remotes or target.exists():
+                log.warning("skipped %s: %s is taken by another object", item.path, local)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.workspace.download(item.path, format=form).read())
+            remotes[local] = (remote, item.object_type == ObjectType.NOTEBOOK)
     return remotes
 
 
@@ -4099,14 +4187,13 @@ def relative_path(path, root):
 
 
 def commit_restored(repo, me):
-    """git init and one commit, with the user's git identity (from SCIM Me if git has none).
-    Hooks are off for it: a post-commit would upload everything right back."""
-    git(repo, "init", "-q")
-    git(repo, "add", "--all", "--force")  # all: what .gitignore names was tracked, or it would not be here
+    """One commit of everything, with the user's git identity (from SCIM Me if git has none).
+    Hooks are off for it (a post-commit would upload everything right back), and so is fsmonitor."""
+    git(repo, *RESTORE_GIT, "add", "--all", "--force")  # all: what .gitignore names was tracked, or it would not be here
     identity = []
     if not git_identity_set(repo):
         identity = ["-c", f"user.name={me.display_name or me.user_name}", "-c", f"user.email={me.user_name}"]
-    git(repo, *identity, "-c", "core.hooksPath=/dev/null", "commit", "-q", "--allow-empty", "--no-verify",
+    git(repo, *identity, *RESTORE_GIT, "commit", "-q", "--allow-empty", "--no-verify",
         "-m", "Restored from the Databricks workspace")
     return head_commit(repo)
 

@@ -3,14 +3,17 @@ against the fake workspace's AI Gateway: each one-shot reaches the right path an
 with a live token; each interactive session started before a forced rotation (the old
 token revoked) still gets its next answer after it."""
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Coda
+from conftest import ROOT, Coda
 from fake_workspace import FakeWorkspace
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
@@ -32,14 +35,36 @@ CASES = {
 }
 
 
+# What each agent shows where it asks whether to trust a folder.
+TRUST_PROMPTS = {"claude": "Is this a project you created or one you trust", "codex": "Trust this folder?",
+                 "gemini": "Do you trust the files in this folder?"}
+
+
+def seed_trust(home):
+    """The HOME an earlier CoDA left (trusting all of ~/projects, and $HOME for Gemini CLI), where
+    the user has also accepted each agent's trust prompt for ~/projects/work, the tests' folder."""
+    projects, work = home / "projects", home / "projects" / "work"
+    work.mkdir(parents=True)
+    (home / ".claude.json").write_text(json.dumps({"projects": {
+        str(projects): {"hasTrustDialogAccepted": True}, str(work): {"hasTrustDialogAccepted": True}}}))
+    (home / ".codex").mkdir()
+    (home / ".codex" / "config.toml").write_text(
+        f'[projects."{projects}"]\ntrust_level = "trusted"\n\n[projects."{work}"]\ntrust_level = "trusted"\n')
+    (home / ".gemini").mkdir()
+    (home / ".gemini" / "trustedFolders.json").write_text(json.dumps(
+        {str(projects): "TRUST_FOLDER", str(home): "TRUST_FOLDER", str(work): "TRUST_FOLDER"}))
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     workspace = FakeWorkspace().start()
+    home = tmp_path_factory.mktemp("agents-home")
+    seed_trust(home)
     env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
            "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "",  # no internet here
            "PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}",
            "PAT_ROTATION_INTERVAL": "3600", "PAT_TOKEN_LIFETIME": "7200"}
-    coda = Coda(tmp_path_factory.mktemp("agents-home"), env)
+    coda = Coda(home, env)
     pasted = workspace.add_token(comment="pasted by the user")
     coda.api("/api/configure-pat", {"token": pasted})
     coda.pasted = pasted
@@ -51,9 +76,10 @@ def rig(tmp_path_factory):
 class Terminal:
     """A CoDA session read over long-poll, with the escape sequences taken out."""
 
-    def __init__(self, coda):
+    def __init__(self, coda, folder="~/projects/work"):
         self.coda = coda
         self.sid = coda.new_session(cols=120, rows=40)
+        coda.type(self.sid, f"cd {folder}\r")
         self.offset = coda.wait_prompt(self.sid)
         self.raw = ""
 
@@ -172,3 +198,98 @@ def test_opencode_completes_a_tool_call_through_the_proxy(rig):
         assert all(r["token"] in coda_tokens(workspace) for r in turns)  # the proxy's current token
     finally:
         terminal.close()
+
+
+def trust_entries(home):
+    """The folders each agent's config trusts."""
+    import tomllib
+
+    claude = json.loads((home / ".claude.json").read_text()).get("projects", {})
+    codex = tomllib.loads((home / ".codex" / "config.toml").read_text()).get("projects", {})
+    return {"claude": {p for p, e in claude.items() if e.get("hasTrustDialogAccepted")},
+            "codex": {p for p, e in codex.items() if e.get("trust_level") == "trusted"},
+            "gemini": set(json.loads((home / ".gemini" / "trustedFolders.json").read_text()))}
+
+
+def test_the_old_blanket_trust_is_gone_and_the_users_own_stays(rig):
+    coda, _ = rig
+    work = str(coda.home / "projects" / "work")
+    assert trust_entries(coda.home) == {"claude": {work}, "codex": {work}, "gemini": {work}}
+
+
+@pytest.fixture(scope="module")
+def restored_and_cloned(rig, tmp_path_factory):
+    """A project `coda.py restore` brought back, and a repository the user has just cloned."""
+    coda, workspace = rig
+    with workspace.lock:
+        root = f"/Workspace/Users/{workspace.user_name}/projects/restored"
+        workspace._mkdirs(root)
+        workspace.files[root + "/README.md"] = {"object_type": "FILE", "content": b"# Restored\n", "language": None}
+    env = {"HOME": str(coda.home), "PATH": os.environ["PATH"]}
+    subprocess.run([sys.executable, str(ROOT / "coda.py"), "restore"], env=env, check=True, timeout=120)
+    source = tmp_path_factory.mktemp("upstream")
+    for argv in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "upstream"]):
+        subprocess.run(["git", "-c", "user.name=U", "-c", "user.email=u@example.com", "-C", str(source), *argv],
+                       env=env, check=True)
+    subprocess.run(["git", "clone", "-q", str(source), str(coda.home / "projects" / "cloned")], env=env, check=True)
+    return coda.home / "projects" / "restored", coda.home / "projects" / "cloned"
+
+
+@pytest.mark.parametrize("agent", list(TRUST_PROMPTS))
+def test_a_restored_project_is_trusted_and_a_fresh_clone_is_not(rig, restored_and_cloned, agent):
+    coda, workspace = rig
+    restored, cloned = restored_and_cloned
+    trusted = [Path(p) for p in trust_entries(coda.home)[agent]]
+    assert not [p for p in trusted if p == cloned or p in cloned.parents], trusted
+    _, api, _, _, command, ready = CASES[agent]
+    terminal = Terminal(coda, cloned)
+    try:
+        terminal.type_line(command)
+        terminal.wait_for(TRUST_PROMPTS[agent], timeout=60)  # the agent's own question: CoDA did not answer it
+    finally:
+        terminal.close()
+    assert restored.resolve() in trusted
+    terminal = Terminal(coda, restored)
+    try:
+        terminal.type_line(command)
+        terminal.wait_for(ready, timeout=60)
+        time.sleep(2)  # the prompt is drawn before it takes input
+        mark = len(workspace.gateway_requests)
+        terminal.type_line("hello from the restored project")
+        assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), terminal.tail()
+        assert TRUST_PROMPTS[agent].replace(" ", "") not in terminal.text().replace(" ", "")
+    finally:
+        terminal.close()
+
+
+def test_opencode_keeps_a_model_coda_has_no_row_for(rig, tmp_path):
+    """HERMES_MODEL names a model newer than CoDA's table: OpenCode still asks the gateway for it
+    (undeclared, it once fell back to a Google model and failed for want of a Google API key)."""
+    _, workspace = rig
+    model = "databricks-claude-opus-9-9"
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "", "PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}",
+           "HERMES_MODEL": model, "ENABLE_HERMES": "0"}
+    coda = Coda(tmp_path / "home", env)
+    try:
+        coda.api("/api/configure-pat", {"token": workspace.add_token(comment="pasted by the user")})
+        config = coda.home / ".config" / "opencode" / "opencode.json"
+        deadline = time.time() + 60
+        while not (config.exists() and model in config.read_text()):
+            assert time.time() < deadline, "OpenCode was not configured"
+            time.sleep(0.2)
+        settings = json.loads(config.read_text())
+        assert settings["enabled_providers"] == ["databricks"]
+        assert set(settings["provider"]["databricks"]["models"]) >= {model, "databricks-claude-opus-4-7"}
+        terminal = Terminal(coda, "~")
+        try:
+            mark = len(workspace.gateway_requests)
+            terminal.type_line("opencode run 'hello from a new model'; echo EXIT-new-$?")
+            terminal.wait_for("EXIT-new-0", timeout=120)
+            assert "FAKE-REPLY-chat: hello from a new model" in terminal.text()
+            calls = [r for r in workspace.gateway_requests[mark:] if r["api"] == "chat" and r["status"] == 200]
+            assert calls and all(r["model"] == model for r in calls), [r["model"] for r in calls]
+        finally:
+            terminal.close()
+    finally:
+        coda.stop()

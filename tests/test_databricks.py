@@ -83,7 +83,7 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
     assert "coda.py" in settings["apiKeyHelper"] and settings["apiKeyHelper"].endswith(" token")
     claude_state = json.loads((home / ".claude.json").read_text())
     assert claude_state["hasCompletedOnboarding"] is True
-    assert claude_state["projects"][str(home / "projects")]["hasTrustDialogAccepted"] is True
+    assert str(home / "projects") not in claude_state.get("projects", {})  # a clone there asks for trust itself
     assert set(claude_state["mcpServers"]) == {"deepwiki", "exa"}
 
     codex = tomllib.loads((home / ".codex" / "config.toml").read_text())
@@ -99,6 +99,7 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
     opencode = json.loads((home / ".config" / "opencode" / "opencode.json").read_text())
     assert opencode["provider"]["databricks"]["options"]["baseURL"].endswith("/mlflow/v1")
     assert opencode["autoupdate"] is False and opencode["share"] == "disabled"
+    assert opencode["enabled_providers"] == ["databricks"]  # no falling back to a provider CoDA did not set up
     auth = json.loads((home / ".local" / "share" / "opencode" / "auth.json").read_text())
     assert auth["databricks"]["type"] == "api"
     hermes = (home / ".hermes" / "config.yaml").read_text()

@@ -44,9 +44,9 @@ class Home:
             self.run("git", "config", "--global", "user.email", "tester@example.com")
             self.run("git", "config", "--global", "user.name", "Tester")
 
-    def run(self, *argv, cwd=None, check=True, env=None, timeout=120):
+    def run(self, *argv, cwd=None, check=True, env=None, timeout=120, input=None):
         done = subprocess.run(argv, cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
         assert not check or done.returncode == 0, (argv, done.returncode, done.stdout, done.stderr)
         return done
 
@@ -355,3 +355,66 @@ def test_restore_after_a_fresh_start(start_coda, workspace, tmp_path):
     change = fresh.commit(restored, "after the restore", {"src/lib.py": "x = 2\n"})
     assert "1 uploaded, 0 deleted" in fresh.wait_synced(change)  # the restore recorded what is there
     assert workspace.read_file(fresh.remote("demo", "src/lib.py")) == b"x = 2\n"
+
+
+def plant(workspace, path, content):
+    """Put a file into the fake workspace as anyone who can edit the user's folder could."""
+    path = f"/Workspace/Users/{workspace.user_name}/projects/{path}"
+    with workspace.lock:
+        workspace._mkdirs(path.rsplit("/", 1)[0])
+        workspace.files[path] = {"object_type": "FILE", "content": content, "language": None,
+                                 "created_at": 0, "modified_at": 0}
+
+
+def test_restore_never_writes_gits_own_files(start_coda, workspace, tmp_path):
+    marker = tmp_path / "planted-code-ran"
+    script = tmp_path / "planted.sh"
+    script.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {marker}\nexit 1\n")
+    script.chmod(0o755)
+    config = f"[core]\n\tfsmonitor = {script}\n\thooksPath = hooks\n".encode()
+    hook = f"#!/bin/sh\nexec {script} hook\n".encode()
+    planted = {"demo/.git/config": config, "demo/.git/hooks/pre-commit": hook, "demo/.git/hooks/post-commit": hook,
+               "demo/.GIT/config": config, "demo/sub/.git/config": config, "demo/sub/.Git/hooks/post-checkout": hook,
+               "demo/.git. /config": config, "demo/git~1/config": config, "demo/x/.git:y": config,
+               ".git/config": config, ".git/hooks/pre-commit": hook}  # a "project" named .git: ~/projects/.git
+    ordinary = {"README.md": b"# Demo\n", "sub/code.py": b"x = 1\n", ".gitignore": b"*.log\n", ".github/ci.yml": b"on: push\n"}
+    for path, content in {**planted, **{f"demo/{p}": c for p, c in ordinary.items()}}.items():
+        plant(workspace, path, content)
+
+    fresh = make_home(start_coda, workspace, tmp_path / "home")
+    done = fresh.coda("restore")
+    restored = fresh.projects / "demo"
+    files = {p.relative_to(restored).as_posix() for p in restored.rglob("*") if p.is_file()
+             and ".git" not in p.relative_to(restored).parts}
+    assert files == set(ordinary), done.stderr
+    assert not marker.exists()
+    assert not (fresh.projects / ".git").exists()
+    assert str(script) not in (restored / ".git" / "config").read_text()
+    assert not [p.name for p in (restored / ".git" / "hooks").iterdir() if not p.name.endswith(".sample")]
+    assert not (restored / "sub" / ".git").exists() and not (restored / ".GIT").exists()
+    said = done.stdout + done.stderr
+    for skipped in ("demo/.git", "demo/.GIT", "demo/sub/.git", "demo/sub/.Git", "demo/.git. ", "demo/git~1",
+                    "demo/x/.git:y", "projects/.git"):
+        assert f"{skipped}: git's own files are never restored" in said, (skipped, said)
+    assert fresh.git(restored, "status", "--porcelain").stdout == ""
+
+    change = fresh.commit(restored, "the user's next commit", {"sub/code.py": "x = 2\n"})  # runs git's hooks
+    fresh.wait_synced(change)
+    assert not marker.exists()
+
+
+def test_a_crafted_tree_never_uploads_gits_own_files(home, workspace):
+    repo, first = home.repository("demo", {"ok.txt": "ok\n"})
+    home.wait_synced(first)
+    blob = home.run("git", "hash-object", "-w", "--stdin", cwd=repo, input="[core]\n\tfsmonitor = evil\n").stdout.strip()
+    inner = home.run("git", "mktree", cwd=repo, input=f"100644 blob {blob}\tconfig\n").stdout.strip()
+    tree = home.git(repo, "rev-parse", "HEAD^{tree}").stdout.strip()
+    listing = home.git(repo, "ls-tree", tree).stdout + "".join(
+        f"040000 tree {inner}\t{name}\n" for name in (".git", ".GIT", "git~1"))
+    crafted = home.run("git", "mktree", cwd=repo, input=listing).stdout.strip()
+    commit = home.git(repo, "commit-tree", "-p", first, "-m", "crafted", crafted).stdout.strip()
+    home.git(repo, "update-ref", "HEAD", commit)
+    home.coda("sync", str(repo))
+    assert "synced" in home.wait_log(f" at {commit[:12]}")
+    assert set(home.remote_paths("demo")) == {"ok.txt"}
+    assert "left out .GIT/config" in home.log() and "left out git~1/config" in home.log()
