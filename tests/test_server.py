@@ -209,19 +209,16 @@ def test_malformed_requests_get_a_json_4xx_and_one_log_line(coda_server, request
     assert "Traceback" not in new and TOKEN not in new and len(new.splitlines()) <= 1, new
 
 
-@pytest.mark.parametrize("wait", ["NaN", "Infinity", "-Infinity", "1e999", "-1", "1e300"])
+@pytest.mark.parametrize("wait", ["NaN", "Infinity", "1e999", "-1", "1e300"])
 def test_a_wait_that_is_not_a_sane_number_is_refused_or_capped(coda_server, wait):
     sid = coda_server.new_session()
-    started = time.time()
-    answer = requests.post(coda_server.url + "/api/output", headers=coda_server.headers, timeout=45,
-                           data=f'{{"session_id": "{sid}", "since": 0, "wait": {wait}}}')
-    if answer.status_code == 200:  # a huge finite wait is capped at the contract's 30 s; output is there at once
-        assert time.time() - started < 35
-    else:
-        assert answer.status_code == 400 and answer.json()["error"].endswith(".")
-    batch = requests.post(coda_server.url + "/api/output-batch", headers=coda_server.headers, timeout=45,
-                          data=f'{{"session_ids": ["{sid}"], "since": {{"{sid}": 0}}, "wait": {wait}}}')
-    assert batch.status_code in (200, 400)
+    beyond = 10 ** 9  # past the end: no news, so only the wait (capped at the contract's 30 s) ends the poll
+    for path, body in (("/api/output", f'{{"session_id": "{sid}", "since": {beyond}, "wait": {wait}}}'),
+                       ("/api/output-batch", f'{{"session_ids": ["{sid}"], "since": {{"{sid}": {beyond}}}, "wait": {wait}}}')):
+        answer = requests.post(coda_server.url + path, headers=coda_server.headers, timeout=35, data=body)
+        assert answer.status_code in (200, 400), answer.text
+        if answer.status_code == 400:
+            assert answer.json()["error"].endswith(".")
     coda_server.close_session(sid)
 
 
