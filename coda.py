@@ -1308,7 +1308,7 @@ def version():
 
 @api("/api/sessions", "GET")
 def list_sessions():
-    return json.dumps([s.describe() for s in SESSIONS.by_id.values()])
+    return [s.describe() for s in SESSIONS.by_id.values()]
 
 
 @api("/api/session")

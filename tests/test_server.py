@@ -164,6 +164,7 @@ def test_every_json_answer_is_application_json(coda_server):
     for answer in answers:
         assert answer.headers["Content-Type"].split(";")[0] == "application/json", (answer.url, answer.status_code)
         answer.json()
+    assert isinstance(answers[0].json(), list)  # /api/sessions: the list itself, not a string of it
     created = coda_server.post("/api/session", {})
     assert created.headers["Content-Type"] == "application/json"
     coda_server.close_session(created.json()["session_id"])
