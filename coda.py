@@ -11,7 +11,8 @@ The wire contract is PROTOCOL.md (kept beside the project, summarised in the
 README). This module is the whole backend; its sections, in reading order:
 
 Contents
-     1. Configuration   every environment variable, in one frozen dataclass
+     1. Configuration   every environment variable, in one frozen dataclass;
+                        the secrets among them wiped from the process environment
      2. Logging         one logger; a filter redacts anything token-shaped;
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
@@ -19,6 +20,7 @@ Contents
      5. Sessions        PTY, process group, reader greenlet, flow control;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
+                        (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
@@ -293,9 +295,11 @@ def scrub_secrets_from_environment(names=SECRET_VARIABLES):
     """
     import ctypes
 
-    libc = ctypes.CDLL(None)
-    entries = ctypes.POINTER(ctypes.c_char_p).in_dll(libc, "environ")
     prefixes = tuple(f"{name}=".encode() for name in names)
+    try:
+        entries = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError):
+        entries = [None]  # no C library environ to reach: os.environ is all there is
     index = 0
     while (entry := entries[index]) is not None:
         if entry.startswith(prefixes):
