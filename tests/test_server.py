@@ -902,3 +902,23 @@ def test_sigterm_tells_clients_and_leaves_no_process_behind(start_coda):
 def test_no_token_in_logs(coda_server):
     coda_server.get(f"/?token={TOKEN}")
     assert TOKEN not in coda_server.log()
+
+
+def test_open_connections_are_capped(start_coda):
+    server = start_coda()
+    fds = lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    before = fds()
+    cap = 128  # coda.MAX_CONNECTIONS
+    sockets = []
+    try:
+        for _ in range(cap + 60):  # each sends half a request and waits
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /api/version HTTP/1.1\r\n")
+            sockets.append(sock)
+        wait_for(lambda: fds() - before >= cap - 10, timeout=8, what="the server to take its fill of connections")
+        time.sleep(0.5)
+        assert fds() - before <= cap + 10  # the rest wait in the kernel's backlog (10: other files come and go)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert server.get("/api/version").status_code == 200
