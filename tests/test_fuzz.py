@@ -272,3 +272,13 @@ def test_invalid_utf8_and_oversized_frames_close_cleanly(server):
     assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1009
     sock.close()
     assert requests.get(server.url + "/health").status_code == 200
+
+
+def test_oversized_bodies_are_refused_without_being_read_whole(server, http):
+    big = b'{"input": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    for body in (big, iter([big[i:i + 65536] for i in range(0, len(big), 65536)])):  # sized, then chunked
+        answer = http.post(server.url + "/api/input", data=body, timeout=40)
+        assert answer.status_code == 413 and check_answer(answer)["error"]
+    chunked = http.post(server.url + "/api/upload", data=iter([b"--x\r\n"] * 10), timeout=40,
+                        headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and check_answer(chunked)["error"]
