@@ -11,7 +11,8 @@ The wire contract is PROTOCOL.md (kept beside the project, summarised in the
 README). This module is the whole backend; its sections, in reading order:
 
 Contents
-     1. Configuration   every environment variable, in one frozen dataclass
+     1. Configuration   every environment variable, in one frozen dataclass;
+                        the secrets among them wiped from the process environment
      2. Logging         one logger; a filter redacts anything token-shaped;
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
@@ -20,6 +21,7 @@ Contents
                         a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
+                        (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
@@ -47,11 +49,16 @@ def read_databrickscfg():
     return parser["DEFAULT"].get("host", ""), parser["DEFAULT"].get("token", "")
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["token"]:
+def print_token():
+    """`coda.py token`: the current Databricks token on stdout (exit 0), or why there is none (exit 1)."""
     token = read_databrickscfg()[1]
     print(token or "coda: no Databricks token is configured yet (paste one in the CoDA page)",
           file=sys.stdout if token else sys.stderr)
-    sys.exit(0 if token else 1)
+    return 0 if token else 1
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["token"]:
+    sys.exit(print_token())
 
 if __name__ == "__main__" and sys.argv[1:3] in (["trace", "claude"], ["trace", "codex"], ["trace", "gemini"]):
     # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
@@ -84,9 +91,11 @@ import functools
 import hmac
 import importlib
 import io
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -104,6 +113,7 @@ import bottle
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.pool
 from gevent import monkey as _monkey
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from geventwebsocket import handler as _ws_handler
@@ -179,6 +189,7 @@ class Config:
     flow_high: int             # CODA_FLOW_HIGH: lag at which a PTY stops being read (default 512 KiB)
     flow_low: int              # CODA_FLOW_LOW: lag at which it is read again (default 128 KiB)
     max_upload_bytes: int      # CODA_MAX_UPLOAD_BYTES: largest upload (default 32 MiB)
+    header_timeout: float      # CODA_HEADER_TIMEOUT: seconds a client has to send a request's line and headers (default 10)
     install: bool              # CODA_INSTALL: 0 skips the setup steps that install software (default: 1 in Apps, 0 locally)
     # Databricks (section 8)
     databricks_host: str       # DATABRICKS_HOST: the workspace URL (https:// added when missing)
@@ -241,6 +252,7 @@ class Config:
             flow_high=high,
             flow_low=low,
             max_upload_bytes=_env_int(env, "CODA_MAX_UPLOAD_BYTES", 32 * MIB),
+            header_timeout=_env_seconds(env, "CODA_HEADER_TIMEOUT", 10.0),
             install=_env_flag(env, "CODA_INSTALL", bool(app_name)),
             databricks_host=_env_url(env, "DATABRICKS_HOST"),
             workspace_id=env.get("DATABRICKS_WORKSPACE_ID", "").strip(),
@@ -276,6 +288,32 @@ class Config:
 
 
 CONFIG = Config.from_env()
+SECRET_VARIABLES = ("CODA_TOKEN", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")  # CONFIG holds them
+
+
+def scrub_secrets_from_environment(names=SECRET_VARIABLES):
+    """Wipe the secrets CONFIG now holds from this process's environment, where a terminal could read them.
+
+    os.environ.pop alone leaves them in the block /proc/<pid>/environ shows (readable by the same
+    user, and by root even from an undumpable process): libc's `environ` strings point into that
+    block, so their values are overwritten in place first. Then no child inherits them either.
+    """
+    import ctypes
+
+    prefixes = tuple(f"{name}=".encode() for name in names)
+    try:
+        entries = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError):
+        entries = [None]  # no C library environ to reach: os.environ is all there is
+    index = 0
+    while (entry := entries[index]) is not None:
+        if entry.startswith(prefixes):
+            address = ctypes.cast(entries, ctypes.POINTER(ctypes.c_void_p))[index]
+            start = entry.index(b"=") + 1
+            ctypes.memset(address + start, 0, len(entry) - start)
+        index += 1
+    for name in names:
+        os.environ.pop(name, None)
 
 # Limits of the wire contract.
 MAX_INPUT_BYTES = 1 * MIB        # one /api/input or terminal_input
@@ -579,7 +617,6 @@ def start_delta_logs():
 # 3. Access
 # ===========================================================================
 
-COOKIE = "coda_token"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 
@@ -589,14 +626,26 @@ class Access:
     def __init__(self, config):
         self.config = config
         self.apps_mode = bool(config.app_name)
-        self.bound_host = config.host  # serve() sets what --host chose
         self.token = config.local_token
         if not self.apps_mode and self.token is None:
             self.token = secrets.token_urlsafe(24)
         if self.token:
             SECRETS.add(self.token)
+        self.bind(config.host, config.port)
         self.owner = config.app_owner.lower() or None  # in Apps mode, filled from the Apps API otherwise
         self.owner_error = None if self.owner or not self.apps_mode else "app owner not resolved yet"
+
+    def bind(self, host, port):
+        """Where serve() listens. Cookies are not scoped by port, so the cookie carries a value
+        derived from the token and this port, never the token, and its name says the port."""
+        self.bound_host = host
+        self.cookie_name = f"coda_{port}"
+        self.cookie_value = hmac.new((self.token or "").encode(), f"coda cookie for port {port}".encode(),
+                                     "sha256").hexdigest()
+
+    def cookie(self):
+        """The Set-Cookie value that trades a URL token for a session cookie."""
+        return f"{self.cookie_name}={self.cookie_value}; HttpOnly; SameSite=Strict; Path=/"
 
     def denied(self, environ):
         """Why this request may not pass, or None when it may."""
@@ -617,7 +666,8 @@ class Access:
         return None
 
     def _token_ok(self, environ):
-        return offers_secret(environ, self.token, "token", _cookie(environ, COOKIE))
+        return offers_secret(environ, self.token, "token") or \
+            hmac.compare_digest(_cookie(environ, self.cookie_name).encode(), self.cookie_value.encode())
 
     @staticmethod
     def _changes_state(environ):
@@ -628,14 +678,14 @@ class Access:
         origin = environ.get("HTTP_ORIGIN")
         if origin is None:
             return True  # not a browser's cross-site request
-        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        netloc = _netloc(origin)
         hosts = {environ.get("HTTP_HOST", "").lower()}
         if self.apps_mode:
             hosts.add(environ.get("HTTP_X_FORWARDED_HOST", "").lower())
-        return (netloc and netloc in hosts) or origin.rstrip("/") in self.config.allowed_origins
+        return bool(netloc and netloc in hosts) or origin.rstrip("/") in self.config.allowed_origins
 
     def _allowed_hosts(self):
-        return {_hostname(urllib.parse.urlsplit(o).netloc) for o in self.config.allowed_origins}
+        return {_hostname(_netloc(o)) for o in self.config.allowed_origins}
 
 
 def offers_secret(environ, secret, query_name, *also):
@@ -645,6 +695,14 @@ def offers_secret(environ, secret, query_name, *also):
     if auth[:7].lower() == "bearer ":
         offered.append(auth[7:].strip())
     return any(o and hmac.compare_digest(o.encode(), secret.encode()) for o in offered)
+
+
+def _netloc(url):
+    """The lowercased host[:port] of a URL, or "" when it cannot be parsed (e.g. "http://[")."""
+    try:
+        return urllib.parse.urlsplit(url).netloc.lower()
+    except ValueError:
+        return ""
 
 
 def _hostname(host_header):
@@ -1148,9 +1206,12 @@ SECURITY_HEADERS = [
 ]
 
 
+MAX_SAFE_INTEGER = 2 ** 53 - 1  # the largest offset or count a client (JavaScript) can name exactly
+
+
 def api(path, method="POST", body_limit=MAX_JSON_BODY):
     """Route decorator: JSON in (for POST; body_limit=None: the handler reads the body itself),
-    JSON out, ApiError to {"error"}."""
+    JSON out (application/json, whatever the handler returns), ApiError to {"error"}."""
 
     def decorate(handler):
         def route(**kwargs):
@@ -1158,10 +1219,12 @@ def api(path, method="POST", body_limit=MAX_JSON_BODY):
             try:
                 if method == "POST" and body_limit:
                     kwargs["body"] = _json_body(body_limit)
-                return handler(**kwargs)
+                answer = handler(**kwargs)
             except ApiError as error:
                 bottle.response.status = error.status
-                return {"error": str(error)}
+                answer = {"error": str(error)}
+            bottle.response.content_type = "application/json"
+            return json.dumps(answer)
 
         app.route(path, method, route)
         return handler
@@ -1172,16 +1235,25 @@ def api(path, method="POST", body_limit=MAX_JSON_BODY):
 def _json_body(limit):
     if bottle.request.content_length > limit:
         raise ApiError(413, "The request body is too large.")
-    data = bottle.request.body.read(limit + 1)
+    data = bottle.request.environ["wsgi.input"].read(limit + 1)  # bounded, chunked or not
     if len(data) > limit:
         raise ApiError(413, "The request body is too large.")
-    try:
-        body = json.loads(data or b"{}")
-    except ValueError:
-        raise ApiError(400, "The request body is not valid JSON.") from None
+    body = parse_json(data or b"{}", "The request body")
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_json(data, what):
+    """JSON as the wire contract has it: UTF-8, no NaN or Infinity (Python's json takes them)."""
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, f"{what} is not valid JSON.") from None
 
 
 def field(body, name, kind, default=..., low=None, high=None):
@@ -1191,15 +1263,39 @@ def field(body, name, kind, default=..., low=None, high=None):
             raise ApiError(400, f"The field '{name}' is required.")
         return default
     value = body[name]
+    number = kind in (int, float)
+    if number and isinstance(value, float) and not math.isfinite(value):
+        raise ApiError(400, f"The field '{name}' must be a finite number.")
+    if number and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
+        raise ApiError(400, f"The field '{name}' is too large.")
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if kind is float and isinstance(value, int):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ApiError(400, f"The field '{name}' must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}.")
+        raise ApiError(400, f"The field '{name}' must be {'a number' if number else 'a ' + kind.__name__}.")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ApiError(400, f"The field '{name}' must be between {low} and {high}.")
     return value
+
+
+MAX_LISTED_IDS = 256  # session ids in one batch or heartbeat
+
+
+def id_list(body, name, default=...):
+    """body[name] as a list of session ids (strings), at most MAX_LISTED_IDS of them."""
+    ids = field(body, name, list, default)
+    if ids is not None and (len(ids) > MAX_LISTED_IDS or not all(isinstance(i, str) for i in ids)):
+        raise ApiError(400, f"The field '{name}' must be a list of at most {MAX_LISTED_IDS} session ids.")
+    return ids
+
+
+def input_bytes(body):
+    """body["input"] as the bytes to write: UTF-8, a \\udcXX escape standing for the raw byte XX."""
+    try:
+        return field(body, "input", str).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate outside that range: not text, not a byte
+        raise ApiError(400, "The field 'input' must be text (it holds a lone UTF-16 surrogate).") from None
 
 
 def clean_label(text):
@@ -1265,7 +1361,7 @@ def version():
 
 @api("/api/sessions", "GET")
 def list_sessions():
-    return json.dumps([s.describe() for s in SESSIONS.by_id.values()])
+    return [s.describe() for s in SESSIONS.by_id.values()]
 
 
 @api("/api/session")
@@ -1305,7 +1401,7 @@ def close_session(body):
 @api("/api/input")
 def send_input(body):
     session = SESSIONS.get(field(body, "session_id", str))
-    data = field(body, "input", str).encode("utf-8", "surrogateescape")
+    data = input_bytes(body)
     if len(data) > MAX_INPUT_BYTES:
         raise ApiError(413, "Input is limited to 1 MiB per request.")
     session.touch()
@@ -1336,11 +1432,9 @@ def poll_output(body):
 
 @api("/api/output-batch")
 def poll_output_batch(body):
-    ids = field(body, "session_ids", list)
-    if not all(isinstance(i, str) for i in ids):
-        raise ApiError(400, "The field 'session_ids' must be a list of strings.")
+    ids = id_list(body, "session_ids")
     since = field(body, "since", dict, {})
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in since.values()):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SAFE_INTEGER for v in since.values()):
         raise ApiError(400, "The field 'since' must map session ids to offsets.")
     wait = min(field(body, "wait", float, 0.0, 0.0), MAX_POLL_WAIT)
     encoding = output_encoding(body)
@@ -1359,7 +1453,7 @@ def poll_output_batch(body):
 
 @api("/api/heartbeat")
 def heartbeat(body):
-    ids = field(body, "session_ids", list, None)
+    ids = id_list(body, "session_ids", None)
     if ids is None:
         ids = [field(body, "session_id", str)]
     SESSIONS.touch(ids)
@@ -1381,6 +1475,8 @@ def size_text(size):
 def _save_upload():
     limit = CONFIG.max_upload_bytes
     too_large = ApiError(413, f"Uploads are limited to {size_text(limit)} (CODA_MAX_UPLOAD_BYTES).")
+    if bottle.request.content_length < 0:  # chunked: Bottle would spool all of it before we could count
+        raise ApiError(411, "Send the upload with a Content-Length.")
     if bottle.request.content_length > limit + 64 * KIB:  # the file plus multipart framing
         raise too_large
     try:
@@ -1407,16 +1503,18 @@ def _save_upload():
     return str(path)
 
 
-@app.error(404)
-@app.error(405)
-@app.error(500)
+ERROR_SENTENCES = {400: "The request is malformed.", 404: "Not found.", 405: "Method not allowed.",
+                   413: "The request is too large.", 414: "The request line is too long.", 500: "Internal error."}
+
+
 def http_error(error):
+    """Bottle's own errors (no route, wrong method, a body it cannot parse) as {"error"}."""
     bottle.response.content_type = "application/json"
-    if error.status_code == 500:
-        log.error("internal error on %s", bottle.request.path, exc_info=(type(error.exception), error.exception, None)
-                  if error.exception else None)
-    messages = {404: "Not found.", 405: "Method not allowed.", 500: "Internal error."}
-    return json.dumps({"error": messages.get(error.status_code, "Request failed.")})
+    return json.dumps({"error": ERROR_SENTENCES.get(error.status_code, "The request failed.")})
+
+
+app.default_error_handler = http_error
+app.catchall = False  # an exception reaches coda_app, which logs one redacted line (Bottle would print a traceback)
 
 
 def coda_app(environ, start_response):
@@ -1425,6 +1523,18 @@ def coda_app(environ, start_response):
     def start(status, headers, exc_info=None):
         return start_response(status, headers + SECURITY_HEADERS, exc_info)
 
+    try:
+        return _admit(environ, start)
+    except Exception as error:  # a bug, not the client's: one line, no traceback, a JSON 500
+        log.error("internal error on %s %.200r: %s: %.300r", environ.get("REQUEST_METHOD"),
+                  environ.get("PATH_INFO"), type(error).__name__, str(error))
+        try:
+            return _plain_json(start, "500 Internal Server Error", {"error": "Internal error."}, sys.exc_info())
+        except Exception:
+            return []  # the answer had begun: the connection just ends
+
+
+def _admit(environ, start):
     if environ.get("PATH_INFO") != "/health":
         reason = ACCESS.denied(environ)
         if reason:
@@ -1433,16 +1543,23 @@ def coda_app(environ, start_response):
         if "token" in query and environ.get("REQUEST_METHOD") == "GET" and ACCESS.token:
             # Trade the URL token for a cookie, so it leaves the address bar and history.
             rest = urllib.parse.urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
-            cookie = f"{COOKIE}={ACCESS.token}; HttpOnly; SameSite=Strict; Path=/"
-            location = environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
-            start("303 See Other", [("Location", location), ("Set-Cookie", cookie), ("Content-Length", "0")])
+            location = local_path(environ.get("PATH_INFO", "/")) + (f"?{rest}" if rest else "")
+            start("303 See Other", [("Location", location), ("Set-Cookie", ACCESS.cookie()), ("Content-Length", "0")])
             return [b""]
     return app(environ, start)
 
 
-def _plain_json(start, status, payload):
+def local_path(path):
+    """`path` as a Location that stays on this server: "/" unless it starts with one "/" and has no
+    backslash ("//evil.example/" and "/\\evil.example" are other hosts to a browser), percent-encoded."""
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return "/"
+    return urllib.parse.quote(path.encode("latin-1", "replace"), safe="/!$&'()*+,;=:@-._~")
+
+
+def _plain_json(start, status, payload, exc_info=None):
     body = json.dumps(payload).encode()
-    start(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    start(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], exc_info)
     return [body]
 
 
@@ -1525,10 +1642,15 @@ _ws_handler.WebSocket = BoundedWebSocket  # the handler builds its sockets by th
 
 
 class CodaHandler(_ws_handler.WebSocketHandler):
-    """Upgrade only /ws, and only after the same access checks as HTTP."""
+    """Upgrade only /ws, and only after the same access checks as HTTP. Also what pywsgi lacks:
+    a deadline for the request line and headers, JSON for the errors it answers itself, and
+    one redacted log line (never a traceback) for whatever goes wrong."""
+
+    header_deadline = None
 
     def run_application(self):
-        if self.environ.get("PATH_INFO") == "/ws" and ACCESS.denied(self.environ) is None:
+        if self.environ.get("PATH_INFO") == "/ws" and ACCESS.denied(self.environ) is None \
+                and _is_websocket_upgrade(self.environ, self.request_version):
             return super().run_application()
         return WSGIHandler.run_application(self)  # plain HTTP: coda_app answers (403 when denied)
 
@@ -1539,6 +1661,74 @@ class CodaHandler(_ws_handler.WebSocketHandler):
         # waits for the client's delayed ACK (~40 ms), and so does a small frame.
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
+
+    def handle_one_request(self):
+        try:
+            result = super().handle_one_request()
+        except gevent.Timeout as timeout:
+            if timeout is not self.header_deadline:
+                raise
+            return None  # too slow to say what it wants (slowloris): close, before any access check
+        finally:
+            if self.header_deadline:
+                self.header_deadline.cancel()
+        if isinstance(result, tuple):  # pywsgi's own answer (a request line over 64 KiB): as JSON
+            return result[0], _raw_json_answer(int(result[0]))
+        return result
+
+    def read_requestline(self):
+        # The deadline covers the wait for a request, its line and its headers, not the body or the
+        # answer: a long-poll or a WebSocket may last as long as it needs.
+        self.header_deadline = gevent.Timeout.start_new(CONFIG.header_timeout)
+        return super().read_requestline()
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.header_deadline.cancel()
+
+    def _handle_client_error(self, error):
+        self.log_error("bad request from %s: %s", self.client_address[0], error)
+        return "400", _raw_json_answer(400)
+
+    def _send_error_response_if_possible(self, error_code):
+        if self.response_length:
+            self.close_connection = True
+            return
+        body = json.dumps({"error": ERROR_SENTENCES[error_code]}).encode()
+        try:
+            self.start_response(f"{error_code} {'Bad Request' if error_code == 400 else 'Internal Server Error'}",
+                                [("Content-Type", "application/json"), ("Connection", "close"),
+                                 ("Content-Length", str(len(body)))])
+            self.write(body)
+        except OSError:
+            self.close_connection = True
+
+    def _log_error(self, kind, error, tb):
+        if not issubclass(kind, gevent.GreenletExit):
+            log.error("internal error serving a request: %s: %.300r", kind.__name__, str(error))
+
+    def log_error(self, msg, *args):
+        text = msg % args if args else msg
+        log.warning("http: %.300r", text)  # repr: one line, whatever the client sent
+
+
+def _is_websocket_upgrade(environ, version):
+    """A well-formed RFC 6455 upgrade; gevent-websocket answers anything else in plain text (or crashes)."""
+    try:
+        key = base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip(), validate=True)
+    except ValueError:
+        return False
+    return (environ.get("HTTP_UPGRADE", "").lower() == "websocket" and version == "HTTP/1.1"
+            and "upgrade" in environ.get("HTTP_CONNECTION", "").lower()
+            and environ.get("HTTP_SEC_WEBSOCKET_VERSION") == "13" and len(key) == 16)
+
+
+def _raw_json_answer(status):
+    body = json.dumps({"error": ERROR_SENTENCES.get(status, "The request failed.")}).encode()
+    head = f"HTTP/1.1 {status} Error\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 class TerminalSocket:
@@ -1565,17 +1755,14 @@ class TerminalSocket:
         try:
             if isinstance(message, (bytes, bytearray)):
                 raise ApiError(400, "Send control messages as JSON text frames.")
-            try:
-                body = json.loads(message)
-            except ValueError:
-                raise ApiError(400, "The message is not valid JSON.") from None
+            body = parse_json(message, "The message")
             if not isinstance(body, dict):
                 raise ApiError(400, "The message must be a JSON object.")
             kind = body.get("type")
             if kind == "heartbeat":
-                SESSIONS.touch(field(body, "session_ids", list, []))
+                SESSIONS.touch(id_list(body, "session_ids", []))
                 return
-            handler = self.HANDLERS.get(kind)
+            handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise ApiError(400, f"Unknown message type {str(kind)[:40]!r}.")
             session_id = field(body, "session_id", str)
@@ -1608,7 +1795,7 @@ class TerminalSocket:
                 session.unsubscribe(subscriber)
 
     def input(self, session, body):
-        data = field(body, "input", str).encode("utf-8", "surrogateescape")
+        data = input_bytes(body)
         session.touch()
         session.write(data)
 
@@ -4224,12 +4411,38 @@ def release_import_memory():
         pass  # not glibc: nothing to trim
 
 
+MAX_CONNECTIONS = 128  # open HTTP connections at once: a few tabs' sockets, polls and uploads fit many times
+
+
+def is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_undumpable():
+    """A second layer beside scrub_secrets_from_environment: another process of the same user
+    (a terminal's) may not read this one's memory or /proc files. Root still may."""
+    import ctypes
+
+    PR_SET_DUMPABLE = 4
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux
+
+
 def serve(host, port):
+    if not ACCESS.apps_mode and not ACCESS.token and not is_loopback(host):
+        sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
+                 "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
+    scrub_secrets_from_environment()
+    make_undumpable()
     setup_logging()
     start_delta_logs()
-    ACCESS.bound_host = host
     server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
-                        error_log=logging.getLogger("coda.http"))
+                        error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
 
     def on_sigterm():
         gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
@@ -4248,6 +4461,7 @@ def serve(host, port):
     if CONFIG.bootstrap_token and CONFIG.databricks_host:
         gevent.spawn(PAT.configure_from_environment)
     server.start()
+    ACCESS.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
     release_import_memory()
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{shown}:{server.server_port}/"
@@ -4378,7 +4592,7 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
     "sync": (sync_repository, "copy a repository's last commit to the workspace (the post-commit hook runs this)",
              ("repository",)),
     "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
-    "token": (None, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy "
+    "token": (print_token, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy "
               "import)", ()),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
     "skills": (refresh_skills, "fetch the agent skill packs again", ()),

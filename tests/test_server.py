@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import pytest
 import requests
 import websocket
 
-from conftest import TOKEN, Coda, wait_for
+from conftest import ROOT, TOKEN, Coda, free_port, wait_for
 
 UTF8_LINE = "é漢🙂 ascii \x1b[31mred\x1b[0m ü ß 日本語 👍🏽\n"
 
@@ -112,9 +113,184 @@ def test_websocket_upgrade_runs_the_same_checks(coda_server):
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
         websocket.create_connection(url, timeout=5, header=[f"Authorization: Bearer {TOKEN}"], origin="http://evil.example")
     assert refused.value.status_code == 403
-    ok = websocket.create_connection(url, timeout=5, header=[f"Cookie: coda_token={TOKEN}"],
+    cookie = session_cookie(coda_server)
+    ok = websocket.create_connection(url, timeout=5, header=[f"Cookie: {cookie}"],
                                      origin=f"http://127.0.0.1:{coda_server.port}")
     ok.close()
+
+
+def session_cookie(server):
+    """The name=value the server sets in exchange for ?token=."""
+    answer = requests.get(server.url + f"/?token={TOKEN}", allow_redirects=False)
+    return answer.headers["Set-Cookie"].split(";")[0]
+
+
+def test_the_cookie_holds_a_value_derived_from_the_token_for_this_port(coda_server, start_coda):
+    cookie = session_cookie(coda_server)
+    name, value = cookie.split("=", 1)
+    assert TOKEN not in cookie and str(coda_server.port) in name
+    assert requests.get(coda_server.url + "/api/version", headers={"Cookie": cookie}).status_code == 200
+    for name_tried in (name, "coda_token"):  # the token itself is taken as ?token= or Bearer, never as a cookie
+        answer = requests.get(coda_server.url + "/api/version", headers={"Cookie": f"{name_tried}={TOKEN}"})
+        assert answer.status_code == 403
+    other = start_coda()  # the same token on another port: its cookie differs, and this one is refused there
+    other_cookie = session_cookie(other)
+    assert other_cookie.split("=")[0] != name and other_cookie.split("=")[1] != value
+    assert requests.get(other.url + "/api/version", headers={"Cookie": cookie}).status_code == 403
+
+
+@pytest.mark.parametrize("path", ["//evil.example/", "/\\evil.example/", "/%5Cevil.example/", "/%2F/evil.example/",
+                                  "/%0d%0aSet-Cookie:x=y", "/%09/evil.example/"])
+def test_token_exchange_redirects_only_to_a_local_path(coda_server, path):
+    answer = requests.get(coda_server.url + path + f"?token={TOKEN}&x=1", allow_redirects=False)
+    assert answer.status_code == 303
+    location = answer.headers["Location"]
+    assert location.startswith("/") and not location.startswith("//") and "\\" not in location
+    assert not re.search(r"[\x00-\x20]", location) and "x=y" not in answer.headers.get("Set-Cookie", "")
+    assert location.endswith("?x=1")
+
+
+def test_every_json_answer_is_application_json(coda_server):
+    sid = coda_server.new_session(label="<b>x</b>")
+    other = coda_server.new_session()
+    gets = ["/api/sessions", "/api/version", "/api/pat-status", "/api/app-state", "/api/setup-status", "/health",
+            "/api/nope", "/ws"]
+    posts = [("/api/session/attach", {"session_id": sid}),
+             ("/api/session/label", {"session_id": sid, "label": "y"}), ("/api/input", {"session_id": sid, "input": ""}),
+             ("/api/resize", {"session_id": sid, "cols": 80, "rows": 24}), ("/api/output", {"session_id": sid}),
+             ("/api/output-batch", {"session_ids": [sid]}), ("/api/heartbeat", {"session_id": sid}),
+             ("/api/configure-pat", {}), ("/api/upload", None), ("/api/session/close", {"session_id": sid}),
+             ("/api/session/close", {"session_id": other}), ("/api/version", {})]
+    answers = [coda_server.get(path) for path in gets] + [coda_server.post(path, body) for path, body in posts]
+    for answer in answers:
+        assert answer.headers["Content-Type"].split(";")[0] == "application/json", (answer.url, answer.status_code)
+        answer.json()
+    assert isinstance(answers[0].json(), list)  # /api/sessions: the list itself, not a string of it
+    created = coda_server.post("/api/session", {})
+    assert created.headers["Content-Type"] == "application/json"
+    coda_server.close_session(created.json()["session_id"])
+
+
+def raw_exchange(server, request, timeout=10):
+    """Send raw bytes; the answer's bytes up to its Content-Length (or until the server closes)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            head, found, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if found and length and len(body) >= int(length[1]):
+                break
+    return answer
+
+
+CLOSE = b"Connection: close\r\n"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /%0d%0aX:y HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer TOKEN\r\n" + CLOSE + b"\r\n",
+    b"POST /api/session HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://[\r\nAuthorization: Bearer TOKEN\r\n"
+    b"Content-Length: 2\r\n" + CLOSE + b"\r\n{}",
+    b"GARBAGE\r\n" + CLOSE + b"\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: abc\r\n" + CLOSE + b"\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer TOKEN\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: !!!\r\n\r\n",
+    b"GET /" + b"a" * 8200 + b" HTTP/1.1\r\n",  # over pywsgi's 8 KiB: its own 414, whole-line so no reset
+    b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n" + CLOSE + b"\r\n",
+])
+def test_malformed_requests_get_a_json_4xx_and_one_log_line(coda_server, request_bytes):
+    before = coda_server.log()
+    answer = raw_exchange(coda_server, request_bytes.replace(b"TOKEN", TOKEN.encode()))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert 400 <= status < 500, answer[:300]
+    assert b"application/json" in head and json.loads(body)["error"]
+    time.sleep(0.2)
+    new = coda_server.log()[len(before):]
+    assert "Traceback" not in new and TOKEN not in new and len(new.splitlines()) <= 1, new
+
+
+@pytest.mark.parametrize("wait", ["NaN", "Infinity", "1e999", "-1", "1e300"])
+def test_a_wait_that_is_not_a_sane_number_is_refused_or_capped(coda_server, wait):
+    sid = coda_server.new_session()
+    beyond = 10 ** 9  # past the end: no news, so only the wait (capped at the contract's 30 s) ends the poll
+    for path, body in (("/api/output", f'{{"session_id": "{sid}", "since": {beyond}, "wait": {wait}}}'),
+                       ("/api/output-batch", f'{{"session_ids": ["{sid}"], "since": {{"{sid}": {beyond}}}, "wait": {wait}}}')):
+        answer = requests.post(coda_server.url + path, headers=coda_server.headers, timeout=35, data=body)
+        assert answer.status_code in (200, 400), answer.text
+        if answer.status_code == 400:
+            assert answer.json()["error"].endswith(".")
+    coda_server.close_session(sid)
+
+
+@pytest.mark.parametrize("body", [{"since": 10 ** 30}, {"since": 1e300}, {"since": float("nan")}])
+def test_huge_or_non_finite_offsets_are_refused(coda_server, body):
+    sid = coda_server.new_session()
+    for path in ("/api/output", "/api/session/attach"):
+        data = json.dumps({"session_id": sid, **body})
+        answer = requests.post(coda_server.url + path, headers=coda_server.headers, data=data)
+        assert answer.status_code == 400 and answer.json()["error"].endswith("."), (path, answer.text)
+    batch = requests.post(coda_server.url + "/api/output-batch", headers=coda_server.headers,
+                          data=json.dumps({"session_ids": [sid], "since": {sid: body["since"]}}))
+    assert batch.status_code == 400
+    coda_server.close_session(sid)
+
+
+def test_a_client_that_never_finishes_its_headers_is_dropped(start_coda):
+    server = start_coda({"CODA_HEADER_TIMEOUT": "1"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
+        started = time.time()
+        assert sock.recv(100) == b""  # closed by the server, not by our timeout
+        assert time.time() - started < 8
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:  # a dribbling one too
+        started = time.time()
+        with pytest.raises(OSError):
+            for _ in range(80):
+                sock.sendall(b"X")
+                time.sleep(0.1)
+        assert time.time() - started < 8
+    # a long-poll and a WebSocket outlive the header deadline
+    sid = server.new_session()
+    answer = server.post("/api/output", {"session_id": sid, "since": 10 ** 6, "wait": 2.5})
+    assert answer.status_code == 200
+    ws = server.websocket()
+    time.sleep(2.5)
+    ws.send(type="heartbeat", session_ids=[sid])
+    ws.join(sid)
+    ws.close()
+
+
+def test_empty_token_on_a_network_address_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_"))}
+    env.update(HOME=str(tmp_path), CODA_TOKEN="", CODA_INSTALL="0")
+    done = subprocess.run([sys.executable, "coda.py", "--host", "0.0.0.0", "--port", "0"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "CODA_TOKEN" in done.stderr and "refusing" in done.stderr
+
+
+def test_token_subcommand_after_flags(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    (tmp_path / ".databrickscfg").write_text("[DEFAULT]\nhost = https://x\ntoken = dapi-from-cfg\n")
+    done = subprocess.run([sys.executable, "coda.py", "--host", "127.0.0.1", "token"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout.strip()) == (0, "dapi-from-cfg"), done.stderr
+
+
+def test_secrets_are_gone_from_the_servers_environment(start_coda, tmp_path):
+    secrets = {"DATABRICKS_TOKEN": "dapi" + "0123456789abcdef" * 2, "DATABRICKS_CLIENT_SECRET": "dose-secret-" + "9" * 20}
+    server = start_coda({**secrets, "DATABRICKS_HOST": f"http://127.0.0.1:{free_port()}"})
+    values = [TOKEN.encode(), *(v.encode() for v in secrets.values())]
+    environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes()
+    assert not any(v in environ for v in values)
+    sid = server.new_session()
+    server.type(sid, f"cat /proc/{server.proc.pid}/environ /proc/$PPID/environ | od -c | tail -3; "
+                     "env; echo DONE$((1+1))\r")
+    text, _ = server.read_until(sid, "DONE2")
+    assert not any(v.decode() in text for v in values)
+    assert requests.get(server.url + "/api/version", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert requests.get(server.url + "/api/version", headers={"Authorization": "Bearer x" + TOKEN}).status_code == 403
 
 
 def test_security_headers_on_every_answer(coda_server):
@@ -877,3 +1053,23 @@ def test_sigterm_tells_clients_and_leaves_no_process_behind(start_coda):
 def test_no_token_in_logs(coda_server):
     coda_server.get(f"/?token={TOKEN}")
     assert TOKEN not in coda_server.log()
+
+
+def test_open_connections_are_capped(start_coda):
+    server = start_coda()
+    fds = lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    before = fds()
+    cap = 128  # coda.MAX_CONNECTIONS
+    sockets = []
+    try:
+        for _ in range(cap + 60):  # each sends half a request and waits
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /api/version HTTP/1.1\r\n")
+            sockets.append(sock)
+        wait_for(lambda: fds() - before >= cap - 10, timeout=8, what="the server to take its fill of connections")
+        time.sleep(0.5)
+        assert fds() - before <= cap + 10  # the rest wait in the kernel's backlog (10: other files come and go)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert server.get("/api/version").status_code == 200
