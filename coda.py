@@ -3023,16 +3023,17 @@ def _repaired_chat_body(body):
     A large body is seconds of CPU (32 MiB of small objects: parse, repair, serialise), so the
     work is done in a native thread, where Python code yields the loop every few milliseconds.
     The C parser and serialiser never yield: they are used only for bodies small enough to take a
-    few milliseconds, and larger ones go through json's pure-Python twins instead.
+    few milliseconds whatever they hold, and larger ones go through json's pure-Python twins
+    (which still read and write strings in C: a large body of long texts stays fast).
     """
-    small = body.count(b"{") + body.count(b"[") <= PROXY_FAST_JSON_OBJECTS
+    small = len(body) <= PROXY_FAST_JSON_BYTES
     repaired, description = gevent.get_hub().threadpool.apply(_repair_chat_body, (body, small))
     if description:
         log.info("proxy: chat request %s", description)  # here: logging's locks are the loop's
     return repaired
 
 
-PROXY_FAST_JSON_OBJECTS = 20_000  # JSON objects and arrays the C parser reads in about 10 ms
+PROXY_FAST_JSON_BYTES = 256 * 1024  # the C parser takes ~10 ms on that much of the smallest objects
 
 
 def _repair_chat_body(body, small):
@@ -3041,7 +3042,13 @@ def _repair_chat_body(body, small):
         decoder.scan_once = json.scanner.py_make_scanner(decoder)  # iterencode below is pure Python already
     try:
         repaired = repair_chat_request(decoder.decode(body.decode()))
-        text = encoder.encode(repaired) if small else "".join(encoder.iterencode(repaired))
+        if small:
+            text = encoder.encode(repaired)
+        else:  # piece by piece: one "".join of millions of pieces would hold the loop too
+            out = io.StringIO()
+            for piece in encoder.iterencode(repaired):
+                out.write(piece)
+            text = out.getvalue()
     except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested deeper than Python goes
         return body, None
     return text.encode(), describe_chat_request(repaired)
