@@ -23,7 +23,8 @@ Contents
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
-    11. Local proxy     token-injecting, request-repairing proxy for agents
+    11. Local proxy     token-injecting, request-repairing proxy for agents;
+                        they are pointed at it only once it holds its port
     12. Tracing, sync   MLflow hooks; post-commit workspace sync
     13. Command line    `python coda.py` serves; subcommands: token, doctor,
                         skills, restore, and sync and trace (the hooks call them)

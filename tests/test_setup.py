@@ -193,8 +193,10 @@ def test_two_codas_given_one_proxy_port_never_share_it(start_coda, workspace, tm
         line = doctor(second.home, port)
         assert line.startswith("FAIL") and HELD in line, line
     else:  # the same key: the proof holds, but the proxy's pid is the first CoDA's, not this terminal's
-        line = doctor(second.home, port, CODA_SERVER_PID=str(second.proc.pid))
-        assert line.startswith("FAIL") and f"is held by another CoDA (pid {first.proc.pid})" in line, line
+        session = second.new_session()
+        second.type(session, f"{sys.executable} {ROOT / 'coda.py'} doctor 2>&1 | grep 'local proxy'\r")
+        text, _ = second.read_until(session, "free port", timeout=90)
+        assert f"FAIL  local proxy: 127.0.0.1:{port} is held by another CoDA (pid {first.proc.pid})" in text, text
     assert doctor(first.home, port, CODA_SERVER_PID=str(first.proc.pid)).startswith("ok"), "the first keeps its own"
     assert proxy_steps_settled(first)["configure-gemini"]["status"] == "complete"
 
