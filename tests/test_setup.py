@@ -119,8 +119,10 @@ class Squatter:
 
 
 def doctor(home, port, **env):
+    """doctor's line on the local proxy, run outside any CoDA terminal unless env says otherwise."""
+    outside = {k: v for k, v in os.environ.items() if k != "CODA_SERVER_PID"}
     done = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HOME": str(home), "CODA_PROXY_PORT": str(port), **env})
+                          timeout=120, env={**outside, "HOME": str(home), "CODA_PROXY_PORT": str(port), **env})
     return next((line for line in done.stdout.splitlines() if "local proxy" in line), done.stdout + done.stderr)
 
 
