@@ -26,7 +26,8 @@ Contents
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
-    11. Local proxy     token-injecting, request-repairing proxy for agents
+    11. Local proxy     token-injecting, request-repairing proxy for agents;
+                        they are pointed at it only once it holds its port
     12. Tracing, sync   MLflow hooks; post-commit workspace sync
     13. Command line    `python coda.py` serves; subcommands: token, doctor,
                         skills, restore, and sync and trace (the hooks call them)
@@ -94,6 +95,7 @@ import io
 import ipaddress
 import itertools
 import json
+import json.scanner
 import logging
 import math
 import os
@@ -2348,16 +2350,21 @@ class AgentContext:
     def __init__(self):
         self.home = CONFIG.home
         self.projects = CONFIG.home / "projects"
-        self.proxy = f"http://127.0.0.1:{CONFIG.proxy_port}"
-        self.proxy_key = proxy_key()
         self.token_command = [sys.executable, str(HERE / "coda.py"), "token"]
 
     def gateway(self, api):
         return GATEWAY.base(api)
 
+    @property
+    def proxy_key(self):
+        PROXY_PORT.require()  # never handed to whatever else holds the port
+        return proxy_key()
+
     def proxied(self, api):
-        """The local proxy's address for `api`: it adds the current token to every call."""
-        return self.proxy + GATEWAY_PATHS[api][0]
+        """The local proxy's address for `api`: it adds the current token to every call.
+        ConfigError when the port is not this CoDA's proxy."""
+        PROXY_PORT.require()
+        return f"http://127.0.0.1:{CONFIG.proxy_port}" + GATEWAY_PATHS[api][0]
 
 
 def configure_claude(ctx):
@@ -2534,9 +2541,10 @@ def enabled_agents():
 
 def agent_environment():
     """Variables the terminals get for the agents (a project's own .env must not hide Gemini's)."""
-    if not PAT.token:
-        return {}
-    return {**gemini_environment(AgentContext()), "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+    server = {"CODA_SERVER_PID": str(os.getpid())}  # doctor, run in a terminal, checks this CoDA's proxy
+    if not PAT.token or not PROXY_PORT.ours():
+        return server  # the proxy's address and key only where the port is this CoDA's
+    return {**server, **gemini_environment(AgentContext()), "OPENCODE_DISABLE_MODELS_FETCH": "1"}
 
 
 @functools.cache
@@ -2644,28 +2652,37 @@ def install_step(step_id, label, script, binary, *args):
 
 
 def proxy_health():
-    """The local proxy's /health answer (setup's proxy step and doctor ask it). OSError when
-    nothing answers; StepFailed when what answers is not CoDA's proxy."""
+    """The local proxy's /health answer, proven to come from a holder of this HOME's proxy key (the
+    challenge sends a nonce, never the key). OSError when nothing answers; StepFailed when what
+    answers is not CoDA's proxy. Setup's proxy step and doctor ask it."""
     import http.client  # not requests: this runs at every boot, and requests is heavy
 
+    challenge = secrets.token_hex(16)
     connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
     try:
-        connection.request("GET", "/health")
+        connection.request("GET", f"/health?challenge={challenge}")
         answer = connection.getresponse()
-        body = answer.read()
+        body = answer.read(64 * 1024)
     finally:
         connection.close()
     try:
         health = json.loads(body) if answer.status == 200 else None
     except ValueError:
         health = None
-    if not isinstance(health, dict):
-        raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is not CoDA's proxy (HTTP {answer.status}): "
-                         "another program holds the port; set CODA_PROXY_PORT to a free one")
+    proof = health.get("proof") if isinstance(health, dict) else None
+    if not isinstance(proof, str) or not hmac.compare_digest(proof, proxy_proof(challenge, health.get("pid"))):
+        raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is held by another program (not this CoDA's proxy; it "
+                         f"answered HTTP {answer.status} without the proxy key's proof): "
+                         "set CODA_PROXY_PORT to a free port")
     return health
 
 
 def check_proxy(step):
+    """This process's proxy holds the port (its own server bound it) and answers its challenge."""
+    try:
+        PROXY_PORT.require(wait=10)
+    except ConfigError as error:
+        raise StepFailed(str(error)) from None
     deadline = time.time() + 10
     while True:
         try:
@@ -2679,6 +2696,7 @@ def check_proxy(step):
 
 def agent_config_step(agent):
     def run(step):
+        PROXY_PORT.ours(wait=10)  # settled first: a writer that needs the proxy fails if the port is not ours
         try:
             agent.configure(AgentContext())
         except ConfigError as error:
@@ -2874,7 +2892,8 @@ def repair_chat_request(body):
     if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
         body["messages"] = repair_messages(messages)
     if isinstance(body.get("tools"), list):
-        body["tools"] = [_tool_with_clean_schema(tool) for tool in body["tools"]]
+        budget = SchemaBudget()
+        body["tools"] = [_tool_with_clean_schema(tool, budget) for tool in body["tools"]]
     return body
 
 
@@ -2882,7 +2901,7 @@ def repair_messages(messages):
     """Apply every message repair until none changes anything: one repair can
     expose work for another (a dropped result orphans its call, a dropped turn
     leaves two user turns side by side)."""
-    for _ in range(len(messages) + 2):  # each pass that changes something removes or merges a message
+    for _ in range(MESSAGE_REPAIR_PASSES):
         repaired = messages
         for repair in MESSAGE_REPAIRS:
             repaired = repair(repaired)
@@ -3010,42 +3029,73 @@ def _as_parts(content):
 
 
 MESSAGE_REPAIRS = (without_blank_text, tool_calls_paired, roles_alternating)
+# Every history tried (tens of thousands, by hypothesis) settles within two changing passes; the cap
+# keeps a hostile one linear (a pass is O(n), and n passes of a 100k-message body would be minutes).
+MESSAGE_REPAIR_PASSES = 4
 
 
-def _tool_with_clean_schema(tool):
+def _tool_with_clean_schema(tool, budget):
     function = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("parameters"), dict):
         return tool
     parameters = function["parameters"]
-    return {**tool, "function": {**function, "parameters": clean_schema(parameters, parameters)}}
+    return {**tool, "function": {**function, "parameters": clean_schema(parameters, parameters, budget)}}
 
 
-def clean_schema(schema, root, expanding=()):
+# Tool schemas come from MCP servers, third-party ones included: untrusted. Inlining a DAG of
+# references is exponential (each $def using the one before twice doubles it), so the inlining
+# one request may do is bounded, and so is the depth; past either, the schema is left open ({}),
+# as a recursive type already is: still valid for every model, just less precise.
+SCHEMA_MAX_DEPTH = 64
+SCHEMA_INLINE_CHARACTERS = MIB  # JSON that $ref inlining may add to one request, all tools together
+
+
+class SchemaBudget:
+    """What $ref inlining may still add to one request."""
+
+    def __init__(self, characters=SCHEMA_INLINE_CHARACTERS):
+        self.left = characters
+
+    def spend(self, target):
+        """Whether target may be inlined once more. Measuring costs what it measures, so it is
+        paid for even when it does not fit: an exhausted budget measures nothing more."""
+        if self.left <= 0:
+            return False
+        self.left -= len(json.dumps(target))
+        return self.left >= 0
+
+
+def clean_schema(schema, root, budget=None, expanding=()):
     """The schema without the keywords Gemini rejects, at every depth.
 
     A local `$ref` (to `#/$defs/...` and the like) is replaced by what it points
     to before `$defs` goes, so a tool keeps its nested shapes; a reference back
-    into itself (a recursive type) stops there and becomes an open schema.
-    Names inside `properties` are property names, not keywords: they stay.
+    into itself (a recursive type) stops there and becomes an open schema, and
+    so does one past the budget or SCHEMA_MAX_DEPTH. Names inside `properties`
+    are property names, not keywords: they stay.
     """
+    budget = budget or SchemaBudget()
     if not isinstance(schema, dict):
         return schema
+    if len(expanding) >= SCHEMA_MAX_DEPTH:
+        return {}
     ref = schema.get("$ref")
     target = _local_ref(root, ref) if isinstance(ref, str) and ref not in expanding else None
-    if target is not None:
+    if target is not None and budget.spend(target):
         inlined = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-        return clean_schema(inlined, root, expanding + (ref,))
+        return clean_schema(inlined, root, budget, expanding + (ref,))
+    inner = expanding + (None,)  # one level deeper (None is never a $ref)
     clean = {}
     for key, value in schema.items():
         if key in SCHEMA_KEYS_REJECTED:
             continue
         if key in SCHEMA_MAP and isinstance(value, dict):
-            value = {name: clean_schema(sub, root, expanding) for name, sub in value.items()}
+            value = {name: clean_schema(sub, root, budget, inner) for name, sub in value.items()}
         elif key in SCHEMA_LIST and isinstance(value, list):
-            value = [clean_schema(sub, root, expanding) for sub in value]
+            value = [clean_schema(sub, root, budget, inner) for sub in value]
         elif key in SCHEMA_ONE:
-            value = ([clean_schema(sub, root, expanding) for sub in value] if isinstance(value, list)
-                     else clean_schema(value, root, expanding))
+            value = ([clean_schema(sub, root, budget, inner) for sub in value] if isinstance(value, list)
+                     else clean_schema(value, root, budget, inner))
         clean[key] = value
     return clean
 
@@ -3277,17 +3327,41 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 PROXY_MAX_BODY = 32 * MIB
 
 
+# What goes upstream is the route's base plus the rest of the path exactly as checked: plain
+# segments only, so neither requests (urllib3 removes dot segments) nor the upstream can
+# normalise a path out of the base (/mlflow/v1/../../api/2.0/token/create would mint tokens
+# with the proxy key). PATH_INFO is already percent-decoded once: a '%' left in it is double
+# encoding, and an encoded slash or backslash is a plain one now, so neither passes either.
+PROXY_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_~:@+,=-][A-Za-z0-9_.~:@+,=-]*")  # no "", ".", ".."
+
+
+def proxy_route(path):
+    """The route prefix `path` is under, when the rest of it is plain segments; else None."""
+    for prefix in PROXY_ROUTES:
+        if path == prefix:
+            return prefix
+        if path.startswith(prefix + "/"):
+            rest = path[len(prefix) + 1:].split("/")
+            return prefix if all(PROXY_PATH_SEGMENT.fullmatch(segment) for segment in rest) else None
+    return None
+
+
 def proxy_app(environ, start_response):
     """WSGI app of the local proxy: check the key, pick the route, forward, stream back."""
     path = environ.get("PATH_INFO", "")
     if path == "/health":
-        return _plain_json(start_response, "200 OK", {"status": "healthy", "token": PAT.valid()})
+        health = {"status": "healthy", "token": PAT.valid(), "pid": os.getpid()}
+        challenge = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("challenge", [""])[0]
+        if 0 < len(challenge) <= 64:
+            health["proof"] = proxy_proof(challenge, os.getpid())
+        return _plain_json(start_response, "200 OK", health)
     if not offers_secret(environ, proxy_key(), "key", environ.get("HTTP_X_API_KEY", ""),
                          environ.get("HTTP_X_GOOG_API_KEY", "")):
         return _plain_json(start_response, "401 Unauthorized", {"error": "This proxy needs CoDA's proxy key."})
-    prefix = next((p for p in PROXY_ROUTES if path == p or path.startswith(p + "/")), None)
+    prefix = proxy_route(path)
     if prefix is None:
-        return _plain_json(start_response, "404 Not Found", {"error": "No such route on the CoDA proxy."})
+        return _plain_json(start_response, "404 Not Found",
+                           {"error": "No such route on the CoDA proxy (it forwards only plain paths under its routes)."})
     base = GATEWAY.base(PROXY_ROUTES[prefix])
     if not base or not PAT.valid():
         return _plain_json(start_response, "503 Service Unavailable",
@@ -3306,14 +3380,40 @@ def proxy_app(environ, start_response):
 
 
 def _repaired_chat_body(body):
-    """A JSON chat request, repaired; anything else passes unchanged."""
+    """A JSON chat request, repaired; anything else passes unchanged.
+
+    A large body is seconds of CPU (32 MiB of small objects: parse, repair, serialise), so the
+    work is done in a native thread, where Python code yields the loop every few milliseconds.
+    The C parser and serialiser never yield: they are used only for bodies small enough to take a
+    few milliseconds whatever they hold, and larger ones go through json's pure-Python twins
+    (which still read and write strings in C: a large body of long texts stays fast).
+    """
+    small = len(body) <= PROXY_FAST_JSON_BYTES
+    repaired, description = gevent.get_hub().threadpool.apply(_repair_chat_body, (body, small))
+    if description:
+        log.info("proxy: chat request %s", description)  # here: logging's locks are the loop's
+    return repaired
+
+
+PROXY_FAST_JSON_BYTES = 256 * 1024  # the C parser takes ~10 ms on that much of the smallest objects
+
+
+def _repair_chat_body(body, small):
+    decoder, encoder = json.JSONDecoder(), json.JSONEncoder()
+    if not small:
+        decoder.scan_once = json.scanner.py_make_scanner(decoder)  # iterencode below is pure Python already
     try:
-        request = json.loads(body)
-    except ValueError:
-        return body
-    repaired = repair_chat_request(request)
-    log.info("proxy: chat request %s", describe_chat_request(repaired))
-    return json.dumps(repaired).encode()
+        repaired = repair_chat_request(decoder.decode(body.decode()))
+        if small:
+            text = encoder.encode(repaired)
+        else:  # piece by piece: one "".join of millions of pieces would hold the loop too
+            out = io.StringIO()
+            for piece in encoder.iterencode(repaired):
+                out.write(piece)
+            text = out.getvalue()
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested deeper than Python goes
+        return body, None
+    return text.encode(), describe_chat_request(repaired)
 
 
 def _upstream_headers(environ):
@@ -3362,14 +3462,62 @@ def _stream(upstream, repair):
         upstream.close()
 
 
-def run_proxy_forever():
-    """The supervised second server: restarted (after a pause) whenever it stops."""
-    while not SESSIONS.shutting_down.is_set():
+def proxy_proof(challenge, pid):
+    """What only a holder of this HOME's proxy key can answer to a challenge: the checker sends a
+    fresh nonce, never the key. The pid tells two CoDAs that share a HOME (and a key) apart."""
+    message = f"coda-proxy-health {challenge} {pid}".encode()
+    return hmac.new(proxy_key().encode(), message, "sha256").hexdigest()
+
+
+class ProxyPort:
+    """Whether this process's own proxy server holds CODA_PROXY_PORT. Agents are pointed at the
+    proxy only when it does: whatever else holds the port (another user's program, a second CoDA)
+    would get their prompts and the proxy key, and could answer with tool calls they run."""
+
+    def __init__(self):
+        self.tried = gevent.event.Event()  # the first bind has been tried
+        self.error = None                  # why the port is not ours, in one sentence
+
+    def bind(self, server):
+        """Bind server's socket now, recording whether the port is ours; False when it is not."""
         try:
-            proxy = WSGIServer(("127.0.0.1", CONFIG.proxy_port), proxy_app, log=None,
-                               error_log=logging.getLogger("coda.proxy"))
-            PROXY_SERVER[:] = [proxy]
-            proxy.serve_forever()
+            server.init_socket()
+            self.error = None
+        except OSError as error:
+            self.error = (f"127.0.0.1:{CONFIG.proxy_port} is held by another program (not this CoDA's proxy): "
+                          "set CODA_PROXY_PORT to a free port") if error.errno == errno.EADDRINUSE else (
+                f"the local proxy cannot listen on 127.0.0.1:{CONFIG.proxy_port} ({reason(error)}): "
+                "set CODA_PROXY_PORT to a free port")
+        self.tried.set()
+        return self.error is None
+
+    def ours(self, wait=0):
+        """The port is held by this process's proxy (waiting up to `wait` s for the first bind)."""
+        return self.tried.wait(wait) and self.error is None
+
+    def require(self, wait=0):
+        """ConfigError (its sentence says what to set) unless the port is ours."""
+        if not self.ours(wait):
+            raise ConfigError(self.error or f"the local proxy has not started on 127.0.0.1:{CONFIG.proxy_port}")
+
+
+PROXY_PORT = ProxyPort()
+
+
+def run_proxy_forever():
+    """The supervised second server: restarted (after a pause) whenever it stops. A port that
+    another program holds is tried again, but said only once."""
+    said = None
+    while not SESSIONS.shutting_down.is_set():
+        proxy = WSGIServer(("127.0.0.1", CONFIG.proxy_port), proxy_app, log=None,
+                           error_log=logging.getLogger("coda.proxy"))
+        try:
+            if PROXY_PORT.bind(proxy):
+                PROXY_SERVER[:] = [proxy]
+                proxy.serve_forever()
+            elif PROXY_PORT.error != said:
+                log.warning("local proxy: %s", PROXY_PORT.error)
+            said = PROXY_PORT.error
         except Exception as error:
             log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in 5 s", CONFIG.proxy_port, reason(error))
         gevent.sleep(5)
@@ -4539,6 +4687,10 @@ def doctor():
         except OSError as error:
             raise StepFailed(f"nothing answers on 127.0.0.1:{CONFIG.proxy_port} ({type(error).__name__}): "
                              "restart the app") from None
+        server = os.environ.get("CODA_SERVER_PID")  # set in CoDA's terminals: which CoDA doctor checks for
+        if server and str(health.get("pid")) != server:
+            raise StepFailed(f"127.0.0.1:{CONFIG.proxy_port} is held by another CoDA (pid {health.get('pid')}), "
+                             "not this one: set CODA_PROXY_PORT to a free port")
         if not health.get("token"):
             raise StepFailed("the local proxy has no valid token: paste one in the CoDA page")
         return f"127.0.0.1:{CONFIG.proxy_port}"

@@ -1,18 +1,23 @@
 """The local proxy's repairs of Chat Completions traffic (issue 5, "Local proxy").
 
-Pure functions, so no server: request bodies shaped like the ones OpenCode,
+Mostly pure functions, so no server: request bodies shaped like the ones OpenCode,
 Hermes and a Gemini model through OpenCode send, table-driven; a property test
 that any history comes out valid; and the SSE filter fed whole, byte by byte
-and in random chunkings, which must all give the same expected events.
+and in random chunkings, which must all give the same expected events. At the
+end, hostile input (schemas that explode, paths that leave the routes) through a
+real server and a fake upstream that records what arrives.
 """
 
 import copy
 import json
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -762,3 +767,195 @@ def test_a_lone_cr_waits_for_what_follows():
     assert repair.feed(b"data: x\r\r") == b""
     assert repair.feed(b"data: y") == b"data: x\r\r"  # a CR then not LF: it was an empty line
     assert repair.close() == b"data: y"
+
+
+# ---------------------------------------------------------------------------
+# Hostile input: schemas that explode, paths that leave the routes
+# ---------------------------------------------------------------------------
+
+def reference_dag(depth):
+    """$defs where each entry uses the one before twice: inlined, 2**depth copies of d0."""
+    defs = {"d0": {"type": "string", "description": "the leaf"}}
+    for i in range(1, depth + 1):
+        defs[f"d{i}"] = {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i - 1}"},
+                                                          "b": {"$ref": f"#/$defs/d{i - 1}"}}}
+    return {"type": "object", "$defs": defs, "properties": {"x": {"$ref": f"#/$defs/d{depth}"}}}
+
+
+def deep_nesting(depth):
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def tool_body(parameters):
+    return {"model": "databricks-gemini-2-5-pro", "messages": [HI],
+            "tools": [{"type": "function", "function": {"name": "t", "description": "d", "parameters": parameters}}]}
+
+
+def schema_depth(schema):
+    depth, level = 0, [schema]
+    while level:
+        depth += 1
+        level = [sub for s in level if isinstance(s, dict) for sub in (s.get("properties") or {}).values()]
+    return depth
+
+
+def test_a_reference_dag_is_inlined_only_as_far_as_the_budget_goes():
+    # In a child process with 1.5 GB of address space and 60 s: the old inlining needed 2**40
+    # copies (and, in this process, ate 14 GB before it was stopped).
+    import resource
+    import subprocess
+
+    program = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+               "import coda, test_proxy_repairs as t\n"
+               "for depth in (25, 40):\n"
+               "    out = coda.repair_chat_request(t.tool_body(t.reference_dag(depth)))\n"
+               "    print(json.dumps(json.dumps(out['tools'][0]['function']['parameters'])))\n")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (1500 * 2 ** 20, 1500 * 2 ** 20))  # noqa: E731
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit)
+    assert done.returncode == 0, done.stderr[-2000:]
+    schemas = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(schemas) == 2
+    for text in schemas:
+        assert len(text) < 2 * repairs.SCHEMA_INLINE_CHARACTERS
+        assert "$ref" not in text and "$defs" not in text and "{}" in text  # Gemini-clean, open where cut
+    assert '"type": "string"' in schemas[0]  # depth 25: inlined down to the leaf as far as the budget went
+
+
+def test_a_very_deep_schema_is_cut_at_the_depth_limit():
+    parameters = deep_nesting(5000)  # far past Python's recursion limit
+    cleaned = repairs.clean_schema(parameters, parameters)
+    assert schema_depth(cleaned) <= repairs.SCHEMA_MAX_DEPTH + 1
+
+
+def test_a_huge_legal_schema_comes_out_whole():
+    properties = {f"p{i}": {"type": "string", "description": f"property {i}", "additionalProperties": False}
+                  for i in range(20000)}
+    cleaned = repairs.clean_schema({"type": "object", "properties": properties}, {})
+    assert cleaned == {"type": "object", "properties": {name: {"type": "string", "description": p["description"]}
+                                                        for name, p in properties.items()}}
+
+
+def test_a_long_history_is_repaired_in_a_bounded_number_of_passes():
+    # 100k messages that each need repairing: linear work, not one pass per message.
+    messages = [user(f"question {i}") if i % 2 else assistant("") for i in range(100_000)]
+    started = time.process_time()
+    repaired = repairs.repair_messages(messages)
+    assert violations(repaired) == [] and time.process_time() - started < 30
+
+
+# Through a real server and a fake upstream that records what arrives.
+
+@pytest.fixture
+def proxy_server(start_coda):
+    from fake_workspace import FakeWorkspace
+
+    workspace = FakeWorkspace().start()
+    # The gateway on the workspace's own origin (as the serving-endpoints generation is): a path that
+    # escaped its route would reach the token API there.
+    server = start_coda({"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.url,
+                         "PAT_ROTATION_INTERVAL": "3600"})
+    server.api("/api/configure-pat", {"token": workspace.add_token()})
+    server.proxy = f"http://127.0.0.1:{server.proxy_port}"
+    key = (server.home / ".coda" / "proxy-key").read_text().strip()
+    server.proxy_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    yield server, workspace
+    workspace.stop()
+
+
+HOSTILE_PATHS = [
+    "/mlflow/v1/../../api/2.0/token/create",
+    "/mlflow/v1/%2e%2e/%2e%2e/api/2.0/token/create",
+    "/mlflow/v1/%2E%2E/%2E%2E/api/2.0/token/create",
+    "/mlflow/v1/..%2f..%2fapi/2.0/token/create",
+    "/mlflow/v1/%252e%252e/%252e%252e/api/2.0/token/create",
+    "/mlflow/v1/%25252e%25252e/%25252e%25252e/api/2.0/token/create",
+    "/mlflow/v1/..\\..\\api/2.0/token/create",
+    "/mlflow/v1/..%5c..%5capi/2.0/token/create",
+    "/mlflow/v1/./../../api/2.0/token/list",
+    "/mlflow/v1//../../api/2.0/token/list",
+    "/mlflow/v1/chat/..;/..;/..;/api/2.0/token/list",
+    "/mlflow/v1/...//api/2.0/token/list",
+    "/anthropic/../api/2.0/token/list",
+    "/openai/v1/%2e%2e/%2e%2e/api/2.0/token/list",
+    "/gemini/..%2F..%2Fapi/2.0/token/list",
+    "/mlflow/v1/chat/completions%00/../../../api/2.0/token/list",
+    "/mlflow/v1/%3f/../../api/2.0/token/list",
+    "/mlflow/v1/%23/../../api/2.0/token/list",
+    "/mlflow/v1/",
+]
+
+
+def test_hostile_paths_get_an_error_and_nothing_leaves_the_route(proxy_server):
+    import http.client
+
+    server, workspace = proxy_server
+    tokens_before = len(workspace.tokens)
+    seen = len(workspace.requests)
+    wrong = []
+    for path in HOSTILE_PATHS:
+        connection = http.client.HTTPConnection("127.0.0.1", server.proxy_port, timeout=10)
+        try:  # http.client sends the path exactly as written (requests would normalise it first)
+            connection.request("POST", path, body=b'{"comment": "x"}', headers=server.proxy_headers)
+            answer = connection.getresponse()
+            body = answer.read()
+        finally:
+            connection.close()
+        try:
+            error = json.loads(body).get("error")
+        except ValueError:
+            error = None
+        if not (400 <= answer.status < 500 and isinstance(error, str) and error):
+            wrong.append((path, answer.status, body[:200]))
+    arrived = [entry["path"] for entry in workspace.requests[seen:]]
+    assert wrong == []
+    assert arrived == [], "forwarded outside the route base"
+    assert len(workspace.tokens) == tokens_before, "a token was minted through the proxy"
+    # A plain path under a route still goes through, exactly as it came.
+    answer = requests.post(server.proxy + "/mlflow/v1/chat/completions", json=chat_body(), headers=server.proxy_headers,
+                           timeout=30)
+    assert [entry["path"] for entry in workspace.requests[seen:]] == ["/mlflow/v1/chat/completions"], answer.text
+
+
+def chat_body(tools=()):
+    return {"model": "databricks-gemini-2-5-pro", "messages": [HI], "tools": list(tools)}
+
+
+def test_a_hostile_schema_does_not_hold_the_proxy_or_the_server(start_coda):
+    from fake_workspace import FakeWorkspace
+
+    with FakeWorkspace() as workspace:
+        server = start_coda({"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+                             "PAT_ROTATION_INTERVAL": "3600"})
+        server.api("/api/configure-pat", {"token": workspace.add_token()})
+        proxy = f"http://127.0.0.1:{server.proxy_port}"
+        key = (server.home / ".coda" / "proxy-key").read_text().strip()
+        tools = [{"type": "function", "function": {"name": name, "description": "d", "parameters": schema}}
+                 for name, schema in (("dag", reference_dag(25)), ("deep", deep_nesting(400)))]
+        answers, stop = [], threading.Event()
+
+        def poll_health():
+            while not stop.is_set():
+                for url in (proxy + "/health", server.url + "/health"):
+                    try:
+                        answers.append(requests.get(url, timeout=5).status_code)
+                    except requests.RequestException as error:
+                        answers.append(repr(error))
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll_health, daemon=True)
+        poller.start()
+        try:
+            answer = requests.post(proxy + "/mlflow/v1/chat/completions", json=chat_body(tools), timeout=10,
+                                   headers={"Authorization": f"Bearer {key}"})
+        finally:
+            stop.set()
+            poller.join(10)
+        assert answer.status_code == 200, answer.text[:300]
+        assert answers and all(status == 200 for status in answers), answers
+        [forwarded] = workspace.gateway_requests_for(api="chat")
+        text = json.dumps(forwarded["body"])
+        assert len(text) < 2 * repairs.SCHEMA_INLINE_CHARACTERS and "$ref" not in text

@@ -1,15 +1,20 @@
 """Setup at boot: the real install/ scripts pointed at local sources, honest step states,
 skills from local git repositories, and the parallel group really running in parallel."""
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, free_port
+from fake_workspace import FakeWorkspace
 from test_install import Mirror, publish
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
@@ -71,20 +76,131 @@ def test_without_installs_the_install_steps_are_skipped(coda_server):
         assert set(step) >= {"id", "label", "status", "error", "started_at", "finished_at"}
 
 
-def test_a_proxy_port_held_by_another_program_fails_the_step_with_its_answer(start_coda, tmp_path):
-    (tmp_path / "empty").mkdir()
-    squatter = Mirror(tmp_path / "empty")  # a file server with nothing to serve: /health is a 404
+# --- the local proxy's port: CoDA points agents only at a proxy it proves is its own ------------
+
+HELD = "is held by another program (not this CoDA's proxy"
+PROXIED_AGENTS = ("gemini", "opencode", "hermes")  # the agents that reach the gateway through the proxy
+
+
+class Squatter:
+    """Another program on the proxy port: answers a CoDA-shaped /health, or echoes anything back."""
+
+    def __init__(self, echo):
+        self.requests = []
+        squatter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                squatter.requests.append((self.path, dict(self.headers)))
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                answer = {"status": "healthy", "token": True}
+                if echo:  # whatever was asked comes back, in every field a checker might read
+                    answer.update(pid=1, path=self.path, headers=dict(self.headers),
+                                  **{k: v[0] for k, v in query.items()}, proof=query.get("challenge", [""])[0])
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def doctor(home, port, **env):
+    """doctor's line on the local proxy, run outside any CoDA terminal unless env says otherwise."""
+    outside = {k: v for k, v in os.environ.items() if k != "CODA_SERVER_PID"}
+    done = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
+                          timeout=120, env={**outside, "HOME": str(home), "CODA_PROXY_PORT": str(port), **env})
+    return next((line for line in done.stdout.splitlines() if "local proxy" in line), done.stdout + done.stderr)
+
+
+def proxy_key(home):
+    path = home / ".coda" / "proxy-key"
+    return path.read_text().strip() if path.exists() else None  # made when first needed
+
+
+def assert_no_agent_points_at(home, port):
+    key = proxy_key(home)
+    for written in (".gemini/.env", ".config/opencode/opencode.json", ".local/share/opencode/auth.json",
+                    ".hermes/config.yaml"):
+        path = home / written
+        assert not path.exists() or f":{port}" not in path.read_text() and (key or "-") not in path.read_text(), written
+
+
+def proxy_steps_settled(server):
+    return wait_settled(server, ["proxy", *(f"configure-{agent}" for agent in PROXIED_AGENTS)], timeout=90)[1]
+
+
+@pytest.fixture
+def workspace():
+    fake = FakeWorkspace().start()
+    yield fake
+    fake.stop()
+
+
+def coda_env(workspace, port):
+    return {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+            "CODA_PROXY_PORT": str(port), "PAT_ROTATION_INTERVAL": "3600"}
+
+
+@pytest.mark.parametrize("echo", [False, True], ids=["coda-shaped-health", "echoes-anything"])
+def test_a_squatter_on_the_proxy_port_gets_no_agent_and_no_key(start_coda, workspace, echo):
+    squatter = Squatter(echo)
     try:
-        port = str(squatter.server.server_address[1])
-        coda = start_coda({"CODA_PROXY_PORT": port})
-        _, steps = wait_settled(coda, ["proxy"], timeout=60)
-        assert steps["proxy"]["status"] == "failed"
-        assert "HTTP 404" in steps["proxy"]["error"] and "CODA_PROXY_PORT" in steps["proxy"]["error"]
-        doctor = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
-                                timeout=60, env={**os.environ, "HOME": str(coda.home), "CODA_PROXY_PORT": port})
-        assert "is not CoDA's proxy (HTTP 404)" in doctor.stdout, doctor.stdout + doctor.stderr
+        coda = start_coda(coda_env(workspace, squatter.port))
+        coda.api("/api/configure-pat", {"token": workspace.add_token()})
+        steps = proxy_steps_settled(coda)
+        sentence = f"127.0.0.1:{squatter.port} {HELD}): set CODA_PROXY_PORT to a free port"
+        for step_id in ("proxy", *(f"configure-{agent}" for agent in PROXIED_AGENTS)):
+            assert steps[step_id]["status"] == "failed" and steps[step_id]["error"] == sentence, steps[step_id]
+        assert wait_settled(coda, ["configure-claude"])[1]["configure-claude"]["status"] == "complete"
+        assert_no_agent_points_at(coda.home, squatter.port)
+        session = coda.new_session()
+        coda.type(session, "echo KEY=${GEMINI_API_KEY:-none} URL=${GOOGLE_GEMINI_BASE_URL:-none}\r")
+        coda.read_until(session, "KEY=none URL=none")  # the terminals are not pointed at it either
+        line = doctor(coda.home, squatter.port)
+        assert line.startswith("FAIL") and HELD in line and "CODA_PROXY_PORT" in line, line
+        assert squatter.requests, "doctor asked"  # a nonce, never the key: no proxy key was ever sent
+        assert not any("coda-proxy-" in path + json.dumps(headers) for path, headers in squatter.requests)
     finally:
         squatter.close()
+
+
+@pytest.mark.parametrize("same_home", [False, True], ids=["other-home", "same-home"])
+def test_two_codas_given_one_proxy_port_never_share_it(start_coda, workspace, tmp_path, same_home):
+    port = free_port()
+    first = start_coda(coda_env(workspace, port))
+    first.api("/api/configure-pat", {"token": workspace.add_token()})
+    assert proxy_steps_settled(first)["proxy"]["status"] == "complete"
+    second = start_coda(coda_env(workspace, port), home=first.home if same_home else tmp_path / "second")
+    second.api("/api/configure-pat", {"token": workspace.add_token()})
+    steps = proxy_steps_settled(second)
+    sentence = f"127.0.0.1:{port} {HELD}): set CODA_PROXY_PORT to a free port"
+    for step_id in ("proxy", *(f"configure-{agent}" for agent in PROXIED_AGENTS)):
+        assert steps[step_id]["status"] == "failed" and steps[step_id]["error"] == sentence, steps[step_id]
+    if not same_home:
+        assert_no_agent_points_at(second.home, port)
+        line = doctor(second.home, port)
+        assert line.startswith("FAIL") and HELD in line, line
+    else:  # the same key: the proof holds, but the proxy's pid is the first CoDA's, not this terminal's
+        session = second.new_session()
+        second.type(session, f"{sys.executable} {ROOT / 'coda.py'} doctor 2>&1 | grep 'local proxy'\r")
+        text, _ = second.read_until(session, "free port", timeout=90)
+        assert f"FAIL  local proxy: 127.0.0.1:{port} is held by another CoDA (pid {first.proc.pid})" in text, text
+    assert doctor(first.home, port, CODA_SERVER_PID=str(first.proc.pid)).startswith("ok"), "the first keeps its own"
+    assert proxy_steps_settled(first)["configure-gemini"]["status"] == "complete"
 
 
 @pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
