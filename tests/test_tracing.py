@@ -72,11 +72,17 @@ def agent(*names):
 
 
 def run_agent(home, argv, timeout=120):
-    """One agent turn as a terminal would run it: HOME with CoDA's configs, cwd ~/projects."""
-    (home / "projects").mkdir(exist_ok=True)
+    """One agent turn as a terminal would run it: HOME with CoDA's configs, cwd a folder under
+    ~/projects whose trust the user has granted (CoDA trusts only what it restored, and Gemini CLI
+    reads its ~/.gemini/.env only in a trusted folder)."""
+    work = home / "projects" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    trusted = home / ".gemini" / "trustedFolders.json"
+    trusted.write_text(json.dumps({**(json.loads(trusted.read_text()) if trusted.exists() else {}),
+                                   str(work): "TRUST_FOLDER"}))
     env = {"PATH": f"{AGENTS_BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
            "USER": "root", "TERM": "xterm-256color"}
-    done = subprocess.run(argv, cwd=home / "projects", env=env, stdin=subprocess.DEVNULL, capture_output=True,
+    done = subprocess.run(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                           timeout=timeout, start_new_session=True)
     assert done.returncode == 0, (done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")[-3000:])
     return done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
