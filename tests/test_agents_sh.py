@@ -43,7 +43,7 @@ for spec in [a for a in args if "@" in a.lstrip("@")]:
     os.makedirs(os.path.join(prefix, "bin"), exist_ok=True)
     exe = os.path.join(prefix, "bin", bins[name])
     with open(exe, "w") as f:
-        f.write("#!/bin/sh\n")
+        f.write(f"#!/bin/sh\necho {name} {version}\n")  # what `--version` says
     os.chmod(exe, 0o755)
 '''
 
