@@ -33,9 +33,11 @@ Contents
 import collections
 import sys
 
-# The agents (section 9). Adding one is one function (its writer) and one row here. The rows are
-# plain data, before any heavy import, so that `coda.py agents` (install/agents.sh reads it) and
-# the trace fast path below answer with any python3; a row names its functions, defined later.
+# The agents (section 9). Adding one is one function (its writer, in section 9) and one row here,
+# plus its version pin in install/versions.env. Setup, doctor, install/agents.sh, the terminals'
+# environment, tracing and the tests all read these rows. They are plain data, before any heavy
+# import, so that `coda.py agents` (what agents.sh reads) and the trace fast path below answer
+# with any python3, gevent or not; so a row names its functions, which come later in the file.
 Agent = collections.namedtuple("Agent", [
     "name",            # its command, step id and install name
     "label",           # what setup and doctor show
