@@ -29,11 +29,54 @@ Contents
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Tracing, sync   MLflow hooks; post-commit workspace sync
-    13. Command line    `python coda.py` serves; subcommands: token, doctor,
+    13. Command line    `python coda.py` serves; subcommands: token, agents, doctor,
                         skills, restore, and sync and trace (the hooks call them)
 """
 
+import collections
 import sys
+
+# The agents (section 9). Adding one is one function (its writer, in section 9) and one row here,
+# plus its version pin in install/versions.env. Setup, doctor, install/agents.sh, the terminals'
+# environment, tracing and the tests all read these rows. They are plain data, before any heavy
+# import, so that `coda.py agents` (what agents.sh reads) and the trace fast path below answer
+# with any python3, gevent or not; so a row names its functions, which come later in the file.
+Agent = collections.namedtuple("Agent", [
+    "name",            # its command, step id and install name
+    "label",           # what setup and doctor show
+    "kind",            # how install/agents.sh installs it: npm, or pypi (into its own virtual environment)
+    "package",         # its npm or PyPI package
+    "version_key",     # the install/versions.env variable that pins it
+    "model_variable",  # the environment variable choosing its model (section 1 reads it) ...
+    "default_model",   # ... and the model without it
+    "config_file",     # the file doctor expects its writer to have written (under HOME)
+    "writer",          # the section 9 function writing its config: writer(AgentContext)
+    "environment",     # a section 9 function giving the variables its terminals need, or None
+    "tracer",          # the section 12 function recording a turn (`coda.py trace NAME`), or None
+    "switch",          # the environment variable that leaves it out when false (default true), or None
+], defaults=(None, None, None))
+AGENT_ROWS = (
+    Agent("claude", "Claude Code", "npm", "@anthropic-ai/claude-code", "CLAUDE_CODE_VERSION",
+          "ANTHROPIC_MODEL", "databricks-claude-opus-4-7", ".claude/settings.json", "configure_claude",
+          tracer="trace_claude"),
+    Agent("codex", "Codex", "npm", "@openai/codex", "CODEX_VERSION",
+          "CODEX_MODEL", "databricks-gpt-5-5", ".codex/config.toml", "configure_codex",
+          tracer="trace_codex"),
+    Agent("gemini", "Gemini CLI", "npm", "@google/gemini-cli", "GEMINI_CLI_VERSION",
+          "GEMINI_MODEL", "databricks-gemini-2-5-pro", ".gemini/settings.json", "configure_gemini",
+          environment="gemini_environment", tracer="trace_gemini"),
+    Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # HERMES_MODEL, as always
+          "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
+          environment="opencode_environment"),
+    Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
+          "HERMES_MODEL", "databricks-claude-opus-4-6", ".hermes/config.yaml", "configure_hermes",
+          switch="ENABLE_HERMES"),
+)
+
+if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
+    for _agent in AGENT_ROWS:  # what install/agents.sh reads: name kind package version-key
+        print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
+    sys.exit(0)
 
 
 def read_databrickscfg():
@@ -61,7 +104,7 @@ def print_token():
 if __name__ == "__main__" and sys.argv[1:] == ["token"]:
     sys.exit(print_token())
 
-if __name__ == "__main__" and sys.argv[1:3] in (["trace", "claude"], ["trace", "codex"], ["trace", "gemini"]):
+if __name__ == "__main__" and sys.argv[1:3] in [["trace", a.name] for a in AGENT_ROWS if a.tracer]:
     # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
     # grandchild, before the imports below cost the agent a quarter of a second (section 12).
     import os
@@ -205,12 +248,11 @@ class Config:
     sdk_http_timeout: int      # CODA_SDK_HTTP_TIMEOUT: seconds databricks-sdk waits for one answer (default 20)
     sdk_retry_timeout: int     # CODA_SDK_RETRY_TIMEOUT: seconds it retries a failing call within (default 30)
     # Agents (section 9)
-    anthropic_model: str       # ANTHROPIC_MODEL: Claude Code's model (default databricks-claude-opus-4-7)
-    codex_model: str           # CODEX_MODEL: Codex's model (default databricks-gpt-5-5)
-    gemini_model: str          # GEMINI_MODEL: Gemini CLI's model (default databricks-gemini-2-5-pro)
-    hermes_model: str          # HERMES_MODEL: Hermes Agent's and OpenCode's model (default databricks-claude-opus-4-6)
+    # Each agent row (top of the file) names its model variable and switch; they are read here, like every other.
+    models: dict               # agent name -> model: ANTHROPIC_MODEL, CODEX_MODEL, GEMINI_MODEL, HERMES_MODEL (Hermes
+                               # Agent's and OpenCode's); the defaults are in the rows
     hermes_fallback_model: str # HERMES_FALLBACK_MODEL: Hermes' fallback model (default none)
-    enable_hermes: bool        # ENABLE_HERMES: false leaves Hermes out (default true)
+    agents_off: frozenset      # names of the agents whose switch is false: ENABLE_HERMES (default true)
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
@@ -266,12 +308,9 @@ class Config:
             rotation_interval=_env_seconds(env, "PAT_ROTATION_INTERVAL", 600.0),
             sdk_http_timeout=_env_int(env, "CODA_SDK_HTTP_TIMEOUT", 20),
             sdk_retry_timeout=_env_int(env, "CODA_SDK_RETRY_TIMEOUT", 30),
-            anthropic_model=env.get("ANTHROPIC_MODEL", "").strip() or "databricks-claude-opus-4-7",
-            codex_model=env.get("CODEX_MODEL", "").strip() or "databricks-gpt-5-5",
-            gemini_model=env.get("GEMINI_MODEL", "").strip() or "databricks-gemini-2-5-pro",
-            hermes_model=env.get("HERMES_MODEL", "").strip() or "databricks-claude-opus-4-6",
+            models={a.name: env.get(a.model_variable, "").strip() or a.default_model for a in AGENT_ROWS},
             hermes_fallback_model=env.get("HERMES_FALLBACK_MODEL", "").strip(),
-            enable_hermes=_env_flag(env, "ENABLE_HERMES", True),
+            agents_off=frozenset(a.name for a in AGENT_ROWS if a.switch and not _env_flag(env, a.switch, True)),
             disable_auto_memory=env.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "").strip(),
             mcp_servers=tuple((name, url) for name, url in (
                 ("deepwiki", env.get("DEEPWIKI_MCP_URL", "https://mcp.deepwiki.com/mcp").strip()),
@@ -2339,8 +2378,7 @@ def model_limits(name):
 
 def configured_models():
     """Every model CoDA names to an agent (an undeclared one makes OpenCode pick another provider's)."""
-    chosen = (CONFIG.anthropic_model, CONFIG.codex_model, CONFIG.gemini_model, CONFIG.hermes_model,
-              CONFIG.hermes_fallback_model)
+    chosen = (*CONFIG.models.values(), CONFIG.hermes_fallback_model)
     return list(dict.fromkeys(name for name in (*MODEL_LIMITS, *chosen) if name))
 
 
@@ -2371,8 +2409,8 @@ def configure_claude(ctx):
     """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
     def settings(data):
         env = nested(data, "env")
-        env.update(ANTHROPIC_BASE_URL=ctx.gateway("anthropic"), ANTHROPIC_MODEL=CONFIG.anthropic_model,
-                   ANTHROPIC_DEFAULT_OPUS_MODEL=CONFIG.anthropic_model,
+        model = CONFIG.models["claude"]
+        env.update(ANTHROPIC_BASE_URL=ctx.gateway("anthropic"), ANTHROPIC_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model,
                    ANTHROPIC_DEFAULT_SONNET_MODEL="databricks-claude-sonnet-4-5",
                    ANTHROPIC_DEFAULT_HAIKU_MODEL="databricks-claude-haiku-4-5",
                    ANTHROPIC_CUSTOM_HEADERS="x-databricks-use-coding-agent-mode: true",
@@ -2399,8 +2437,9 @@ def configure_claude(ctx):
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
     def settings(data):
-        data.update(model=CONFIG.codex_model, model_provider="databricks", web_search="disabled",
-                    model_context_window=model_limits(CONFIG.codex_model)[0])
+        model = CONFIG.models["codex"]
+        data.update(model=model, model_provider="databricks", web_search="disabled",
+                    model_context_window=model_limits(model)[0])
         command, *args = ctx.token_command
         nested(data, "model_providers")["databricks"] = {
             "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
@@ -2417,7 +2456,7 @@ def configure_gemini(ctx):
     """Gemini CLI: through the local proxy, which adds the current token to every call."""
     def settings(data):
         nested(data, "security", "auth")["selectedType"] = "gemini-api-key"
-        nested(data, "model")["name"] = CONFIG.gemini_model
+        nested(data, "model")["name"] = CONFIG.models["gemini"]
         nested(data, "privacy")["usageStatisticsEnabled"] = False
         gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
@@ -2438,9 +2477,13 @@ def gemini_environment(ctx):
             "GEMINI_API_KEY_AUTH_MECHANISM": "bearer"}
 
 
+def opencode_environment(ctx):
+    return {"OPENCODE_DISABLE_MODELS_FETCH": "1"}
+
+
 def configure_opencode(ctx):
     """OpenCode: an OpenAI-compatible provider at the local proxy (which also repairs its requests)."""
-    model = CONFIG.hermes_model
+    model = CONFIG.models["opencode"]
 
     def settings(data):
         data["$schema"] = "https://opencode.ai/config.json"
@@ -2468,8 +2511,8 @@ def configure_opencode(ctx):
 def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
-    config = {"model": {**provider, "default": CONFIG.hermes_model,
-                        "context_length": model_limits(CONFIG.hermes_model)[0]},
+    model = CONFIG.models["hermes"]
+    config = {"model": {**provider, "default": model, "context_length": model_limits(model)[0]},
               "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
               "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
     if CONFIG.hermes_fallback_model:
@@ -2523,20 +2566,16 @@ def write_databrickscfg(token):
 
 
 MCP_NAMES = ("deepwiki", "exa", "team-memory")
-# Adding an agent is one function and one row: its command (and install name), the
-# label setup and doctor show, its writer, and the file doctor expects it to have written.
-Agent = collections.namedtuple("Agent", "name label configure config_file")
-AGENTS = [
-    Agent("claude", "Claude Code", configure_claude, ".claude/settings.json"),
-    Agent("codex", "Codex", configure_codex, ".codex/config.toml"),
-    Agent("gemini", "Gemini CLI", configure_gemini, ".gemini/settings.json"),
-    Agent("opencode", "OpenCode", configure_opencode, ".config/opencode/opencode.json"),
-    Agent("hermes", "Hermes Agent", configure_hermes, ".hermes/config.yaml"),
-]
+AGENTS = AGENT_ROWS  # the rows at the top of the file; a row names its functions, found here by name
+
+
+def agent_function(name):
+    """The function a row names (the rows come before the functions they name)."""
+    return globals()[name]
 
 
 def enabled_agents():
-    return [agent for agent in AGENTS if agent.name != "hermes" or CONFIG.enable_hermes]
+    return [agent for agent in AGENTS if agent.name not in CONFIG.agents_off]
 
 
 def agent_environment():
@@ -2544,7 +2583,9 @@ def agent_environment():
     server = {"CODA_SERVER_PID": str(os.getpid())}  # doctor, run in a terminal, checks this CoDA's proxy
     if not PAT.token or not PROXY_PORT.ours():
         return server  # the proxy's address and key only where the port is this CoDA's
-    return {**server, **gemini_environment(AgentContext()), "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+    ctx = AgentContext()
+    return {**server, **{key: value for agent in enabled_agents() if agent.environment
+                         for key, value in agent_function(agent.environment)(ctx).items()}}
 
 
 @functools.cache
@@ -2644,9 +2685,9 @@ def installed_version(binary):
     return (done.stdout or done.stderr).decode(errors="replace").strip().splitlines()[0]
 
 
-def install_step(step_id, label, script, binary, *args):
+def install_step(step_id, label, script, binary, *args, env=None):
     def run(step):
-        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(LOCAL), *args])
+        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(LOCAL), *args], env=env)
         step.output.append(installed_version(binary))
     return Step(step_id, label, run, "install")
 
@@ -2698,7 +2739,7 @@ def agent_config_step(agent):
     def run(step):
         PROXY_PORT.ours(wait=10)  # settled first: a writer that needs the proxy fails if the port is not ours
         try:
-            agent.configure(AgentContext())
+            agent_function(agent.writer)(AgentContext())
         except ConfigError as error:
             raise StepFailed(str(error)) from None
     return Step(f"configure-{agent.name}", f"Configure {agent.label}", run, "token", timeout=60)
@@ -2791,7 +2832,8 @@ class Setup:
             install_step("databricks-cli", "Databricks CLI", "databricks.sh", "databricks"),
             Step("proxy", "Local agent proxy", check_proxy, "config", timeout=30),
         ]
-        self.parallel = [install_step(agent.name, agent.label, "agents.sh", agent.name, agent.name)
+        self.parallel = [install_step(agent.name, agent.label, "agents.sh", agent.name, agent.name,
+                                      env={"CODA_PYTHON": sys.executable})  # agents.sh asks it for the rows
                          for agent in enabled_agents()]
         self.parallel.append(Step("skills", "Agent skills", install_skills, "install", timeout=600))
         self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
@@ -4014,7 +4056,7 @@ def _maybe_json(text):
         return text
 
 
-TRACERS = {"claude": trace_claude, "codex": trace_codex, "gemini": trace_gemini}
+TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent.tracer}
 
 
 # Workspace sync: a global post-commit hook starts `coda.py sync <repo>` in the
@@ -4746,6 +4788,8 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
     "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
     "token": (print_token, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy "
               "import)", ()),
+    "agents": (None, "list the agents, one line each: name, kind (npm or pypi), package, version key "
+               "(install/agents.sh reads it; answered before any heavy import)", ()),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
     "skills": (refresh_skills, "fetch the agent skill packs again", ()),
 }

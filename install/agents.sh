@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Install the pinned agent CLIs that CoDA users run in their terminals.
 #
-#   install/agents.sh [--prefix DIR] [claude] [codex] [gemini] [opencode] [hermes]
+#   install/agents.sh [--prefix DIR] [AGENT ...]
 #
-# With no agent named, all five are installed. PREFIX (environment) sets the
-# default prefix; --prefix wins. Versions come from
-# install/versions.env (the one place they are pinned). npm packages go into
-# DIR (bin/ and lib/node_modules/), Hermes Agent into its own virtual
-# environment DIR/lib/hermes-venv (it ships generic top-level modules such as
-# `agent`, `tools`, `utils`), exposed as DIR/bin/hermes.
+# The agents are the rows of coda.py's agent table (`coda.py agents` lists
+# them: name, npm or pypi, package, version key); with none named, all are
+# installed. PREFIX (environment) sets the default prefix; --prefix wins.
+# Versions come from install/versions.env (the one place they are pinned).
+# npm packages go into DIR (bin/ and lib/node_modules/), a PyPI agent into its
+# own virtual environment DIR/lib/NAME-venv (Hermes Agent ships generic
+# top-level modules such as `agent`, `tools`), exposed as DIR/bin/NAME.
 #
 # Idempotent: an agent already installed at its pinned version is skipped.
 # Registries: npm honours NPM_CONFIG_REGISTRY, pip honours PIP_INDEX_URL (and
 # UV_INDEX_URL is passed on to pip as its index when PIP_INDEX_URL is unset).
-# HERMES_PYTHON chooses the interpreter for Hermes' venv (default: python3).
+# CODA_PYTHON runs coda.py for the table (default: python3; setup passes its
+# own). HERMES_PYTHON chooses the interpreter for the venvs (default: python3).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 versions_file="$here/versions.env"
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() { printf 'agents.sh: %s\n' "$*" >&2; }
@@ -28,18 +30,34 @@ log() { printf 'agents.sh: %s\n' "$*" >&2; }
 # as for the other install/ scripts.
 die() { printf '%s: error: %s\n' "$1" "$2" >&2; exit 1; }
 
+case " $* " in *" -h "*|*" --help "*) usage; exit 0 ;; esac
+
+# The agent table, one "name kind package version-key" line per agent.
+python="${CODA_PYTHON:-python3}"
+table="$("$python" "$here/../coda.py" agents)" ||
+    die agents.sh "could not read the agent table from $here/../coda.py with $python (set CODA_PYTHON)"
+names="$(printf '%s\n' "$table" | cut -d' ' -f1 | tr '\n' ' ')"
+names="${names% }"
+
+# agent_field NAME N: field N (2 kind, 3 package, 4 version key) of NAME's row.
+agent_field() {
+    printf '%s\n' "$table" | awk -v name="$1" -v n="$2" '$1 == name { print $n }'
+}
+
 prefix="${PREFIX:-$HOME/.local}"
 wanted=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --prefix) [ "$#" -ge 2 ] || die agents.sh "--prefix needs a directory"; prefix="$2"; shift 2 ;;
         --prefix=*) prefix="${1#--prefix=}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        claude|codex|gemini|opencode|hermes) wanted+=("$1"); shift ;;
-        *) die agents.sh "unknown argument '$1' (agents: claude codex gemini opencode hermes)" ;;
+        *)
+            [ -n "$1" ] && [ -n "$(agent_field "$1" 1)" ] ||
+                die agents.sh "unknown argument '$1' (agents: $names)"
+            wanted+=("$1"); shift ;;
     esac
 done
-[ "${#wanted[@]}" -gt 0 ] || wanted=(claude codex gemini opencode hermes)
+# shellcheck disable=SC2206  # the names are single words
+[ "${#wanted[@]}" -gt 0 ] || wanted=($names)
 
 [ -f "$versions_file" ] || die agents.sh "missing $versions_file"
 # shellcheck source-path=SCRIPTDIR source=versions.env
@@ -48,23 +66,12 @@ done
 mkdir -p "$prefix/bin" "$prefix/lib"
 prefix="$(cd "$prefix" && pwd)"
 
-# name -> npm package and pinned version
-npm_package() {
-    case "$1" in
-        claude) echo "@anthropic-ai/claude-code" ;;
-        codex) echo "@openai/codex" ;;
-        gemini) echo "@google/gemini-cli" ;;
-        opencode) echo "opencode-ai" ;;
-    esac
-}
+# The version versions.env pins for NAME (its row names the key).
 pinned_version() {
-    case "$1" in
-        claude) echo "${CLAUDE_CODE_VERSION:?not set in versions.env}" ;;
-        codex) echo "${CODEX_VERSION:?not set in versions.env}" ;;
-        gemini) echo "${GEMINI_CLI_VERSION:?not set in versions.env}" ;;
-        opencode) echo "${OPENCODE_VERSION:?not set in versions.env}" ;;
-        hermes) echo "${HERMES_AGENT_VERSION:?not set in versions.env}" ;;
-    esac
+    local key
+    key="$(agent_field "$1" 4)"
+    [ -n "${!key:-}" ] || die "$1" "$key is not set in versions.env"
+    printf '%s\n' "${!key}"
 }
 
 # Version of an npm package installed under the prefix, or empty.
@@ -76,7 +83,7 @@ installed_npm_version() {
 
 install_npm_agent() {
     local name="$1" pkg version have
-    pkg="$(npm_package "$name")"
+    pkg="$(agent_field "$name" 3)"
     version="$(pinned_version "$name")"
     have="$(installed_npm_version "$pkg")"
     if [ "$have" = "$version" ] && [ -e "$prefix/bin/$name" ]; then
@@ -95,43 +102,41 @@ install_npm_agent() {
     log "$name: ok"
 }
 
-install_hermes() {
-    local version venv python have index=()
-    version="$(pinned_version hermes)"
-    venv="$prefix/lib/hermes-venv"
+install_pypi_agent() {
+    local name="$1" pkg version venv python have index=()
+    pkg="$(agent_field "$name" 3)"
+    version="$(pinned_version "$name")"
+    venv="$prefix/lib/$name-venv"
     python="${HERMES_PYTHON:-python3}"
     have=""
     if [ -x "$venv/bin/python" ]; then
-        have="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("hermes-agent"))' 2>/dev/null || true)"
+        have="$("$venv/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$pkg" 2>/dev/null || true)"
     fi
     if [ "$have" != "$version" ]; then
-        command -v "$python" >/dev/null || die hermes "$python not found"
+        command -v "$python" >/dev/null || die "$name" "$python not found"
         if [ ! -x "$venv/bin/python" ]; then
-            log "hermes: creating virtual environment $venv"
-            "$python" -m venv "$venv" || die hermes "could not create the virtual environment $venv"
+            log "$name: creating virtual environment $venv"
+            "$python" -m venv "$venv" || die "$name" "could not create the virtual environment $venv"
         fi
         if [ -z "${PIP_INDEX_URL:-}" ] && [ -n "${UV_INDEX_URL:-}" ]; then
             index=(--index-url "$UV_INDEX_URL")
         fi
-        log "hermes: installing hermes-agent==$version into $venv${have:+ (was $have)}"
+        log "$name: installing $pkg==$version into $venv${have:+ (was $have)}"
         if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-                ${index[@]+"${index[@]}"} "hermes-agent==$version" >&2; then
-            die hermes "pip install hermes-agent==$version failed (index: ${PIP_INDEX_URL:-${UV_INDEX_URL:-the default}})"
+                ${index[@]+"${index[@]}"} "$pkg==$version" >&2; then
+            die "$name" "pip install $pkg==$version failed (index: ${PIP_INDEX_URL:-${UV_INDEX_URL:-the default}})"
         fi
     else
-        log "hermes $version is already installed"
+        log "$name $version is already installed"
     fi
-    [ -x "$venv/bin/hermes" ] || die hermes "$venv/bin/hermes missing after install"
+    [ -x "$venv/bin/$name" ] || die "$name" "$venv/bin/$name missing after install"
     # A symlink keeps the venv's own interpreter (its shebang) and nothing else
     # of the venv leaks into the user's PATH.
-    ln -sfn "$venv/bin/hermes" "$prefix/bin/hermes"
-    log "hermes: ok ($prefix/bin/hermes)"
+    ln -sfn "$venv/bin/$name" "$prefix/bin/$name"
+    log "$name: ok ($prefix/bin/$name)"
 }
 
 for name in "${wanted[@]}"; do
-    case "$name" in
-        hermes) install_hermes ;;
-        *) install_npm_agent "$name" ;;
-    esac
+    "install_$(agent_field "$name" 2)_agent" "$name"
 done
 log "done: ${wanted[*]} in $prefix/bin"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_table import AGENT_ROWS, BY_NAME
 from conftest import ROOT, Coda
 from fake_workspace import FakeWorkspace
 
@@ -21,18 +22,20 @@ pytestmark = pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(),
                                 reason="the agent CLIs are installed by tests/run.sh")
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b[()][0-9A-B]|\x1b[=>]")
-# agent: (one-shot command, gateway API, path the call must reach, model, interactive command, ready marker)
+# agent: (one-shot command, gateway API, path the call must reach, interactive command, ready marker);
+# the model each must ask for is its row's default (agent_table).
 CASES = {
-    "claude": ("claude -p", "anthropic", "/anthropic/v1/messages", "databricks-claude-opus-4-7", "claude", "auto mode"),
-    "codex": ("codex exec --skip-git-repo-check", "responses", "/openai/v1/responses", "databricks-gpt-5-5", "codex",
-              "Ask Codex"),
+    "claude": ("claude -p", "anthropic", "/anthropic/v1/messages", "claude", "auto mode"),
+    "codex": ("codex exec --skip-git-repo-check", "responses", "/openai/v1/responses", "codex", "Ask Codex"),
     "gemini": ("gemini -p", "gemini", "/gemini/v1beta/models/databricks-gemini-2-5-pro:streamGenerateContent",
-               "databricks-gemini-2-5-pro", "gemini", "Type your message"),
-    "opencode": ("opencode run", "chat", "/mlflow/v1/chat/completions", "databricks-claude-opus-4-6", "opencode",
-                 "Ask anything"),
-    "hermes": ("hermes -z", "chat", "/mlflow/v1/chat/completions", "databricks-claude-opus-4-6", "hermes",
-               "Welcome to Hermes"),
+               "gemini", "Type your message"),
+    "opencode": ("opencode run", "chat", "/mlflow/v1/chat/completions", "opencode", "Ask anything"),
+    "hermes": ("hermes -z", "chat", "/mlflow/v1/chat/completions", "hermes", "Welcome to Hermes"),
 }
+
+
+def test_every_agent_in_the_table_has_a_case():
+    assert list(CASES) == [row.name for row in AGENT_ROWS]
 
 
 # What each agent shows where it asks whether to trust a folder.
@@ -127,7 +130,8 @@ def coda_tokens(workspace):
 @pytest.mark.parametrize("agent", list(CASES))
 def test_one_shot_reaches_the_gateway_with_a_live_token(rig, agent):
     coda, workspace = rig
-    command, api, path, model, _, _ = CASES[agent]
+    command, api, path, _, _ = CASES[agent]
+    model = BY_NAME[agent].default_model
     terminal = Terminal(coda)
     try:
         mark = len(workspace.gateway_requests)
@@ -154,7 +158,7 @@ def arrived(workspace, since):
 def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
     coda, workspace = rig
     workspace.gateway_auth_failure_status = dead_token_status  # gateways have been seen to say either
-    _, api, _, _, command, ready = CASES[agent]
+    _, api, _, command, ready = CASES[agent]
     terminal = Terminal(coda)
     try:
         terminal.type_line(command)
@@ -241,7 +245,7 @@ def test_a_restored_project_is_trusted_and_a_fresh_clone_is_not(rig, restored_an
     restored, cloned = restored_and_cloned
     trusted = [Path(p) for p in trust_entries(coda.home)[agent]]
     assert not [p for p in trusted if p == cloned or p in cloned.parents], trusted
-    _, api, _, _, command, ready = CASES[agent]
+    _, api, _, command, ready = CASES[agent]
     terminal = Terminal(coda, cloned)
     try:
         terminal.type_line(command)

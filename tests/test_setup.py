@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from agent_table import NPM_AGENTS
 from conftest import ROOT, free_port
 from fake_workspace import FakeWorkspace
 from test_install import Mirror, publish
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
-NPM_AGENTS = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex", "gemini": "@google/gemini-cli",
-              "opencode": "opencode-ai"}
 
 
 def skill_repo(root, name, skills, tag="v1.0"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_table import AGENT_ROWS
 from conftest import ROOT, Coda, wait_for
 from fake_workspace import FakeWorkspace
 
@@ -306,3 +307,18 @@ def test_a_codex_helper_thread_without_a_rollout_is_not_traced(tmp_path):
                    what="the tracing log")
     assert "thread 0000-helper has no session rollout" in log
     assert not (tmp_path / "mlflow.db").exists()  # MLflow never opened the store
+
+
+def test_exactly_the_agents_whose_row_names_a_tracer_have_a_trace_hook(tmp_path):
+    """`coda.py trace NAME` answers at once for a traced agent (the fast path at the top of coda.py
+    and TRACERS both read the rows) and is a usage error for the others."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for row in AGENT_ROWS:
+        done = subprocess.run(CODA + ["trace", row.name, "{}"], env={**os.environ, "HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+        if row.tracer:
+            assert done.returncode == 0 and done.stderr == "", row.name
+            wait_for(lambda: f"{row.name} turn not traced" in tracing_log(home), 30, step=0.2, what=row.name)
+        else:
+            assert done.returncode == 2 and "usage: coda.py trace" in done.stderr, row.name
