@@ -5,7 +5,7 @@
 // tabs and layout, session picker, setup and token cards, search, voice,
 // uploads, keyboard shortcuts, boot.
 //
-// Wire contract: shared PROTOCOL.md. Offsets are raw PTY byte offsets; every
+// Wire contract: PROTOCOL.md. Offsets are raw PTY byte offsets; every
 // pane remembers how far it has handed bytes to xterm (`pane.offset`) and how
 // far xterm has rendered them (`pane.rendered`), so any reconnect or switch of
 // transport resumes exactly where the pane is, without loss or repeats.

@@ -1,4 +1,4 @@
-"""Hostile input for every HTTP route and WebSocket message type (hypothesis).
+"""Hostile input for every HTTP route and WebSocket message type (hypothesis; PROTOCOL: Errors).
 
 The bar: no 5xx, every error a JSON {"error": "<one sentence>"}, the socket kept
 open for a bad (but well-framed) message, and a server log with no traceback,

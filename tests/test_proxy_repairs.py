@@ -1,4 +1,4 @@
-"""The local proxy's repairs of Chat Completions traffic (issue 5, "Local proxy").
+"""The local proxy's repairs of Chat Completions traffic (PROTOCOL: The local proxy).
 
 Mostly pure functions, so no server: request bodies shaped like the ones OpenCode,
 Hermes and a Gemini model through OpenCode send, table-driven; a property test

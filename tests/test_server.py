@@ -53,7 +53,7 @@ def shell_pid(server, session_id):
     return int(re.findall(r"PID=(\d+) END7", text)[-1])
 
 
-# --- start, health, auth --------------------------------------------------------
+# --- PROTOCOL: Start, Access ------------------------------------------------------
 
 def test_health_needs_no_token_and_reports_state(coda_server):
     answer = requests.get(coda_server.url + "/health").json()
@@ -342,7 +342,7 @@ def test_generated_token_is_printed_once_as_a_url(start_coda):
     assert server.log().count(token) == 1
 
 
-# --- errors ---------------------------------------------------------------------
+# --- PROTOCOL: Errors -------------------------------------------------------------
 
 @pytest.mark.parametrize("path,body,status", [
     ("/api/session", "not json", 400),
@@ -398,7 +398,7 @@ def test_unknown_route_is_json_404(coda_server):
     assert answer.status_code == 404 and answer.json()["error"]
 
 
-# --- sessions -------------------------------------------------------------------
+# --- PROTOCOL: HTTP endpoints (sessions) ------------------------------------------
 
 def test_create_list_label_and_close(coda_server):
     sid = coda_server.api("/api/session", {"label": "build", "cols": 100, "rows": 30})["session_id"]
@@ -573,7 +573,7 @@ def test_idle_reaper_closes_abandoned_sessions_but_spares_heartbeats(start_coda)
     assert kept in ids and chatty not in ids
 
 
-# --- streams over both transports ------------------------------------------------
+# --- PROTOCOL: Offsets (both transports) ------------------------------------------
 
 def make_utf8_file(home, repeat=5000):
     path = Path(home) / "utf8.txt"
@@ -784,7 +784,7 @@ def test_output_batch_answers_when_any_session_has_output(coda_server):
     coda_server.close_session(b)
 
 
-# --- WebSocket specifics --------------------------------------------------------
+# --- PROTOCOL: WebSocket, Input, Flow control -------------------------------------
 
 def test_bad_messages_get_errors_and_the_socket_stays_open(coda_server):
     sock = coda_server.websocket()
@@ -988,7 +988,7 @@ def test_input_keeps_its_order_across_websocket_and_long_poll(coda_server):
     sock.close()
     coda_server.close_session(sid)
 
-# --- uploads --------------------------------------------------------------------
+# --- PROTOCOL: HTTP endpoints (upload) --------------------------------------------
 
 def test_upload_stays_in_uploads_with_a_clean_name(coda_server):
     answer = coda_server.post("/api/upload", files={"file": ("../../etc/passwd", b"root:x:0:0")}, headers=coda_server.headers)
@@ -1012,7 +1012,7 @@ def test_upload_over_the_limit_is_413(start_coda):
     assert not (server.home / "uploads").exists() or list((server.home / "uploads").glob("*")) == []
 
 
-# --- shutdown -------------------------------------------------------------------
+# --- PROTOCOL: Shutdown -----------------------------------------------------------
 
 def test_sigterm_tells_clients_and_leaves_no_process_behind(start_coda):
     server = start_coda()

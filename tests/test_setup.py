@@ -1,5 +1,6 @@
 """Setup at boot: the real install/ scripts pointed at local sources, honest step states,
-skills from local git repositories, and the parallel group really running in parallel."""
+skills from local git repositories, and the parallel group really running in parallel;
+the local proxy proving its port (PROTOCOL: The local proxy, Proof)."""
 
 import http.server
 import json

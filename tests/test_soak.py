@@ -1,4 +1,4 @@
-"""Soak: 1,000 seeded random events on three sessions that stream output; every
+"""Soak (PROTOCOL: Offsets): 1,000 seeded random events on three sessions that stream output; every
 reader's bytes are the PTY's, nothing lost or repeated, offsets contiguous.
 
 The events are what a browser does: WebSocket reconnects, switches between the

@@ -1,4 +1,4 @@
-"""The output stream in isolation: offsets, truncation and UTF-8-safe slices."""
+"""The output stream in isolation: offsets, truncation and UTF-8-safe slices (PROTOCOL: Offsets)."""
 
 import sys
 from pathlib import Path
