@@ -926,6 +926,7 @@ class Subscriber:
     def __init__(self, position):
         self.position = position
         self.acking = False
+        self.acked = gevent.event.Event()  # set at each ack: a sender held to a budget waits on it
 
 
 class Session:
@@ -1571,6 +1572,9 @@ def _plain_json(start, status, payload, exc_info=None):
 
 SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
+TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
+BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile
+UNSENT_LOWAT = 128 * KIB  # unsent bytes the kernel holds for a socket before it blocks the sender
 
 
 class MessageTooBig(Exception):
@@ -1662,6 +1666,12 @@ class CodaHandler(_ws_handler.WebSocketHandler):
         # pywsgi writes headers and body separately: without NODELAY a small answer
         # waits for the client's delayed ACK (~40 ms), and so does a small frame.
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Bytes not yet sent wait here, not in the kernel, where every later frame (an echo) would
+        # queue behind them: the kernel keeps a bandwidth-delay product in flight, no more.
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), UNSENT_LOWAT)
+        except OSError:
+            pass  # not Linux: TCP's own buffers pace it
         super().handle()
 
     def handle_one_request(self):
@@ -1739,6 +1749,7 @@ class TerminalSocket:
     def __init__(self, ws):
         self.ws = ws
         self.senders = {}  # session_id -> (greenlet, Subscriber)
+        self.typed_at = {}  # session_id -> time.monotonic() of its last input on this socket
 
     def serve(self):
         SOCKETS.add(self)
@@ -1790,6 +1801,7 @@ class TerminalSocket:
 
     def leave(self, session_id):
         sender, subscriber = self.senders.pop(session_id, (None, None))
+        self.typed_at.pop(session_id, None)
         if sender:
             sender.kill()
             session = SESSIONS.by_id.get(session_id)
@@ -1799,6 +1811,7 @@ class TerminalSocket:
     def input(self, session, body):
         data = input_bytes(body)
         session.touch()
+        self.typed_at[session.id] = time.monotonic()
         session.write(data)
 
     def resize(self, session, body):
@@ -1810,6 +1823,7 @@ class TerminalSocket:
             subscriber = entry[1]
             subscriber.acking = True
             subscriber.position = min(field(body, "offset", int, ..., 0), session.stream.end)
+            subscriber.acked.set()
             session.update_flow()
 
     HANDLERS = {"join_session": join, "leave_session": leave_message, "terminal_input": input,
@@ -1823,7 +1837,12 @@ class TerminalSocket:
         try:
             while True:
                 changed = session.stream.changed()
-                start, data, _ = session.stream.read(offset, FRAME_SLICE)
+                room, typing_left = self._room(session.id, subscriber, offset)
+                if room <= 0:  # beside a session being typed into: wait for this one's acks
+                    subscriber.acked.clear()
+                    subscriber.acked.wait(typing_left)
+                    continue
+                start, data, _ = session.stream.read(offset, room)
                 if data:
                     self.ws.send(head + start.to_bytes(8, "big") + tag + data, binary=True)
                     offset = start + len(data)
@@ -1841,6 +1860,19 @@ class TerminalSocket:
                 changed.wait()
         except WebSocketError:
             pass  # the socket is gone; serve() cleans up
+
+    def _room(self, session_id, subscriber, offset):
+        """(bytes this session may send now, seconds until that may change). While another
+        session on this socket is being typed into, an acking session keeps at most
+        BESIDE_TYPING bytes unacked, so that session's echo never queues behind the
+        flow-control window's worth of this one's output."""
+        if subscriber.acking:
+            now = time.monotonic()
+            typing_until = max((when + TYPING_SECONDS for other, when in self.typed_at.items()
+                                if other != session_id), default=now)
+            if typing_until > now:
+                return min(FRAME_SLICE, subscriber.position + BESIDE_TYPING - offset), typing_until - now
+        return FRAME_SLICE, None
 
     def send_json(self, message):
         try:
