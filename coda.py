@@ -1574,7 +1574,6 @@ SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
 TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
 BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile
-UNSENT_LOWAT = 128 * KIB  # unsent bytes the kernel holds for a socket before it blocks the sender
 
 
 class MessageTooBig(Exception):
@@ -1666,12 +1665,6 @@ class CodaHandler(_ws_handler.WebSocketHandler):
         # pywsgi writes headers and body separately: without NODELAY a small answer
         # waits for the client's delayed ACK (~40 ms), and so does a small frame.
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Bytes not yet sent wait here, not in the kernel, where every later frame (an echo) would
-        # queue behind them: the kernel keeps a bandwidth-delay product in flight, no more.
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), UNSENT_LOWAT)
-        except OSError:
-            pass  # not Linux: TCP's own buffers pace it
         super().handle()
 
     def handle_one_request(self):
