@@ -22,7 +22,9 @@ Contents
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
                         (every error too, however malformed the request)
-     7. WebSocket       one handler per socket, one sender greenlet per session
+     7. WebSocket       one handler per socket, one sender greenlet per session;
+                        beside a session being typed into, the others send
+                        only a small budget past their acks
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
