@@ -24,6 +24,7 @@ const INPUT_CHUNK = 64 * 1024;     // keep client frames far below the 1 MiB cap
 const POLL_BACKLOG = 1024 * 1024;  // unrendered bytes before the poller waits
 const BACKGROUND_MS = 5;           // parsing per animation frame for each pane not being typed into
 const BACKGROUND_FIRST = 32 * 1024; // a background pane's first slice, before its parse rate is known
+const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background panes every 3rd frame
 const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
 
 // localStorage may be unavailable (private modes, quotas): never let that
@@ -603,7 +604,11 @@ class Pane {
     }
 
     term.attachCustomKeyEventHandler((ev) => terminalKey(this, ev));
-    term.onData((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
+    term.onData((data) => {
+      if (!this.sessionId || this.exited) return;
+      outputScheduler.typedAt = performance.now();
+      transport.input(this, data);
+    });
     term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
     term.onResize(({ cols, rows }) => this.sendSize(cols, rows));
     term.textarea.addEventListener('focus', () => setActivePane(this, true));
@@ -817,12 +822,21 @@ function allPanes() { return tabs.flatMap((t) => t.panes); }
 
 // Feeds the output of panes not being typed into, one slice per pane per
 // animation frame (see Pane.feed): the focused pane's bytes go first, always.
+// While someone types, background panes are fed (and so redrawn) only every
+// TYPING_EVERY frames: drawing a scrolling pane costs each frame it happens in.
 const outputScheduler = {
   frame: 0,
+  count: 0,
+  typedAt: -Infinity,
   wake() {
     if (!this.frame) this.frame = requestAnimationFrame(() => { this.frame = 0; this.run(); });
   },
   run() {
+    const typing = performance.now() - this.typedAt < TYPING_MS;
+    if (typing && ++this.count % TYPING_EVERY && !document.hidden) {
+      this.wake();
+      return;
+    }
     for (const pane of allPanes()) {
       if (!pane.queue.length || pane.feeding) continue;
       pane.feed(pane.urgent() ? Infinity : pane.slice);
