@@ -22,7 +22,9 @@ Contents
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
                         (every error too, however malformed the request)
-     7. WebSocket       one handler per socket, one sender greenlet per session
+     7. WebSocket       one handler per socket, one sender greenlet per session;
+                        beside a session being typed into, the others send
+                        only a small budget past their acks
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
@@ -965,6 +967,7 @@ class Subscriber:
     def __init__(self, position):
         self.position = position
         self.acking = False
+        self.acked = gevent.event.Event()  # set at each ack: a sender held to a budget waits on it
 
 
 class Session:
@@ -1610,6 +1613,8 @@ def _plain_json(start, status, payload, exc_info=None):
 
 SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
+TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
+BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile
 
 
 class MessageTooBig(Exception):
@@ -1778,6 +1783,7 @@ class TerminalSocket:
     def __init__(self, ws):
         self.ws = ws
         self.senders = {}  # session_id -> (greenlet, Subscriber)
+        self.typed_at = {}  # session_id -> time.monotonic() of its last input on this socket
 
     def serve(self):
         SOCKETS.add(self)
@@ -1829,6 +1835,7 @@ class TerminalSocket:
 
     def leave(self, session_id):
         sender, subscriber = self.senders.pop(session_id, (None, None))
+        self.typed_at.pop(session_id, None)
         if sender:
             sender.kill()
             session = SESSIONS.by_id.get(session_id)
@@ -1838,6 +1845,7 @@ class TerminalSocket:
     def input(self, session, body):
         data = input_bytes(body)
         session.touch()
+        self.typed_at[session.id] = time.monotonic()
         session.write(data)
 
     def resize(self, session, body):
@@ -1849,6 +1857,7 @@ class TerminalSocket:
             subscriber = entry[1]
             subscriber.acking = True
             subscriber.position = min(field(body, "offset", int, ..., 0), session.stream.end)
+            subscriber.acked.set()
             session.update_flow()
 
     HANDLERS = {"join_session": join, "leave_session": leave_message, "terminal_input": input,
@@ -1862,7 +1871,12 @@ class TerminalSocket:
         try:
             while True:
                 changed = session.stream.changed()
-                start, data, _ = session.stream.read(offset, FRAME_SLICE)
+                room, typing_left = self._room(session.id, subscriber, offset)
+                if room <= 0:  # beside a session being typed into: wait for this one's acks
+                    subscriber.acked.clear()
+                    subscriber.acked.wait(typing_left)
+                    continue
+                start, data, _ = session.stream.read(offset, room)
                 if data:
                     self.ws.send(head + start.to_bytes(8, "big") + tag + data, binary=True)
                     offset = start + len(data)
@@ -1880,6 +1894,19 @@ class TerminalSocket:
                 changed.wait()
         except WebSocketError:
             pass  # the socket is gone; serve() cleans up
+
+    def _room(self, session_id, subscriber, offset):
+        """(bytes this session may send now, seconds until that may change). While another
+        session on this socket is being typed into, an acking session keeps at most
+        BESIDE_TYPING bytes unacked, so that session's echo never queues behind the
+        flow-control window's worth of this one's output."""
+        if subscriber.acking:
+            now = time.monotonic()
+            typing_until = max((when + TYPING_SECONDS for other, when in self.typed_at.items()
+                                if other != session_id), default=now)
+            if typing_until > now:
+                return min(FRAME_SLICE, subscriber.position + BESIDE_TYPING - offset), typing_until - now
+        return FRAME_SLICE, None
 
     def send_json(self, message):
         try:

@@ -22,6 +22,9 @@ const MAX_TABS = 10;
 const ACK_EVERY = 64 * 1024;       // PROTOCOL: ack at least every 64 KiB rendered
 const INPUT_CHUNK = 64 * 1024;     // keep client frames far below the 1 MiB cap
 const POLL_BACKLOG = 1024 * 1024;  // unrendered bytes before the poller waits
+const BACKGROUND_MS = 5;           // parsing per animation frame for each pane not being typed into
+const BACKGROUND_FIRST = 32 * 1024; // a background pane's first slice, before its parse rate is known
+const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background panes every 3rd frame
 const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
 
 // localStorage may be unavailable (private modes, quotas): never let that
@@ -558,6 +561,9 @@ class Pane {
     this.offset = 0;      // next byte to hand to xterm
     this.rendered = 0;    // xterm has rendered every byte before this
     this.acked = 0;
+    this.queue = [];      // [bytes or notice text, offset after it, done] not yet handed to xterm
+    this.feeding = false; // a background slice is being parsed
+    this.slice = BACKGROUND_FIRST;
     this.exited = false;
     this.replayUntil = -1; // after a reload: nudge a resize once replay is drawn
     this.httpQueue = '';   // keystrokes waiting for HTTP (no socket open)
@@ -598,7 +604,11 @@ class Pane {
     }
 
     term.attachCustomKeyEventHandler((ev) => terminalKey(this, ev));
-    term.onData((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
+    term.onData((data) => {
+      if (!this.sessionId || this.exited) return;
+      outputScheduler.typedAt = performance.now();
+      transport.input(this, data);
+    });
     term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
     term.onResize(({ cols, rows }) => this.sendSize(cols, rows));
     term.textarea.addEventListener('focus', () => setActivePane(this, true));
@@ -658,6 +668,7 @@ class Pane {
   bind(sessionId, since, replayUntil) {
     this.sessionId = sessionId;
     this.offset = this.rendered = this.acked = since;
+    for (const [, , done] of this.queue.splice(0)) if (done) done();
     this.exited = false;
     this.replayUntil = replayUntil === undefined ? -1 : replayUntil;
     this.clearCard('exit');
@@ -683,16 +694,54 @@ class Pane {
     if (offset < this.offset) bytes = bytes.subarray(this.offset - offset);
     if (offset > this.offset) {
       // Say so rather than silently splice: the start is gone from the server.
-      this.term.write(`\x1b[2m[${offset - this.offset} bytes of older output are no longer kept]\x1b[0m\r\n`);
-      this.rendered = Math.max(this.rendered, offset);
+      this.queue.push([`\x1b[2m[${offset - this.offset} bytes of older output are no longer kept]\x1b[0m\r\n`,
+        offset, null]);
     }
     this.offset = end;
-    this.term.write(bytes, () => {
-      this.rendered = Math.max(this.rendered, end);
-      if (this.rendered - this.acked >= ACK_EVERY || this.rendered === this.offset) this.ackNow();
-      if (this.replayUntil >= 0 && this.rendered >= this.replayUntil) this.nudge();
-      if (done) done();
-    });
+    this.queue.push([bytes, end, done]);
+    if (this.urgent()) this.feed(Infinity);
+    else outputScheduler.wake();
+  }
+
+  // The pane being typed into (or any pane of a hidden page, where animation
+  // frames stop) hands xterm its output at once; the others wait for the
+  // scheduler, so a keystroke's echo never waits behind their parsing.
+  urgent() { return this === activePane() || document.hidden; }
+
+  // Hand xterm queued output, up to `limit` bytes (whole items, the last one
+  // cut). Each write's callback marks its bytes rendered and acks by it, so
+  // flow control follows what is parsed, not what is queued here.
+  feed(limit) {
+    const started = performance.now();
+    let taken = 0;
+    while (this.queue.length && taken < limit) {
+      const item = this.queue[0];
+      let [data, end, done] = item;
+      if (typeof data !== 'string' && data.length > limit - taken) {
+        item[0] = data.subarray(limit - taken);
+        data = data.subarray(0, limit - taken);
+        end -= item[0].length;
+        done = null;
+      } else this.queue.shift();
+      taken += data.length;
+      const last = !this.queue.length || taken >= limit;
+      this.term.write(data, () => this.onParsed(end, done, last && limit !== Infinity ? [started, taken] : null));
+    }
+    if (limit !== Infinity && taken) this.feeding = true;
+  }
+
+  onParsed(end, done, slice) {
+    this.rendered = Math.max(this.rendered, end);
+    if (this.rendered - this.acked >= ACK_EVERY || this.rendered === this.offset) this.ackNow();
+    if (this.replayUntil >= 0 && this.rendered >= this.replayUntil) this.nudge();
+    if (done) done();
+    if (slice) {  // a background slice parsed: size the next one to BACKGROUND_MS at the rate seen
+      const [started, bytes] = slice;
+      const rate = bytes / Math.max(1, performance.now() - started);
+      this.slice = Math.min(1024 * 1024, Math.max(16 * 1024, Math.round(rate * BACKGROUND_MS)));
+      this.feeding = false;
+      if (this.queue.length) outputScheduler.wake();
+    }
   }
 
   ackNow() {
@@ -770,6 +819,32 @@ const tabs = [];          // [{name, panes: [Pane, Pane?], split, el, tabEl, act
 let activeTab = null;
 
 function allPanes() { return tabs.flatMap((t) => t.panes); }
+
+// Feeds the output of panes not being typed into, one slice per pane per
+// animation frame (see Pane.feed): the focused pane's bytes go first, always.
+// While someone types, background panes are fed (and so redrawn) only every
+// TYPING_EVERY frames: drawing a scrolling pane costs each frame it happens in.
+const outputScheduler = {
+  frame: 0,
+  count: 0,
+  typedAt: -Infinity,
+  wake() {
+    if (!this.frame) this.frame = requestAnimationFrame(() => { this.frame = 0; this.run(); });
+  },
+  run() {
+    const typing = performance.now() - this.typedAt < TYPING_MS;
+    if (typing && ++this.count % TYPING_EVERY && !document.hidden) {
+      this.wake();
+      return;
+    }
+    for (const pane of allPanes()) {
+      if (!pane.queue.length || pane.feeding) continue;
+      pane.feed(pane.urgent() ? Infinity : pane.slice);
+    }
+  },
+};
+// Hidden, the page gets no animation frames: write what waits at once.
+document.addEventListener('visibilitychange', () => { if (document.hidden) outputScheduler.run(); });
 function paneBySession(id) { return allPanes().find((p) => p.sessionId === id) || null; }
 function activePane() { return activeTab ? (activeTab.focused || activeTab.panes[0]) : null; }
 
@@ -907,6 +982,7 @@ function setActivePane(pane, fromFocus) {
   const tab = pane.tab;
   tab.focused = pane;
   for (const p of allPanes()) p.el.classList.toggle('focused', p === pane && p.tab.panes.length > 1);
+  if (pane.queue.length) outputScheduler.wake();  // what it was waiting for goes now, not slice by slice
   if (fromFocus) saveLayout();
 }
 

@@ -30,6 +30,11 @@ CODA_INSTALL=0) and measures, in one run and on the same machine:
                      at full speed, not stored)
   interrupt          `yes` with an acking client, Ctrl+C after 1 s: ms from ^C to
                      the last byte, once the prompt is back and 200 ms are silent
+  remote             what a distant user gets: the client talks to the server
+                     through a relay on 127.0.0.1 that holds every chunk for
+                     --rtt-ms / 2 each way (default 50 ms round trip, at most
+                     16 MiB held per direction): throughput (one cat), echo_ws,
+                     echo_under_flood and interrupt, with fewer samples
 
 The generated file (8-digit line numbers, ASCII words, ANSI SGR colour, 2-, 3-
 and 4-byte UTF-8) lives in a temporary folder for the run. Markers are typed
@@ -284,6 +289,99 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log_file.close()
+
+
+class DelayRelay:
+    """A TCP relay on 127.0.0.1 that holds every chunk for `delay` seconds in each direction:
+    a distant link (latency only, no bandwidth limit) without leaving loopback. Bounded: at
+    most HELD bytes wait per direction (the reader stops reading past that, as TCP would)."""
+
+    HELD = 16 * MIB
+
+    def __init__(self, target_port, delay):
+        self.target_port, self.delay = target_port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        CLEANUP.add(self.stop)
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sockets += [client, upstream]
+            self._pipe(client, upstream)
+            self._pipe(upstream, client)
+
+    def _pipe(self, source, sink):
+        held = []  # [due time, bytes], oldest first
+        cond = threading.Condition()
+        state = {"bytes": 0, "eof": False}
+
+        def read():
+            while True:
+                with cond:
+                    while state["bytes"] > self.HELD and not self.stopping:
+                        cond.wait(0.5)
+                try:
+                    data = source.recv(RECV_SIZE)
+                except OSError:
+                    data = b""
+                with cond:
+                    if not data:
+                        state["eof"] = True
+                    else:
+                        held.append((now() + self.delay, data))
+                        state["bytes"] += len(data)
+                    cond.notify_all()
+                if not data:
+                    return
+
+        def write():
+            while True:
+                with cond:
+                    while not held and not state["eof"]:
+                        cond.wait(0.5)
+                    if not held:
+                        break
+                    due, data = held.pop(0)
+                time.sleep(max(0.0, due - now()))
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    break
+                with cond:
+                    state["bytes"] -= len(data)
+                    cond.notify_all()
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
+
+    def stop(self):
+        self.stopping = True
+        for sock in [self.listener, *self.sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class Distant:
+    """The server as seen through a DelayRelay: what the figures need of a Server."""
+
+    def __init__(self, server, relay):
+        self.port, self.pid, self.proc, self.log_tail = relay.port, server.pid, server.proc, server.log_tail
 
 
 class Http:
@@ -962,6 +1060,38 @@ def figure_interrupt(server, api, args):
             "meets": stop_ms is not None and stop_ms <= 100}
 
 
+def figure_remote(server, args, path, expected):
+    """The WebSocket figures again through a relay that adds --rtt-ms of round trip."""
+    relay = DelayRelay(server.port, args.rtt_ms / 2000)
+    distant = Distant(server, relay)
+    api = Http(relay.port)
+    few = argparse.Namespace(**{**vars(args), "samples": min(args.samples, 40)})
+    result = {"figure": "remote", "rtt_ms": args.rtt_ms}
+    try:
+        conn = WsConn(distant)
+        sid = new_session(api)
+        try:
+            pane = WsPane(conn, sid)
+            pane.prepare()
+            seconds, got = run_cat(pane, path, expected, args.tp_timeout * 3)
+            result.update(throughput_mb_per_s=round(len(expected) / seconds / 1e6, 2),
+                          integrity_errors=integrity(got, expected)["bad_lines"] + pane.gaps)
+        finally:
+            close_session(api, sid)
+            conn.close()
+        for name, figure in (("echo_ws", lambda: figure_echo_ws(distant, api, few)),
+                             ("echo_under_flood", lambda: figure_echo_under_flood(distant, api, few, path)),
+                             ("interrupt", lambda: figure_interrupt(distant, api, few))):
+            part = figure()
+            keep = ("p50_ms", "p99_ms", "timeouts", "flood_mb_per_s", "stop_ms", "bytes_after_ctrl_c")
+            result.update({f"{name}_{key}": part[key] for key in keep if key in part})
+    finally:
+        api.close()
+        relay.stop()
+    result.update(target="reference: what a user 50 ms away gets (no target of its own)", meets=None)
+    return result
+
+
 # ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -973,7 +1103,8 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, help="ceiling/throughput repetitions, medians reported (default 3, quick 2)")
     parser.add_argument("--flood", choices=["cat", "yes"], default="cat", help="the flooding pane's program")
     parser.add_argument("--only", default="", help="a comma list of figures to measure (startup is always measured): "
-                        "rss,throughput,echo_ws,echo_longpoll,echo_under_flood,interrupt")
+                        "rss,throughput,echo_ws,echo_longpoll,echo_under_flood,interrupt,remote")
+    parser.add_argument("--rtt-ms", type=float, default=50.0, help="round trip the remote figure's relay adds")
     parser.add_argument("--coda", type=Path, default=CODA, help="the coda.py to measure (default: the one beside tests/)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the server, e.g. CODA_FLOW_HIGH=262144 (repeatable)")
@@ -1023,7 +1154,8 @@ def run(args, workdir):
              ("echo_ws", lambda: figure_echo_ws(server, api, args)),
              ("echo_longpoll", lambda: figure_echo_longpoll(server, api, args)),
              ("echo_under_flood", lambda: figure_echo_under_flood(server, api, args, path)),
-             ("interrupt", lambda: figure_interrupt(server, api, args))]
+             ("interrupt", lambda: figure_interrupt(server, api, args)),
+             ("remote", lambda: figure_remote(server, args, path, expected))]
     for name, step in steps:
         if args.only and name not in args.only:
             continue

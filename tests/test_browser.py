@@ -395,6 +395,63 @@ def test_reload_restores_layout_and_replays_output(open_tab):
     wait_text(page, "after-8", tab=0, pane=0)
 
 
+# Logs each output write xterm is handed: was its terminal focused, and was it
+# handed over inside the WebSocket's message handler (at once) or later.
+WATCH_WRITES = """
+window.__writes = [];
+let inMessage = false;
+const onmessage = Object.getOwnPropertyDescriptor(WebSocket.prototype, 'onmessage');
+Object.defineProperty(WebSocket.prototype, 'onmessage', {
+  configurable: true,
+  get() { return onmessage.get.call(this); },
+  set(handler) {
+    onmessage.set.call(this, (ev) => { inMessage = true; try { handler(ev); } finally { inMessage = false; } });
+  },
+});
+let Real;
+Object.defineProperty(window, 'Terminal', {
+  configurable: true,
+  get() { return Real; },
+  set(T) {
+    Real = T;
+    const write = T.prototype.write;
+    T.prototype.write = function (data, callback) {
+      if (data instanceof Uint8Array) {
+        window.__writes.push({ focused: document.activeElement === this.textarea, now: inMessage, n: data.length });
+      }
+      return write.call(this, data, callback);
+    };
+  },
+});
+"""
+
+
+def test_the_focused_pane_is_written_at_once_and_a_flooding_one_by_frames(open_tab):
+    """The page decides what xterm parses: output for the pane being typed into goes to xterm
+    as it arrives; another pane's flood waits for animation frames, in slices, and still
+    arrives whole (its acks follow what is parsed, so the flow keeps going)."""
+    _, page = open_tab(init_scripts=[WATCH_WRITES])
+    wait_ready(page)
+    split(page)
+    wait_text(page, "@", tab=0, pane=1)
+    page.keyboard.press("Alt+Shift+BracketLeft")
+    page.keyboard.type("sleep 0.5; yes 0123456789abcdef | head -c 6000000; echo FLO$((6*7))OD\n")
+    page.keyboard.press("Alt+Shift+BracketRight")
+    wait(page, "() => window.__writes.filter((w) => !w.focused).length > 10", what="the flood reaching the page")
+    for i in range(5):
+        page.keyboard.type(f"echo TYPED$((40+{i}))\n")
+        wait_text(page, f"TYPED{40 + i}", tab=0, pane=1)
+    wait_text(page, "FLO42OD", tab=0, pane=0, timeout=60)
+    writes = page.evaluate("window.__writes")
+    background = [w for w in writes if not w["focused"]]
+    focused_at_once = [w for w in writes if w["focused"] and w["now"]]
+    assert len(background) > 10 and not [w for w in background if w["now"]], \
+        "a pane not being typed into was handed its output as it arrived"
+    assert focused_at_once, "the focused pane's output waited"
+    offsets = page.evaluate("window.coda.offsets()")
+    assert all(o["rendered"] == o["offset"] for o in offsets)
+
+
 def test_yes_then_ctrl_c_leaves_the_page_responsive(open_tab):
     _, page = open_tab()
     wait_ready(page)

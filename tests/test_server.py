@@ -2,6 +2,7 @@
 
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -901,6 +902,55 @@ def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
     coda_server.close_session(flood)
     coda_server.close_session(quiet)
 
+
+
+BESIDE_TYPING = 96 * 1024  # coda.BESIDE_TYPING
+
+
+def test_beside_a_session_being_typed_into_a_flood_keeps_little_unacked(coda_server):
+    """Fair sharing of one socket: while a session is typed into, another session's output
+    waits for its acks past a small budget instead of filling the flow-control window, so
+    the typed session's echo never queues behind hundreds of KiB; once typing stops, the
+    flood has its whole window again."""
+    flood, quiet = coda_server.new_session(), coda_server.new_session()
+    sock = coda_server.websocket()
+    sock.join(flood, since=0)
+    sock.join(quiet, since=0)
+    sock.send(type="ack", session_id=flood, offset=0)
+    sock.send(type="terminal_input", session_id=flood, input="yes\r")
+    flood_end, quiet_seen, deadline = 0, b"", time.time() + 20
+
+    def take():
+        nonlocal flood_end, quiet_seen
+        assert time.time() < deadline
+        item = sock.receive()
+        if item[0] == "output" and item[1] == flood:
+            flood_end = item[2] + len(item[3])
+        elif item[0] == "output":
+            quiet_seen += item[3]
+
+    while flood_end < 1024 * 1024:  # flowing, acked as it comes
+        take()
+        sock.send(type="ack", session_id=flood, offset=flood_end)
+    sock.send(type="terminal_input", session_id=quiet, input="TYPED")  # the terminal echoes it
+    while b"TYPED" not in quiet_seen:
+        take()
+        sock.send(type="ack", session_id=flood, offset=flood_end)
+    acked = flood_end  # from here on the flood is not acked, while typing goes on
+    sock.ws.settimeout(0.2)
+    for _ in range(6):
+        sock.send(type="terminal_input", session_id=quiet, input=" ")
+        with contextlib.suppress(websocket.WebSocketTimeoutException):
+            while True:
+                take()
+    assert flood_end - acked <= BESIDE_TYPING, "the flood filled its window beside a typed session"
+    deadline = time.time() + 10
+    sock.ws.settimeout(5)
+    while flood_end - acked <= BESIDE_TYPING:  # typing stopped: the flood has its whole window again
+        take()
+    sock.close()
+    coda_server.close_session(flood)
+    coda_server.close_session(quiet)
 
 
 def wait_for_sleep(server, session_id, marker):
