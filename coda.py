@@ -1839,6 +1839,7 @@ class TerminalSocket:
         self.send_json({"type": "joined", "session_id": session.id, "offset": offset,
                         "truncated": since < session.stream.start})
         subscriber = session.subscribe(offset)
+        self._ping()  # output is about to flow: one more round trip, measured before it queues
         self.senders[session.id] = (gevent.spawn(self._send_output, session, subscriber), subscriber)
 
     def leave_message(self, session, body):
@@ -1935,12 +1936,16 @@ class TerminalSocket:
             pass
 
     def _ping_forever(self):
-        while True:  # the first at once: its pong measures the link before any output queues
-            try:
-                self.ws.send_frame(str(time.monotonic_ns()), self.ws.OPCODE_PING)
-            except WebSocketError:
-                return
+        while self._ping():  # the first at once: its pong measures the link before any output queues
             gevent.sleep(PING_SECONDS)
+
+    def _ping(self):
+        """A ping carrying our clock, for its pong to measure the round trip. False once the socket is gone."""
+        try:
+            self.ws.send_frame(str(time.monotonic_ns()), self.ws.OPCODE_PING)
+        except WebSocketError:
+            return False
+        return True
 
 
 @app.get("/ws")

@@ -912,11 +912,13 @@ class FloodBesideTyping:
     """One socket, two sessions: `yes` floods one (acked as it comes) until the other is typed
     into; from then on the flood is not acked, so what it sends is its budget beside typing."""
 
-    def __init__(self, server, pong_after=0.0):
+    def __init__(self, server, pong_delay=0.0):
         self.server = server
         self.flood, self.quiet = server.new_session(), server.new_session()
-        self.sock = sock = server.websocket()  # the server pings it at once; the first receive pongs
-        time.sleep(pong_after)
+        self.sock = sock = server.websocket()
+        if pong_delay:  # a distant link: every pong arrives that much later
+            answer = sock.ws.pong
+            sock.ws.pong = lambda payload: threading.Timer(pong_delay, answer, (payload,)).start()
         self.flood_end, self.quiet_seen, self.deadline = 0, b"", time.time() + 20
         sock.join(self.flood, since=0)
         sock.join(self.quiet, since=0)
@@ -969,11 +971,11 @@ def test_beside_a_session_being_typed_into_a_flood_keeps_little_unacked(coda_ser
 
 
 def test_on_a_distant_link_the_budget_beside_typing_grows_with_the_round_trip(coda_server):
-    """The server's first ping goes out as the socket opens; a client that answers it only
-    after 200 ms has a distant link, and a flood beside its typing may keep what that
+    """The server pings as the socket opens and at each join; a client whose pongs come
+    200 ms late has a distant link, and a flood beside its typing may keep what that
     round trip carries unacked (more than the nearby budget, within the window), so it
     still fills the link."""
-    run = FloodBesideTyping(coda_server, pong_after=0.2)  # the ping waits unread: its pong comes 200 ms late
+    run = FloodBesideTyping(coda_server, pong_delay=0.2)
     unacked = run.unacked_while_typing()
     assert BESIDE_TYPING < unacked <= FLOW_HIGH + 64 * 1024, unacked
     run.close()
