@@ -1004,8 +1004,8 @@ def test_webgl_renderer_runs_clean(open_tab):
     """Headless Chromium rasterises WebGL on the CPU, where the page picks the
     DOM renderer; forced, the WebGL addon must still work without errors."""
     _, page = open_tab(init_scripts=["localStorage.setItem('coda.renderer', JSON.stringify('webgl-always'))"])
-    wait_ready(page)
-    assert page.locator(".xterm-screen canvas").count() > 0
+    wait_ready(page)  # the WebGL addon loads once the first prompt is on screen
+    wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
     page.keyboard.type("echo gl-$((4*4))\n")
     wait_text(page, "gl-16")
 
