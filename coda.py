@@ -24,7 +24,8 @@ Contents
                         (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
-                        only a small budget past their acks
+                        only a budget past their acks (small nearby, one
+                        round trip's worth on a distant link: pings time it)
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
