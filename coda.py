@@ -1837,10 +1837,11 @@ class TerminalSocket:
         self.leave(session.id)
         session.touch()
         offset = min(max(since, session.stream.start), session.stream.end)
+        self._ping()  # output is about to flow: one more round trip, measured before it queues (and
+        # sent before `joined`, so that a client reading up to `joined` has taken it: nothing is left to read)
         self.send_json({"type": "joined", "session_id": session.id, "offset": offset,
                         "truncated": since < session.stream.start})
         subscriber = session.subscribe(offset)
-        self._ping()  # output is about to flow: one more round trip, measured before it queues
         self.senders[session.id] = (gevent.spawn(self._send_output, session, subscriber), subscriber)
 
     def leave_message(self, session, body):
