@@ -1938,8 +1938,10 @@ class TerminalSocket:
             pass
 
     def _ping_forever(self):
-        while self._ping():  # the first at once: its pong measures the link before any output queues
+        while True:
             gevent.sleep(PING_SECONDS)
+            if not self._ping():
+                return
 
     def _ping(self):
         """A ping carrying our clock, for its pong to measure the round trip. False once the socket is gone."""

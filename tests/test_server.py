@@ -971,7 +971,7 @@ def test_beside_a_session_being_typed_into_a_flood_keeps_little_unacked(coda_ser
 
 
 def test_on_a_distant_link_the_budget_beside_typing_grows_with_the_round_trip(coda_server):
-    """The server pings as the socket opens and at each join; a client whose pongs come
+    """The server pings at each join (and every 25 s); a client whose pongs come
     200 ms late has a distant link, and a flood beside its typing may keep what that
     round trip carries unacked (more than the nearby budget, within the window), so it
     still fills the link."""
