@@ -24,7 +24,8 @@ Contents
                         (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
-                        only a small budget past their acks
+                        only a budget past their acks (small nearby, one
+                        round trip's worth on a distant link: pings time it)
      8. Databricks      owner, gateway discovery, PAT lifecycle
      9. Agents          one config writer per CLI, driven by a table
     10. Setup           the step list and its runner
@@ -1614,7 +1615,8 @@ def _plain_json(start, status, payload, exc_info=None):
 SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
 TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
-BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile
+BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile ...
+LINK_RATE = 10_000_000   # ... or, on a distant link, what one round trip carries at this many bytes/s
 
 
 class MessageTooBig(Exception):
@@ -1628,6 +1630,16 @@ class BoundedWebSocket(WebSocket):
         super().__init__(*args)
         self.send_lock = gevent.lock.RLock()
         self.message_bytes = 0
+        self.round_trips = collections.deque(maxlen=4)  # seconds, from our last pings' pongs
+
+    def handle_pong(self, header, payload):
+        """A pong echoes its ping's payload, our clock when we sent it: the link's round trip."""
+        try:
+            round_trip = (time.monotonic_ns() - int(payload)) / 1e9
+        except ValueError:
+            return
+        if 0 <= round_trip <= 60:  # what a client makes up only sizes its own socket's budget
+            self.round_trips.append(round_trip)
 
     def read_message(self):
         self.message_bytes = 0
@@ -1825,6 +1837,8 @@ class TerminalSocket:
         self.leave(session.id)
         session.touch()
         offset = min(max(since, session.stream.start), session.stream.end)
+        self._ping()  # output is about to flow: one more round trip, measured before it queues (and
+        # sent before `joined`, so that a client reading up to `joined` has taken it: nothing is left to read)
         self.send_json({"type": "joined", "session_id": session.id, "offset": offset,
                         "truncated": since < session.stream.start})
         subscriber = session.subscribe(offset)
@@ -1871,7 +1885,7 @@ class TerminalSocket:
         try:
             while True:
                 changed = session.stream.changed()
-                room, typing_left = self._room(session.id, subscriber, offset)
+                room, typing_left = self._room(session, subscriber, offset)
                 if room <= 0:  # beside a session being typed into: wait for this one's acks
                     subscriber.acked.clear()
                     subscriber.acked.wait(typing_left)
@@ -1895,18 +1909,27 @@ class TerminalSocket:
         except WebSocketError:
             pass  # the socket is gone; serve() cleans up
 
-    def _room(self, session_id, subscriber, offset):
+    def _room(self, session, subscriber, offset):
         """(bytes this session may send now, seconds until that may change). While another
-        session on this socket is being typed into, an acking session keeps at most
-        BESIDE_TYPING bytes unacked, so that session's echo never queues behind the
-        flow-control window's worth of this one's output."""
+        session on this socket is being typed into, an acking session keeps at most its
+        budget unacked, so that session's echo never queues behind the flow-control
+        window's worth of this one's output."""
         if subscriber.acking:
             now = time.monotonic()
             typing_until = max((when + TYPING_SECONDS for other, when in self.typed_at.items()
-                                if other != session_id), default=now)
+                                if other != session.id), default=now)
             if typing_until > now:
-                return min(FRAME_SLICE, subscriber.position + BESIDE_TYPING - offset), typing_until - now
+                budget = self._budget_beside_typing(session.config.flow_high)
+                return min(FRAME_SLICE, subscriber.position + budget - offset), typing_until - now
         return FRAME_SLICE, None
+
+    def _budget_beside_typing(self, window):
+        """BESIDE_TYPING, or what one round trip of this socket's link carries at LINK_RATE
+        when that is more (the least of the last pings' round trips, so a queue does not
+        count as distance), within the flow-control window: nearby, the echo waits behind
+        little; far away, a flood beside it still fills the link."""
+        round_trip = min(self.ws.round_trips, default=0)
+        return min(max(BESIDE_TYPING, int(round_trip * LINK_RATE)), window)
 
     def send_json(self, message):
         try:
@@ -1917,10 +1940,16 @@ class TerminalSocket:
     def _ping_forever(self):
         while True:
             gevent.sleep(PING_SECONDS)
-            try:
-                self.ws.send_frame(b"", self.ws.OPCODE_PING)
-            except WebSocketError:
+            if not self._ping():
                 return
+
+    def _ping(self):
+        """A ping carrying our clock, for its pong to measure the round trip. False once the socket is gone."""
+        try:
+            self.ws.send_frame(str(time.monotonic_ns()), self.ws.OPCODE_PING)
+        except WebSocketError:
+            return False
+        return True
 
 
 @app.get("/ws")

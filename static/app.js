@@ -531,6 +531,32 @@ function syncScrollbarOncePerFrame(term) {
 let serverVersion = '';
 let wasmAllowed = false;   // decided at boot from the page's CSP
 
+// The WebGL renderer and the image addon are a third of the page's script, and
+// drawing the first prompt needs neither: they load once the first output is on
+// screen (or 2 s after boot), and every pane takes them then.
+const EXTRA_SCRIPTS = ['static/lib/addon-webgl/addon-webgl.js', 'static/lib/addon-image/addon-image.js'];
+let extrasLoaded = false;
+
+function loadExtrasAfterFirstOutput() {
+  const started = performance.now();
+  const due = () => allPanes().some((p) => p.rendered > 0) || performance.now() - started > 2000;
+  const poll = () => (due() ? loadExtras() : requestAnimationFrame(poll));
+  requestAnimationFrame(poll);
+}
+
+function loadExtras() {
+  const load = (src) => new Promise((resolve) => {
+    const script = document.createElement('script');
+    script.src = src;
+    script.onload = script.onerror = resolve;   // a missing addon leaves that feature off, as before
+    document.head.appendChild(script);
+  });
+  return Promise.all(EXTRA_SCRIPTS.map(load)).then(() => {
+    extrasLoaded = true;
+    for (const pane of allPanes()) pane.loadExtras();
+  });
+}
+
 // Compiling WebAssembly under a CSP without 'wasm-unsafe-eval' is a CSP
 // violation, so read the policy the server sends rather than try it.
 async function checkWasmAllowed() {
@@ -594,14 +620,7 @@ class Pane {
     term.unicode.activeVersion = '11';
     term.open(this.host);
     syncScrollbarOncePerFrame(term);
-    this.loadRenderer();
-    // The image addon decodes both Sixel and iTerm images (its base64 too)
-    // with WebAssembly. Where the page's CSP forbids compiling it, the first
-    // image would throw inside xterm's parser and stall the terminal, so
-    // images stay off there and their escape sequences are ignored.
-    if (wasmAllowed) {
-      try { term.loadAddon(new ImageAddon.ImageAddon()); } catch (err) { console.warn('CoDA: images off:', err); }
-    }
+    if (extrasLoaded) this.loadExtras();
 
     term.attachCustomKeyEventHandler((ev) => terminalKey(this, ev));
     term.onData((data) => {
@@ -617,6 +636,18 @@ class Pane {
     // Refit whenever the pane's box changes (window, divider, tab switch).
     this.resizeObserver = new ResizeObserver(() => this.fit());
     this.resizeObserver.observe(this.host);
+  }
+
+  // What loadExtras() brought: the WebGL renderer, and images. The image addon
+  // decodes both Sixel and iTerm images (its base64 too) with WebAssembly. Where
+  // the page's CSP forbids compiling it, the first image would throw inside
+  // xterm's parser and stall the terminal, so images stay off there and their
+  // escape sequences are ignored.
+  loadExtras() {
+    this.loadRenderer();
+    if (wasmAllowed) {
+      try { this.term.loadAddon(new ImageAddon.ImageAddon()); } catch (err) { console.warn('CoDA: images off:', err); }
+    }
   }
 
   loadRenderer() {
@@ -1580,6 +1611,7 @@ async function boot() {
   if (transport.mode === 'auth') return;
   transport.start();
   if (!(await restoreLayout(live || []))) await newTab();
+  loadExtrasAfterFirstOutput();
   refreshBadge();
   watchSetup();
   watchToken();

@@ -150,9 +150,12 @@ class Socket:
     def send(self, **message):
         self.ws.send(json.dumps(message))
 
-    def receive(self):
-        """('output', session_id, offset, payload) or ('event', dict)."""
-        opcode, data = self.ws.recv_data()
+    def receive(self, pings=False):
+        """('output', session_id, offset, payload) or ('event', dict); with pings, also ('ping',)
+        (answered already): for a caller that saw the socket readable and must not block then."""
+        opcode, data = self.ws.recv_data(control_frame=pings)
+        if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+            return ("ping",)
         if opcode == websocket.ABNF.OPCODE_BINARY:
             assert data[0] == 0x01
             offset = struct.unpack(">Q", data[1:9])[0]

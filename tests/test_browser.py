@@ -1004,8 +1004,8 @@ def test_webgl_renderer_runs_clean(open_tab):
     """Headless Chromium rasterises WebGL on the CPU, where the page picks the
     DOM renderer; forced, the WebGL addon must still work without errors."""
     _, page = open_tab(init_scripts=["localStorage.setItem('coda.renderer', JSON.stringify('webgl-always'))"])
-    wait_ready(page)
-    assert page.locator(".xterm-screen canvas").count() > 0
+    wait_ready(page)  # the WebGL addon loads once the first prompt is on screen
+    wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
     page.keyboard.type("echo gl-$((4*4))\n")
     wait_text(page, "gl-16")
 
@@ -1035,6 +1035,32 @@ def test_close_and_split_again_keeps_one_divider(open_tab):
     page.locator(".tab-close").click()
     wait(page, "() => window.coda.tabs.length === 0", what="no tabs")
     assert "Alt+Shift+T" in page.evaluate("getComputedStyle(document.querySelector('#workspace'), '::after').content")
+
+
+FIRST_PROMPT_PROBE = """
+(() => {
+  const check = () => {
+    if (window.coda && window.coda.tabs.length && window.coda.activeText().includes('@')) {
+      window.__addonsBeforePrompt = performance.getEntriesByType('resource')
+        .filter((e) => /addon-(webgl|image)/.test(e.name)).map((e) => e.name);
+      return;
+    }
+    requestAnimationFrame(check);
+  };
+  requestAnimationFrame(check);
+})();
+"""
+
+
+def test_the_first_prompt_does_not_wait_for_the_webgl_and_image_addons(open_tab):
+    """Drawing the first prompt needs neither the WebGL renderer nor images (a third of the
+    page's script): they are fetched only once output is on screen, and still arrive."""
+    _, page = open_tab(init_scripts=[FIRST_PROMPT_PROBE,
+                                     "localStorage.setItem('coda.renderer', JSON.stringify('webgl-always'))"])
+    wait_ready(page)
+    wait(page, "() => window.__addonsBeforePrompt !== undefined", what="the probe at the first prompt")
+    assert page.evaluate("window.__addonsBeforePrompt") == []
+    wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
 
 
 def print_inline_image(page):

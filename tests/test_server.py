@@ -905,6 +905,55 @@ def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
 
 
 BESIDE_TYPING = 96 * 1024  # coda.BESIDE_TYPING
+FLOW_HIGH = 512 * 1024     # the default CODA_FLOW_HIGH
+
+
+class FloodBesideTyping:
+    """One socket, two sessions: `yes` floods one (acked as it comes) until the other is typed
+    into; from then on the flood is not acked, so what it sends is its budget beside typing."""
+
+    def __init__(self, server, pong_delay=0.0):
+        self.server = server
+        self.flood, self.quiet = server.new_session(), server.new_session()
+        self.sock = sock = server.websocket()
+        if pong_delay:  # a distant link: every pong arrives that much later
+            answer = sock.ws.pong
+            sock.ws.pong = lambda payload: threading.Timer(pong_delay, answer, (payload,)).start()
+        self.flood_end, self.quiet_seen, self.deadline = 0, b"", time.time() + 20
+        sock.join(self.flood, since=0)
+        sock.join(self.quiet, since=0)
+        sock.send(type="ack", session_id=self.flood, offset=0)
+        sock.send(type="terminal_input", session_id=self.flood, input="yes\r")
+
+    def take(self):
+        assert time.time() < self.deadline
+        item = self.sock.receive()
+        if item[0] == "output" and item[1] == self.flood:
+            self.flood_end = item[2] + len(item[3])
+        elif item[0] == "output":
+            self.quiet_seen += item[3]
+
+    def unacked_while_typing(self):
+        while self.flood_end < 1024 * 1024:  # flowing, acked as it comes
+            self.take()
+            self.sock.send(type="ack", session_id=self.flood, offset=self.flood_end)
+        self.sock.send(type="terminal_input", session_id=self.quiet, input="TYPED")  # the terminal echoes it
+        while b"TYPED" not in self.quiet_seen:
+            self.take()
+            self.sock.send(type="ack", session_id=self.flood, offset=self.flood_end)
+        self.acked = self.flood_end  # from here on the flood is not acked, while typing goes on
+        self.sock.ws.settimeout(0.2)
+        for _ in range(6):
+            self.sock.send(type="terminal_input", session_id=self.quiet, input=" ")
+            with contextlib.suppress(websocket.WebSocketTimeoutException):
+                while True:
+                    self.take()
+        return self.flood_end - self.acked
+
+    def close(self):
+        self.sock.close()
+        self.server.close_session(self.flood)
+        self.server.close_session(self.quiet)
 
 
 def test_beside_a_session_being_typed_into_a_flood_keeps_little_unacked(coda_server):
@@ -912,45 +961,24 @@ def test_beside_a_session_being_typed_into_a_flood_keeps_little_unacked(coda_ser
     waits for its acks past a small budget instead of filling the flow-control window, so
     the typed session's echo never queues behind hundreds of KiB; once typing stops, the
     flood has its whole window again."""
-    flood, quiet = coda_server.new_session(), coda_server.new_session()
-    sock = coda_server.websocket()
-    sock.join(flood, since=0)
-    sock.join(quiet, since=0)
-    sock.send(type="ack", session_id=flood, offset=0)
-    sock.send(type="terminal_input", session_id=flood, input="yes\r")
-    flood_end, quiet_seen, deadline = 0, b"", time.time() + 20
+    run = FloodBesideTyping(coda_server)
+    assert run.unacked_while_typing() <= BESIDE_TYPING, "the flood filled its window beside a typed session"
+    run.deadline = time.time() + 10
+    run.sock.ws.settimeout(5)
+    while run.flood_end - run.acked <= BESIDE_TYPING:  # typing stopped: the flood has its whole window again
+        run.take()
+    run.close()
 
-    def take():
-        nonlocal flood_end, quiet_seen
-        assert time.time() < deadline
-        item = sock.receive()
-        if item[0] == "output" and item[1] == flood:
-            flood_end = item[2] + len(item[3])
-        elif item[0] == "output":
-            quiet_seen += item[3]
 
-    while flood_end < 1024 * 1024:  # flowing, acked as it comes
-        take()
-        sock.send(type="ack", session_id=flood, offset=flood_end)
-    sock.send(type="terminal_input", session_id=quiet, input="TYPED")  # the terminal echoes it
-    while b"TYPED" not in quiet_seen:
-        take()
-        sock.send(type="ack", session_id=flood, offset=flood_end)
-    acked = flood_end  # from here on the flood is not acked, while typing goes on
-    sock.ws.settimeout(0.2)
-    for _ in range(6):
-        sock.send(type="terminal_input", session_id=quiet, input=" ")
-        with contextlib.suppress(websocket.WebSocketTimeoutException):
-            while True:
-                take()
-    assert flood_end - acked <= BESIDE_TYPING, "the flood filled its window beside a typed session"
-    deadline = time.time() + 10
-    sock.ws.settimeout(5)
-    while flood_end - acked <= BESIDE_TYPING:  # typing stopped: the flood has its whole window again
-        take()
-    sock.close()
-    coda_server.close_session(flood)
-    coda_server.close_session(quiet)
+def test_on_a_distant_link_the_budget_beside_typing_grows_with_the_round_trip(coda_server):
+    """The server pings at each join (and every 25 s); a client whose pongs come
+    200 ms late has a distant link, and a flood beside its typing may keep what that
+    round trip carries unacked (more than the nearby budget, within the window), so it
+    still fills the link."""
+    run = FloodBesideTyping(coda_server, pong_delay=0.2)
+    unacked = run.unacked_while_typing()
+    assert BESIDE_TYPING < unacked <= FLOW_HIGH + 64 * 1024, unacked
+    run.close()
 
 
 def wait_for_sleep(server, session_id, marker):

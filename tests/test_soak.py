@@ -109,7 +109,9 @@ class Client:
             self.receive_one()
 
     def receive_one(self):
-        item = self.sock.receive()
+        item = self.sock.receive(pings=True)   # the server may ping at any time: that too is a frame
+        if item[0] == "ping":
+            return
         if item[0] == "output":
             _, sid, offset, payload = item
             if sid not in self.joining:   # frames before 'joined' are the previous join's
