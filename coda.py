@@ -65,7 +65,7 @@ AGENT_ROWS = (
     Agent("gemini", "Gemini CLI", "npm", "@google/gemini-cli", "GEMINI_CLI_VERSION",
           "GEMINI_MODEL", "databricks-gemini-2-5-pro", ".gemini/settings.json", "configure_gemini",
           environment="gemini_environment", tracer="trace_gemini"),
-    Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # HERMES_MODEL, as always
+    Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # shares Hermes' HERMES_MODEL
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
           environment="opencode_environment"),
     Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
@@ -368,6 +368,17 @@ PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
 INPUT_QUEUE_BYTES = 4 * MIB      # input waiting for one session's program; beyond it input is refused (429)
 EXITED_LINGER = 300              # an exited session stays readable this long
+
+# Timeouts (seconds) of calls that leave the process, named once so tests can shrink them. The
+# SDK's own and the proxy's upstream wait are settings (sdk_http_timeout, sdk_retry_timeout,
+# proxy_timeout above).
+PROBE_SECONDS = 3                # one HEAD probing a gateway generation (section 8)
+PROXY_PROBE_SECONDS = 2          # the local proxy's /health challenge (setup's proxy step, doctor)
+PROXY_SETTLE_SECONDS = 10        # waiting for the proxy to hold its port and answer (section 10)
+PROXY_RESTART_PAUSE = 5          # before the supervised proxy server is started again (section 11)
+VERSION_TIMEOUT = 60             # `agent --version`, proving an install runs (section 10)
+GIT_CONFIG_TIMEOUT = 30          # one `git config` (section 10)
+DOCTOR_HTTP_SECONDS = 10         # doctor's reachability check of the workspace
 
 # ===========================================================================
 # 2. Logging
@@ -1920,7 +1931,6 @@ GATEWAY_PATHS = {
     "gemini": ("/gemini", "/ai-gateway/gemini", "/serving-endpoints/google"),               # Gemini CLI
     "chat": ("/mlflow/v1", "/ai-gateway/mlflow/v1", "/serving-endpoints"),                  # OpenCode, Hermes
 }
-PROBE_SECONDS = 3
 # Minted tokens carry this process's own comment, so CoDA can prove which listed tokens are its own.
 TOKEN_COMMENT = f"CoDA short-lived token {secrets.token_hex(6)} (rotated and revoked automatically)"
 PAT_STATUS_FILE = CONFIG.home / ".coda" / "pat-status.json"  # /api/pat-status without the token, for doctor
@@ -2676,7 +2686,7 @@ def installed_version(binary):
     env = shell_environment(CONFIG)
     path = shutil.which(binary, path=env["PATH"]) or LOCAL / "bin" / binary
     try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=60, env=env,
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=VERSION_TIMEOUT, env=env,
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise StepFailed(f"{binary} does not run: {reason(error)}") from None
@@ -2699,7 +2709,7 @@ def proxy_health():
     import http.client  # not requests: this runs at every boot, and requests is heavy
 
     challenge = secrets.token_hex(16)
-    connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
+    connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=PROXY_PROBE_SECONDS)
     try:
         connection.request("GET", f"/health?challenge={challenge}")
         answer = connection.getresponse()
@@ -2721,10 +2731,10 @@ def proxy_health():
 def check_proxy(step):
     """This process's proxy holds the port (its own server bound it) and answers its challenge."""
     try:
-        PROXY_PORT.require(wait=10)
+        PROXY_PORT.require(wait=PROXY_SETTLE_SECONDS)
     except ConfigError as error:
         raise StepFailed(str(error)) from None
-    deadline = time.time() + 10
+    deadline = time.time() + PROXY_SETTLE_SECONDS
     while True:
         try:
             proxy_health()
@@ -2737,7 +2747,7 @@ def check_proxy(step):
 
 def agent_config_step(agent):
     def run(step):
-        PROXY_PORT.ours(wait=10)  # settled first: a writer that needs the proxy fails if the port is not ours
+        PROXY_PORT.ours(wait=PROXY_SETTLE_SECONDS)  # settled first: a writer that needs the proxy fails if the port is not ours
         try:
             agent_function(agent.writer)(AgentContext())
         except ConfigError as error:
@@ -2760,7 +2770,7 @@ def git_config(key, value=None):
     from gevent import subprocess
 
     argv = ["git", "config", "--global", key] + ([value] if value is not None else [])
-    done = subprocess.run(argv, capture_output=True, env=shell_environment(CONFIG), timeout=30)
+    done = subprocess.run(argv, capture_output=True, env=shell_environment(CONFIG), timeout=GIT_CONFIG_TIMEOUT)
     if value is not None and done.returncode != 0:
         raise StepFailed(f"git config {key} failed: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout.decode().strip()
@@ -3211,7 +3221,7 @@ def is_chat_completions(path):
 # The gateway has been seen to answer a tool call as a call to a tool named
 # `databricks-tool-call` whose arguments carry the real name beside the real
 # arguments: {"name": "bash", "command": "ls"} means bash({"command": "ls"})
-# (the shape the original app's content-filter proxy undid, for OpenCode).
+# (seen with OpenCode, which would otherwise call a tool that does not exist).
 # Streamed, the first delta has the fake name and the arguments come in pieces,
 # so the real name is known only once the arguments are complete JSON: the
 # events from that first delta on are held (in order) until then, and no
@@ -3561,8 +3571,9 @@ def run_proxy_forever():
                 log.warning("local proxy: %s", PROXY_PORT.error)
             said = PROXY_PORT.error
         except Exception as error:
-            log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in 5 s", CONFIG.proxy_port, reason(error))
-        gevent.sleep(5)
+            log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in %d s", CONFIG.proxy_port,
+                        reason(error), PROXY_RESTART_PAUSE)
+        gevent.sleep(PROXY_RESTART_PAUSE)
 
 
 PROXY_SERVER = []  # the running proxy, for shutdown
@@ -4681,7 +4692,7 @@ def doctor():
         if not host:
             raise StepFailed("~/.databrickscfg names no workspace: open CoDA in the browser and paste a token")
         try:
-            requests.get(host, timeout=10)
+            requests.get(host, timeout=DOCTOR_HTTP_SECONDS)
         except requests.RequestException as error:
             raise StepFailed(f"{host} cannot be reached ({reason(error)}): check the network or DATABRICKS_HOST") from None
         return host
