@@ -11,6 +11,8 @@ The wire contract is PROTOCOL.md (kept beside the project, summarised in the
 README). This module is the whole backend; its sections, in reading order:
 
 Contents
+  Part 1: The server. What runs inside it, so all that a reviewer of its
+  attack surface must read, ending at a visible line.
      1. Configuration   every environment variable, in one frozen dataclass;
                         the secrets among them wiped from the process environment
      2. Logging         one logger; a filter redacts anything token-shaped;
@@ -24,13 +26,21 @@ Contents
                         (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session
      8. Databricks      owner, gateway discovery, PAT lifecycle
-     9. Agents          one config writer per CLI, driven by a table
-    10. Setup           the step list and its runner
+     9. Agents          one config writer per CLI, driven by a table; their
+                        tracing hooks
+    10. Setup           the step list and its runner (the tracing, commit hook and
+                        restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
-    12. Tracing, sync   MLflow hooks; post-commit workspace sync
-    13. Command line    `python coda.py` serves; subcommands: token, agents, doctor,
-                        skills, restore, and sync and trace (the hooks call them)
+    12. Serving         `python coda.py`: the server started, and shut down
+  Part 2: Commands run by hooks and operators. Never inside the server.
+    13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
+    14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
+                        `coda.py restore`
+    15. Command line    the subcommands: token, agents, doctor, skills, restore,
+                        sync, trace; without one, serve. (`token`, `agents` and
+                        the trace hook's detach are answered at the top of the
+                        file, before the heavy imports.)
 """
 
 import collections
@@ -52,7 +62,7 @@ Agent = collections.namedtuple("Agent", [
     "config_file",     # the file doctor expects its writer to have written (under HOME)
     "writer",          # the section 9 function writing its config: writer(AgentContext)
     "environment",     # a section 9 function giving the variables its terminals need, or None
-    "tracer",          # the section 12 function recording a turn (`coda.py trace NAME`), or None
+    "tracer",          # the section 13 function recording a turn (`coda.py trace NAME`), or None
     "switch",          # the environment variable that leaves it out when false (default true), or None
 ], defaults=(None, None, None))
 AGENT_ROWS = (
@@ -73,6 +83,8 @@ AGENT_ROWS = (
           switch="ENABLE_HERMES"),
 )
 
+# Three fast paths, before any heavy import. The subcommands are listed in section 15 (COMMANDS);
+# `agents` and `token` are answered here, `trace AGENT` only detaches here and runs in section 13.
 if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
     for _agent in AGENT_ROWS:  # what install/agents.sh reads: name kind package version-key
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
@@ -106,7 +118,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["token"]:
 
 if __name__ == "__main__" and sys.argv[1:3] in [["trace", a.name] for a in AGENT_ROWS if a.tracer]:
     # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
-    # grandchild, before the imports below cost the agent a quarter of a second (section 12).
+    # grandchild, before the imports below cost the agent a quarter of a second (section 13).
     import os
 
     if os.fork():
@@ -257,7 +269,7 @@ class Config:
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
     proxy_timeout: float       # CODA_PROXY_TIMEOUT: seconds the proxy waits for the gateway's next byte (default 600)
-    # Tracing (section 12)
+    # Tracing (the setup step in section 10, the hooks' side in section 13)
     mlflow_tracing: bool       # MLFLOW_TRACING_ENABLED: trace Claude Code, Codex and Gemini CLI turns (default false)
     mlflow_experiment: str     # MLFLOW_EXPERIMENT_NAME: the experiment (default /Users/<user>/<DATABRICKS_APP_NAME or coda>)
     mlflow_tracking_uri: str   # MLFLOW_TRACKING_URI: where traces go (default databricks; any MLflow URI, e.g. sqlite:///...)
@@ -2613,6 +2625,85 @@ def proxy_key():
     return key
 
 
+# Tracing hooks in the agents' configs (MLFLOW_TRACING_ENABLED): each agent's end-of-turn
+# hook runs `coda.py trace AGENT` (section 13), with tracing on; off, CoDA's hook goes.
+TRACING_FILE = CONFIG.home / ".coda" / "tracing.json"
+TRACE_COMMAND = [sys.executable, str(HERE / "coda.py"), "trace"]
+
+
+def tracing_hook(agent):
+    """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
+    if not CONFIG.mlflow_tracing:
+        TRACING_FILE.unlink(missing_ok=True)
+        return None
+    return TRACE_COMMAND + [agent]
+
+
+def _is_ours(agent):
+    """A hook entry CoDA wrote for `agent`, wherever coda.py lived then."""
+    suffix = f" trace {agent}"
+    return lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
+                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
+
+
+def merge_hook(data, event, entry, ours):
+    """settings["hooks"][event] (Claude Code's and Gemini CLI's shape: groups of {"hooks": [...]}) with
+    every entry `ours` removed, then `entry` added once when given; everything else is kept."""
+    hooks = data.get("hooks", {})
+    if not isinstance(hooks, dict) or not isinstance(hooks.get(event, []), list):
+        log.warning("the hooks in an agent's settings are not in a shape CoDA knows; left alone")
+        return
+    groups = []
+    for group in hooks.get(event, []):
+        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
+            inner = [hook for hook in group["hooks"] if not ours(hook)]
+            if not inner:
+                continue  # a group that held only ours
+            group = {**group, "hooks": inner}
+        groups.append(group)
+    if entry:
+        groups.append({"hooks": [entry]})
+    if groups:
+        hooks[event] = groups
+    else:
+        hooks.pop(event, None)
+    if hooks:
+        data["hooks"] = hooks
+    else:
+        data.pop("hooks", None)
+
+
+def claude_trace_hook(data):
+    """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
+    command = tracing_hook("claude")
+    entry = command and {"type": "command", "command": shlex.join(command), "timeout": 30}
+    merge_hook(data, "Stop", entry, _is_ours("claude"))
+
+
+def gemini_trace_hook(data):
+    """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
+    command = tracing_hook("gemini")
+    entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
+                         "command": shlex.join(command)}
+    merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
+
+
+def codex_notify(data):
+    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
+    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
+    command, current = tracing_hook("codex"), data.get("notify")
+    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
+    if current is not None and not ours:
+        if command:
+            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
+                        CONFIG.home / ".codex" / "config.toml")
+        return
+    if command:
+        data["notify"] = command
+    else:
+        data.pop("notify", None)
+
+
 # ===========================================================================
 # 10. Setup
 # ===========================================================================
@@ -2828,6 +2919,153 @@ def fetch_skill_source(step, repository, ref, folder):
                 link.unlink(missing_ok=True)
                 link.symlink_to(skill)
     return len(skills)
+
+
+# The tracing step: `coda.py trace prepare` (section 13) in a child process creates the
+# experiment and writes ~/.coda/tracing.json for the hooks; the server never imports mlflow.
+TRACING_READY = {}       # (tracking URI, experiment name) -> experiment id, resolved once per server
+
+
+def experiment_name():
+    """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
+    if CONFIG.mlflow_experiment:
+        return CONFIG.mlflow_experiment
+    user = PAT.user or ACCESS.owner  # the token's own user first: its folder is the one it may write
+    return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
+
+
+def prepare_tracing(step):
+    """Setup step (only with tracing on): the experiment, created if missing, and ~/.coda/tracing.json
+    for the hooks, in a child process so the server never imports mlflow."""
+    name = experiment_name()
+    if not name:
+        step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
+        return
+    uri = CONFIG.mlflow_tracking_uri
+    if (uri, name) in TRACING_READY and TRACING_FILE.exists():
+        step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
+        return
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
+    if uri.startswith("databricks"):  # the child's own credentials; never on its command line
+        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PAT.token or "")
+    run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
+    TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
+
+
+def read_tracing_file():
+    try:
+        data = json.loads(TRACING_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# The commit hook step: a global core.hooksPath whose post-commit starts `coda.py sync`
+# (section 14) for repositories under ~/projects.
+PROJECTS = CONFIG.home / "projects"
+GIT_HOOKS = CONFIG.home / ".coda" / "git-hooks"
+SYNC_PROGRAM = HERE / "coda.py"   # what the hook runs, with the Python serving CoDA
+# Hooks that pass through to the repository's own: with core.hooksPath set globally, git
+# looks nowhere else. Left out, because merely existing changes what git does:
+# push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
+GIT_HOOK_NAMES = ("applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit",
+                  "prepare-commit-msg", "commit-msg", "post-checkout", "post-merge", "pre-push", "pre-rebase",
+                  "post-rewrite", "pre-auto-gc", "reference-transaction", "post-index-change",
+                  "sendemail-validate", "pre-receive", "update", "post-receive", "post-update")
+
+PASS_THROUGH_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. A global core.hooksPath hides each repository's
+# own hooks, so this runs the repository's hook of the same name, if it has one.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+hook="$common/hooks/${0##*/}"
+if [ -x "$hook" ] && ! [ "$hook" -ef "$0" ]; then exec "$hook" "$@"; fi
+exit 0
+"""
+
+POST_COMMIT_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. Runs the repository's own post-commit, then copies
+# the commit to the Databricks workspace in the background (~/.sync.log says how it
+# went), for repositories under ~/projects only. Never fails or slows a commit.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+own="$common/hooks/post-commit"
+if [ -x "$own" ] && ! [ "$own" -ef "$0" ]; then "$own" "$@"; fi
+top=$(git rev-parse --show-toplevel 2>/dev/null) && top=$(cd "$top" && pwd -P) || exit 0
+projects=$(cd "$HOME/projects" 2>/dev/null && pwd -P) || exit 0
+case "$top/" in
+    "$projects"/?*) ;;
+    *) exit 0 ;;
+esac
+# Its own session: closing the terminal (SIGHUP, then SIGKILL to the session) must not end it.
+detach=nohup
+command -v setsid >/dev/null 2>&1 && detach=setsid
+unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
+$detach @PYTHON@ @PROGRAM@ sync "$top" >>"$HOME/.sync.log" 2>&1 </dev/null &
+exit 0
+"""
+
+
+def install_commit_hook(step):
+    """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
+    so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
+    if not CONFIG.databricks_host:  # nothing to sync to: leave a local user's git alone
+        step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
+        return
+    current = git_config("core.hooksPath")
+    if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
+        raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
+                         "not copied to the workspace (unset it and restart CoDA to have them copied)")
+    for name in GIT_HOOK_NAMES:
+        write_hook(GIT_HOOKS / name, PASS_THROUGH_HOOK)
+    write_hook(GIT_HOOKS / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
+               .replace("@PROGRAM@", shlex.quote(str(SYNC_PROGRAM))))
+    if not current:
+        git_config("core.hooksPath", str(GIT_HOOKS))
+    step.output.append(f"commits under {PROJECTS} are copied to the workspace; repositories' own hooks still run")
+
+
+def write_hook(path, text):
+    write_private(path, text)
+    path.chmod(0o700)
+
+
+# The restore offer: what `coda.py restore` (section 14) would bring back.
+WORKSPACE_PREFIX = "/Workspace"
+
+
+def projects_folder(user):
+    return f"{WORKSPACE_PREFIX}/Users/{user}/projects"
+
+
+def offer_restore(step):
+    """Setup step (token): the app's disk does not survive a restart, so when ~/projects holds no
+    project and the workspace does, say how to bring them back. The user decides: no download here."""
+    if local_projects():
+        return
+    names = workspace_projects(workspace_client(PAT.token), PAT.user)
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
+                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(SYNC_PROGRAM))} restore` to download them")
+        log.info("%s", message)
+        step.output.append(message)
+
+
+def local_projects():
+    return [p for p in PROJECTS.iterdir() if p.is_dir() and not p.name.startswith(".")] if PROJECTS.is_dir() else []
+
+
+def workspace_projects(client, user):
+    """Names of the project folders in the user's workspace (none when the folder does not exist)."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.workspace import ObjectType
+
+    try:
+        return sorted(item.path.rstrip("/").rsplit("/", 1)[1] for item in client.workspace.list(projects_folder(user))
+                      if item.object_type == ObjectType.DIRECTORY)
+    except NotFound:
+        return []
 
 
 class Setup:
@@ -3580,7 +3818,101 @@ PROXY_SERVER = []  # the running proxy, for shutdown
 
 
 # ===========================================================================
-# 12. Tracing and sync
+# 12. Serving
+# ===========================================================================
+
+def release_import_memory():
+    """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+MAX_CONNECTIONS = 128  # open HTTP connections at once: a few tabs' sockets, polls and uploads fit many times
+
+
+def is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_undumpable():
+    """A second layer beside scrub_secrets_from_environment: another process of the same user
+    (a terminal's) may not read this one's memory or /proc files. Root still may."""
+    import ctypes
+
+    PR_SET_DUMPABLE = 4
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux
+
+
+def serve(host, port):
+    if not ACCESS.apps_mode and not ACCESS.token and not is_loopback(host):
+        sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
+                 "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
+    scrub_secrets_from_environment()
+    make_undumpable()
+    setup_logging()
+    start_delta_logs()
+    server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
+                        error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
+
+    def on_sigterm():
+        gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
+        SESSIONS.shutdown()
+        for proxy in PROXY_SERVER:
+            proxy.stop(timeout=0.5)
+        server.stop(timeout=0.5)
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
+    gevent.spawn(SESSIONS.reap_forever)
+    gevent.spawn(run_proxy_forever)
+    gevent.spawn(SETUP.run_at_boot)
+    if ACCESS.apps_mode and not ACCESS.owner:
+        gevent.spawn(resolve_owner_forever)
+    if CONFIG.bootstrap_token and CONFIG.databricks_host:
+        gevent.spawn(PAT.configure_from_environment)
+    server.start()
+    ACCESS.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
+    release_import_memory()
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://{shown}:{server.server_port}/"
+    if ACCESS.apps_mode:
+        log.info("CoDA %s serving on %s:%d (Databricks Apps mode)", __version__, host, server.server_port)
+    elif ACCESS.token and CONFIG.local_token is None:
+        print(f"CoDA {__version__}: open {url}?token={ACCESS.token}", flush=True)
+    else:
+        print(f"CoDA {__version__}: open {url}", flush=True)
+        if not ACCESS.token:
+            log.warning("CODA_TOKEN is set but empty: local access needs no token")
+    server.serve_forever()
+    log.info("stopped")
+    for shipper in DELTA_LOGS:
+        shipper.final_flush()
+
+
+SETUP = Setup()  # its steps are all defined above (section 10)
+
+
+# ###########################################################################
+# Part 2: Commands run by hooks and operators
+# ###########################################################################
+# Nothing below runs inside the server: agents' end-of-turn hooks, git's post-commit hook and
+# the operator run these as `coda.py COMMAND` (section 15 reads the command line). The server's
+# whole attack surface is above this line.
+
+# ===========================================================================
+# 13. Tracing turns
 # ===========================================================================
 
 # MLflow tracing (MLFLOW_TRACING_ENABLED). The server never imports mlflow: a
@@ -3601,9 +3933,7 @@ PROXY_SERVER = []  # the running proxy, for shutdown
 #   Gemini CLI 0.61  AfterAgent hook (once per prompt, after the tool rounds), stdin {session_id,
 #                    transcript_path, cwd, prompt, prompt_response, ...}; the spans come from its
 #                    chat recording (JSON lines; a record written again under its id replaces it).
-TRACING_FILE = CONFIG.home / ".coda" / "tracing.json"
 TRACING_LOG = CONFIG.home / ".coda" / "tracing.log"
-TRACE_COMMAND = [sys.executable, str(HERE / "coda.py"), "trace"]
 TRACE_TIMEOUT = 300      # seconds a detached trace writer may take before it is killed
 HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
 # What keeps MLflow off the network beyond the tracking store: no model-price catalogue
@@ -3612,45 +3942,10 @@ HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
 MLFLOW_QUIET = {"MLFLOW_MODEL_CATALOG_URI": "", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                 "MLFLOW_DISABLE_AGENT_HINT": "1",
                 "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
-TRACING_READY = {}       # (tracking URI, experiment name) -> experiment id, resolved once per server
 
 
 class NotTraced(Exception):
     """A turn that is rightly not recorded: the message says why, in the tracing log."""
-
-
-def experiment_name():
-    """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
-    if CONFIG.mlflow_experiment:
-        return CONFIG.mlflow_experiment
-    user = PAT.user or ACCESS.owner  # the token's own user first: its folder is the one it may write
-    return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
-
-
-def prepare_tracing(step):
-    """Setup step (only with tracing on): the experiment, created if missing, and ~/.coda/tracing.json
-    for the hooks, in a child process so the server never imports mlflow."""
-    name = experiment_name()
-    if not name:
-        step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
-        return
-    uri = CONFIG.mlflow_tracking_uri
-    if (uri, name) in TRACING_READY and TRACING_FILE.exists():
-        step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
-        return
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
-    if uri.startswith("databricks"):  # the child's own credentials; never on its command line
-        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PAT.token or "")
-    run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
-    TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
-
-
-def read_tracing_file():
-    try:
-        data = json.loads(TRACING_FILE.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def prepare_experiment():
@@ -3715,79 +4010,6 @@ def check_tracing():
         return 1
     print(f"experiment {experiment.name} at {settings['tracking_uri']}")
     return 0
-
-
-def tracing_hook(agent):
-    """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
-    if not CONFIG.mlflow_tracing:
-        TRACING_FILE.unlink(missing_ok=True)
-        return None
-    return TRACE_COMMAND + [agent]
-
-
-def _is_ours(agent):
-    """A hook entry CoDA wrote for `agent`, wherever coda.py lived then."""
-    suffix = f" trace {agent}"
-    return lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
-                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
-
-
-def merge_hook(data, event, entry, ours):
-    """settings["hooks"][event] (Claude Code's and Gemini CLI's shape: groups of {"hooks": [...]}) with
-    every entry `ours` removed, then `entry` added once when given; everything else is kept."""
-    hooks = data.get("hooks", {})
-    if not isinstance(hooks, dict) or not isinstance(hooks.get(event, []), list):
-        log.warning("the hooks in an agent's settings are not in a shape CoDA knows; left alone")
-        return
-    groups = []
-    for group in hooks.get(event, []):
-        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
-            inner = [hook for hook in group["hooks"] if not ours(hook)]
-            if not inner:
-                continue  # a group that held only ours
-            group = {**group, "hooks": inner}
-        groups.append(group)
-    if entry:
-        groups.append({"hooks": [entry]})
-    if groups:
-        hooks[event] = groups
-    else:
-        hooks.pop(event, None)
-    if hooks:
-        data["hooks"] = hooks
-    else:
-        data.pop("hooks", None)
-
-
-def claude_trace_hook(data):
-    """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
-    command = tracing_hook("claude")
-    entry = command and {"type": "command", "command": shlex.join(command), "timeout": 30}
-    merge_hook(data, "Stop", entry, _is_ours("claude"))
-
-
-def gemini_trace_hook(data):
-    """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
-    command = tracing_hook("gemini")
-    entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
-                         "command": shlex.join(command)}
-    merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
-
-
-def codex_notify(data):
-    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
-    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
-    command, current = tracing_hook("codex"), data.get("notify")
-    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
-    if current is not None and not ours:
-        if command:
-            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
-                        CONFIG.home / ".codex" / "config.toml")
-        return
-    if command:
-        data["notify"] = command
-    else:
-        data.pop("notify", None)
 
 
 def trace_command(agent, payload=None):
@@ -4070,6 +4292,10 @@ def _maybe_json(text):
 TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent.tracer}
 
 
+# ===========================================================================
+# 14. Workspace sync and restore
+# ===========================================================================
+
 # Workspace sync: a global post-commit hook starts `coda.py sync <repo>` in the
 # background for every repository under ~/projects. The sync copies the commit's
 # tree (tracked files only, never the working tree) to
@@ -4078,20 +4304,9 @@ TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent
 # repository in <git dir>/coda-sync.json (paths, blob ids, workspace names), so
 # a sync needs neither the old commit (amended, rebased away) nor a listing. A
 # sync that fails leaves the record alone: the next commit retries it all.
-PROJECTS = CONFIG.home / "projects"
-GIT_HOOKS = CONFIG.home / ".coda" / "git-hooks"
 SYNC_LOG = CONFIG.home / ".sync.log"
-SYNC_PROGRAM = HERE / "coda.py"   # what the hook runs, with the Python serving CoDA
 SYNC_STATE = "coda-sync.json"     # in the repository's git dir
 SYNC_LOCK = "coda-sync.lock"
-WORKSPACE_PREFIX = "/Workspace"
-# Hooks that pass through to the repository's own: with core.hooksPath set globally, git
-# looks nowhere else. Left out, because merely existing changes what git does:
-# push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
-GIT_HOOK_NAMES = ("applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit",
-                  "prepare-commit-msg", "commit-msg", "post-checkout", "post-merge", "pre-push", "pre-rebase",
-                  "post-rewrite", "pre-auto-gc", "reference-transaction", "post-index-change",
-                  "sendemail-validate", "pre-receive", "update", "post-receive", "post-update")
 NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, its language
     ".py": ("# Databricks notebook source", "PYTHON"),
     ".sql": ("-- Databricks notebook source", "SQL"),
@@ -4102,65 +4317,9 @@ NOTEBOOK_EXTENSIONS = {"PYTHON": ".py", "SQL": ".sql", "SCALA": ".scala", "R": "
 # CoDA's own git commands in a restored folder: no fsmonitor command and no hooks, whatever a config says.
 RESTORE_GIT = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
 
-PASS_THROUGH_HOOK = """\
-#!/bin/sh
-# Written by CoDA at every start. A global core.hooksPath hides each repository's
-# own hooks, so this runs the repository's hook of the same name, if it has one.
-common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
-hook="$common/hooks/${0##*/}"
-if [ -x "$hook" ] && ! [ "$hook" -ef "$0" ]; then exec "$hook" "$@"; fi
-exit 0
-"""
-
-POST_COMMIT_HOOK = """\
-#!/bin/sh
-# Written by CoDA at every start. Runs the repository's own post-commit, then copies
-# the commit to the Databricks workspace in the background (~/.sync.log says how it
-# went), for repositories under ~/projects only. Never fails or slows a commit.
-common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
-own="$common/hooks/post-commit"
-if [ -x "$own" ] && ! [ "$own" -ef "$0" ]; then "$own" "$@"; fi
-top=$(git rev-parse --show-toplevel 2>/dev/null) && top=$(cd "$top" && pwd -P) || exit 0
-projects=$(cd "$HOME/projects" 2>/dev/null && pwd -P) || exit 0
-case "$top/" in
-    "$projects"/?*) ;;
-    *) exit 0 ;;
-esac
-# Its own session: closing the terminal (SIGHUP, then SIGKILL to the session) must not end it.
-detach=nohup
-command -v setsid >/dev/null 2>&1 && detach=setsid
-unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
-$detach @PYTHON@ @PROGRAM@ sync "$top" >>"$HOME/.sync.log" 2>&1 </dev/null &
-exit 0
-"""
-
 
 class SyncError(Exception):
     """Why a sync cannot go on: one line for ~/.sync.log."""
-
-
-def install_commit_hook(step):
-    """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
-    so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
-    if not CONFIG.databricks_host:  # nothing to sync to: leave a local user's git alone
-        step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
-        return
-    current = git_config("core.hooksPath")
-    if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
-        raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
-                         "not copied to the workspace (unset it and restart CoDA to have them copied)")
-    for name in GIT_HOOK_NAMES:
-        write_hook(GIT_HOOKS / name, PASS_THROUGH_HOOK)
-    write_hook(GIT_HOOKS / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
-               .replace("@PROGRAM@", shlex.quote(str(SYNC_PROGRAM))))
-    if not current:
-        git_config("core.hooksPath", str(GIT_HOOKS))
-    step.output.append(f"commits under {PROJECTS} are copied to the workspace; repositories' own hooks still run")
-
-
-def write_hook(path, text):
-    write_private(path, text)
-    path.chmod(0o700)
 
 
 # -- the sync subcommand --------------------------------------------------------
@@ -4290,10 +4449,6 @@ def workspace_session(host, token):
     """A client with the saved token alone, and the user it belongs to (SCIM Me)."""
     client = workspace_client(token, host=host)
     return client, client.current_user.me()
-
-
-def projects_folder(user):
-    return f"{WORKSPACE_PREFIX}/Users/{user}/projects"
 
 
 def workspace_exists(client, path):
@@ -4448,36 +4603,6 @@ def upload_object(client, root, remote, content, form, language, made):
 
 # -- restore ----------------------------------------------------------------------
 
-def offer_restore(step):
-    """Setup step (token): the app's disk does not survive a restart, so when ~/projects holds no
-    project and the workspace does, say how to bring them back. The user decides: no download here."""
-    if local_projects():
-        return
-    names = workspace_projects(workspace_client(PAT.token), PAT.user)
-    if names:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
-                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(SYNC_PROGRAM))} restore` to download them")
-        log.info("%s", message)
-        step.output.append(message)
-
-
-def local_projects():
-    return [p for p in PROJECTS.iterdir() if p.is_dir() and not p.name.startswith(".")] if PROJECTS.is_dir() else []
-
-
-def workspace_projects(client, user):
-    """Names of the project folders in the user's workspace (none when the folder does not exist)."""
-    from databricks.sdk.errors import NotFound
-    from databricks.sdk.service.workspace import ObjectType
-
-    try:
-        return sorted(item.path.rstrip("/").rsplit("/", 1)[1] for item in client.workspace.list(projects_folder(user))
-                      if item.object_type == ObjectType.DIRECTORY)
-    except NotFound:
-        return []
-
-
 def restore_projects():
     """`coda.py restore`: download each project the workspace holds and ~/projects lacks, as a new git
     repository with one commit (the workspace keeps files, not history). Existing folders stay untouched."""
@@ -4593,92 +4718,9 @@ def git_identity_set(repo):
         return False
 
 
-SETUP = Setup()  # built here: its steps include section 12's hook and restore offer
-
-
 # ===========================================================================
-# 13. Command line
+# 15. Command line
 # ===========================================================================
-
-def release_import_memory():
-    """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
-
-
-MAX_CONNECTIONS = 128  # open HTTP connections at once: a few tabs' sockets, polls and uploads fit many times
-
-
-def is_loopback(host):
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def make_undumpable():
-    """A second layer beside scrub_secrets_from_environment: another process of the same user
-    (a terminal's) may not read this one's memory or /proc files. Root still may."""
-    import ctypes
-
-    PR_SET_DUMPABLE = 4
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux
-
-
-def serve(host, port):
-    if not ACCESS.apps_mode and not ACCESS.token and not is_loopback(host):
-        sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
-                 "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
-    scrub_secrets_from_environment()
-    make_undumpable()
-    setup_logging()
-    start_delta_logs()
-    server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
-                        error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
-
-    def on_sigterm():
-        gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
-        SESSIONS.shutdown()
-        for proxy in PROXY_SERVER:
-            proxy.stop(timeout=0.5)
-        server.stop(timeout=0.5)
-
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
-    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
-    gevent.spawn(SESSIONS.reap_forever)
-    gevent.spawn(run_proxy_forever)
-    gevent.spawn(SETUP.run_at_boot)
-    if ACCESS.apps_mode and not ACCESS.owner:
-        gevent.spawn(resolve_owner_forever)
-    if CONFIG.bootstrap_token and CONFIG.databricks_host:
-        gevent.spawn(PAT.configure_from_environment)
-    server.start()
-    ACCESS.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
-    release_import_memory()
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{shown}:{server.server_port}/"
-    if ACCESS.apps_mode:
-        log.info("CoDA %s serving on %s:%d (Databricks Apps mode)", __version__, host, server.server_port)
-    elif ACCESS.token and CONFIG.local_token is None:
-        print(f"CoDA {__version__}: open {url}?token={ACCESS.token}", flush=True)
-    else:
-        print(f"CoDA {__version__}: open {url}", flush=True)
-        if not ACCESS.token:
-            log.warning("CODA_TOKEN is set but empty: local access needs no token")
-    server.serve_forever()
-    log.info("stopped")
-    for shipper in DELTA_LOGS:
-        shipper.final_flush()
-
 
 def doctor():
     """`coda.py doctor`: check what CoDA set up, and say in plain words how to fix what is broken."""
