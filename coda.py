@@ -14,7 +14,8 @@ Contents
   Part 1: The server. What runs inside it, so all that a reviewer of its
   attack surface must read, ending at a visible line.
      1. Configuration   every environment variable, in one frozen dataclass;
-                        the secrets among them wiped from the process environment
+                        the secrets among them wiped from the process environment;
+                        every path under HOME, derived once
      2. Logging         one logger; a filter redacts anything token-shaped;
                         optionally the records also go to a Delta table
      3. Access          who may pass: local token or Databricks owner, Origin/Host
@@ -179,6 +180,7 @@ from geventwebsocket.websocket import Header, WebSocket
 
 __version__ = "0.1.0"
 HERE = Path(__file__).resolve().parent
+PROGRAM = HERE / "coda.py"  # what agents' hooks and git's hook run, with the Python serving CoDA
 
 # ===========================================================================
 # 1. Configuration
@@ -341,6 +343,40 @@ class Config:
 
 
 CONFIG = Config.from_env()
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Every file and folder CoDA keeps under HOME, derived once (the agents' own config files
+    are named by their rows and writers)."""
+    home: Path             # HOME
+    projects: Path         # ~/projects: where terminals start; what is synced and restored
+    uploads: Path          # ~/uploads: /api/upload's files
+    local: Path            # ~/.local: where installs go, no root needed ...
+    local_bin: Path        # ... and its bin, first on the terminals' PATH
+    databrickscfg: Path    # ~/.databrickscfg: host and current token, for the CLI, SDK and `coda.py token`
+    proxy_key_file: Path   # ~/.coda/proxy-key: the local proxy's key (0600)
+    pat_status_file: Path  # ~/.coda/pat-status.json: /api/pat-status without the token, for doctor
+    tracing_file: Path     # ~/.coda/tracing.json: tracking URI and experiment, for the trace hooks
+    tracing_log: Path      # ~/.coda/tracing.log: what the trace hooks did
+    git_hooks: Path        # ~/.coda/git-hooks: the global core.hooksPath CoDA sets
+    skill_sources: Path    # ~/.coda/skill-sources: checkouts of the skill packs ...
+    skill_folders: tuple   # ... linked into ~/.claude/skills and ~/.agents/skills
+    sync_log: Path         # ~/.sync.log: what the post-commit syncs did
+
+    @classmethod
+    def under(cls, home):
+        coda = home / ".coda"
+        return cls(home=home, projects=home / "projects", uploads=home / "uploads", local=home / ".local",
+                   local_bin=home / ".local" / "bin", databrickscfg=home / ".databrickscfg",
+                   proxy_key_file=coda / "proxy-key", pat_status_file=coda / "pat-status.json",
+                   tracing_file=coda / "tracing.json", tracing_log=coda / "tracing.log",
+                   git_hooks=coda / "git-hooks", skill_sources=coda / "skill-sources",
+                   skill_folders=(home / ".claude" / "skills", home / ".agents" / "skills"),
+                   sync_log=home / ".sync.log")
+
+
+PATHS = Paths.under(CONFIG.home)
 SECRET_VARIABLES = ("CODA_TOKEN", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")  # CONFIG holds them
 
 
@@ -912,11 +948,11 @@ def shell_environment(config, base=os.environ):
     """The environment a terminal starts with: ours, minus every secret."""
     env = {k: v for k, v in base.items()
            if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES) and not is_ci_marker(k)}
-    env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(config.home),
+    env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(PATHS.home),
                CODA_VERSION=__version__, **agent_environment())
     if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
         env["LANG"] = "C.UTF-8"
-    local_bin = str(config.home / ".local" / "bin")
+    local_bin = str(PATHS.local_bin)
     path = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":") if p and p != local_bin]
     env["PATH"] = ":".join([local_bin] + path)
     return env
@@ -1010,7 +1046,7 @@ class Session:
         self._input = collections.deque()  # input not yet written, in arrival order (WS and HTTP alike)
         self._input_bytes = 0
         self._input_waiting = gevent.event.Event()
-        projects = config.home / "projects"
+        projects = PATHS.projects
         projects.mkdir(parents=True, exist_ok=True)
         master, slave = os.openpty()
         try:
@@ -1550,7 +1586,7 @@ def _save_upload():
     if item is None:
         raise ApiError(400, "Send the file as multipart form data in the field 'file'.")
     name = UPLOAD_NAME.sub("_", Path(item.raw_filename or "").name).lstrip("._")[:100] or "upload"
-    folder = CONFIG.home / "uploads"
+    folder = PATHS.uploads
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}_{name}"
     size = 0
@@ -1945,7 +1981,6 @@ GATEWAY_PATHS = {
 }
 # Minted tokens carry this process's own comment, so CoDA can prove which listed tokens are its own.
 TOKEN_COMMENT = f"CoDA short-lived token {secrets.token_hex(6)} (rotated and revoked automatically)"
-PAT_STATUS_FILE = CONFIG.home / ".coda" / "pat-status.json"  # /api/pat-status without the token, for doctor
 
 
 def import_off_loop(module):
@@ -2107,9 +2142,9 @@ class Pat:
             log.warning("%s", error)
         self.error = error
         try:
-            write_private(PAT_STATUS_FILE, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
+            write_private(PATHS.pat_status_file, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
         except OSError as failure:
-            log.warning("could not write %s: %s", PAT_STATUS_FILE, reason(failure))
+            log.warning("could not write %s: %s", PATHS.pat_status_file, reason(failure))
 
     def configure(self, token, replace=False):
         """Validate a pasted token with SCIM Me (that token alone), mint from it, configure the agents."""
@@ -2408,9 +2443,9 @@ class AgentContext:
     """What every writer needs: where things are, the gateway, the proxy, the models."""
 
     def __init__(self):
-        self.home = CONFIG.home
-        self.projects = CONFIG.home / "projects"
-        self.token_command = [sys.executable, str(HERE / "coda.py"), "token"]
+        self.home = PATHS.home
+        self.projects = PATHS.projects
+        self.token_command = [sys.executable, str(PROGRAM), "token"]
 
     def gateway(self, api):
         return GATEWAY.base(api)
@@ -2565,7 +2600,7 @@ def forget_old_trust(entries, folder, key, value):
 def trust_folder(folder):
     """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
     path = str(folder.resolve())
-    home = CONFIG.home
+    home = PATHS.home
     merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
     merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
     merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
@@ -2575,7 +2610,7 @@ def write_databrickscfg(token):
     """~/.databrickscfg [DEFAULT] host and token for the CLI and SDK; other profiles kept."""
     import configparser
 
-    path = CONFIG.home / ".databrickscfg"
+    path = PATHS.databrickscfg
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read(path)
@@ -2614,7 +2649,7 @@ def agent_environment():
 def proxy_key():
     """The local proxy's key, kept in a 0600 file so configs written before a restart stay valid;
     read once (the proxy asks on every request)."""
-    path = CONFIG.home / ".coda" / "proxy-key"
+    path = PATHS.proxy_key_file
     try:
         key = path.read_text().strip()
     except OSError:
@@ -2627,14 +2662,13 @@ def proxy_key():
 
 # Tracing hooks in the agents' configs (MLFLOW_TRACING_ENABLED): each agent's end-of-turn
 # hook runs `coda.py trace AGENT` (section 13), with tracing on; off, CoDA's hook goes.
-TRACING_FILE = CONFIG.home / ".coda" / "tracing.json"
-TRACE_COMMAND = [sys.executable, str(HERE / "coda.py"), "trace"]
+TRACE_COMMAND = [sys.executable, str(PROGRAM), "trace"]
 
 
 def tracing_hook(agent):
     """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
     if not CONFIG.mlflow_tracing:
-        TRACING_FILE.unlink(missing_ok=True)
+        PATHS.tracing_file.unlink(missing_ok=True)
         return None
     return TRACE_COMMAND + [agent]
 
@@ -2696,7 +2730,7 @@ def codex_notify(data):
     if current is not None and not ours:
         if command:
             log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
-                        CONFIG.home / ".codex" / "config.toml")
+                        PATHS.home / ".codex" / "config.toml")
         return
     if command:
         data["notify"] = command
@@ -2708,7 +2742,6 @@ def codex_notify(data):
 # 10. Setup
 # ===========================================================================
 
-LOCAL = CONFIG.home / ".local"   # where installs go: no root needed
 INSTALL_SCRIPTS = HERE / "install"
 
 
@@ -2754,7 +2787,7 @@ def run_command(step, argv, env=None, timeout=None):
 
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env={**shell_environment(CONFIG), **(env or {})}, start_new_session=True,
-                               cwd=str(CONFIG.home))
+                               cwd=str(PATHS.home))
     try:
         for line in process.stdout:
             text = redact(line.decode(errors="replace").rstrip())
@@ -2775,7 +2808,7 @@ def installed_version(binary):
     from gevent import subprocess
 
     env = shell_environment(CONFIG)
-    path = shutil.which(binary, path=env["PATH"]) or LOCAL / "bin" / binary
+    path = shutil.which(binary, path=env["PATH"]) or PATHS.local_bin / binary
     try:
         done = subprocess.run([str(path), "--version"], capture_output=True, timeout=VERSION_TIMEOUT, env=env,
                               stdin=subprocess.DEVNULL)
@@ -2788,7 +2821,7 @@ def installed_version(binary):
 
 def install_step(step_id, label, script, binary, *args, env=None):
     def run(step):
-        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(LOCAL), *args], env=env)
+        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(PATHS.local), *args], env=env)
         step.output.append(installed_version(binary))
     return Step(step_id, label, run, "install")
 
@@ -2880,7 +2913,6 @@ def parse_skill_sources(text):
 
 # Claude Code reads ~/.claude/skills; Codex and Gemini CLI both read ~/.agents/skills;
 # Hermes reads ~/.claude/skills through skills.external_dirs in its config.
-SKILL_FOLDERS = (CONFIG.home / ".claude" / "skills", CONFIG.home / ".agents" / "skills")
 
 
 def install_skills(step):
@@ -2899,7 +2931,7 @@ def install_skills(step):
 
 def fetch_skill_source(step, repository, ref, folder):
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", repository.rstrip("/").split("/")[-1].removesuffix(".git"))
-    checkout = CONFIG.home / ".coda" / "skill-sources" / name
+    checkout = PATHS.skill_sources / name
     mirror = CONFIG.git_mirror
     git = ["git"] + (["-c", f"url.{mirror}/.insteadOf=https://github.com/"] if mirror else [])
     if not (checkout / ".git").exists():
@@ -2911,7 +2943,7 @@ def fetch_skill_source(step, repository, ref, folder):
     if not source.is_dir() or (source != root and root not in source.parents):
         raise StepFailed(f"{ref} has no folder {folder!r}")
     skills = [d for d in sorted(source.iterdir()) if (d / "SKILL.md").is_file()]
-    for target in SKILL_FOLDERS:
+    for target in PATHS.skill_folders:
         target.mkdir(parents=True, exist_ok=True)
         for skill in skills:
             link = target / skill.name
@@ -2942,7 +2974,7 @@ def prepare_tracing(step):
         step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
         return
     uri = CONFIG.mlflow_tracking_uri
-    if (uri, name) in TRACING_READY and TRACING_FILE.exists():
+    if (uri, name) in TRACING_READY and PATHS.tracing_file.exists():
         step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
         return
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
@@ -2954,7 +2986,7 @@ def prepare_tracing(step):
 
 def read_tracing_file():
     try:
-        data = json.loads(TRACING_FILE.read_text())
+        data = json.loads(PATHS.tracing_file.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -2962,9 +2994,6 @@ def read_tracing_file():
 
 # The commit hook step: a global core.hooksPath whose post-commit starts `coda.py sync`
 # (section 14) for repositories under ~/projects.
-PROJECTS = CONFIG.home / "projects"
-GIT_HOOKS = CONFIG.home / ".coda" / "git-hooks"
-SYNC_PROGRAM = HERE / "coda.py"   # what the hook runs, with the Python serving CoDA
 # Hooks that pass through to the repository's own: with core.hooksPath set globally, git
 # looks nowhere else. Left out, because merely existing changes what git does:
 # push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
@@ -3013,16 +3042,16 @@ def install_commit_hook(step):
         step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
         return
     current = git_config("core.hooksPath")
-    if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
+    if current and Path(current).expanduser().resolve() != PATHS.git_hooks.resolve():
         raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
                          "not copied to the workspace (unset it and restart CoDA to have them copied)")
     for name in GIT_HOOK_NAMES:
-        write_hook(GIT_HOOKS / name, PASS_THROUGH_HOOK)
-    write_hook(GIT_HOOKS / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
-               .replace("@PROGRAM@", shlex.quote(str(SYNC_PROGRAM))))
+        write_hook(PATHS.git_hooks / name, PASS_THROUGH_HOOK)
+    write_hook(PATHS.git_hooks / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
+               .replace("@PROGRAM@", shlex.quote(str(PROGRAM))))
     if not current:
-        git_config("core.hooksPath", str(GIT_HOOKS))
-    step.output.append(f"commits under {PROJECTS} are copied to the workspace; repositories' own hooks still run")
+        git_config("core.hooksPath", str(PATHS.git_hooks))
+    step.output.append(f"commits under {PATHS.projects} are copied to the workspace; repositories' own hooks still run")
 
 
 def write_hook(path, text):
@@ -3047,13 +3076,14 @@ def offer_restore(step):
     if names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
-                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(SYNC_PROGRAM))} restore` to download them")
+                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(PROGRAM))} restore` to download them")
         log.info("%s", message)
         step.output.append(message)
 
 
 def local_projects():
-    return [p for p in PROJECTS.iterdir() if p.is_dir() and not p.name.startswith(".")] if PROJECTS.is_dir() else []
+    projects = PATHS.projects
+    return [p for p in projects.iterdir() if p.is_dir() and not p.name.startswith(".")] if projects.is_dir() else []
 
 
 def workspace_projects(client, user):
@@ -3933,7 +3963,6 @@ SETUP = Setup()  # its steps are all defined above (section 10)
 #   Gemini CLI 0.61  AfterAgent hook (once per prompt, after the tool rounds), stdin {session_id,
 #                    transcript_path, cwd, prompt, prompt_response, ...}; the spans come from its
 #                    chat recording (JSON lines; a record written again under its id replaces it).
-TRACING_LOG = CONFIG.home / ".coda" / "tracing.log"
 TRACE_TIMEOUT = 300      # seconds a detached trace writer may take before it is killed
 HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
 # What keeps MLflow off the network beyond the tracking store: no model-price catalogue
@@ -3969,7 +3998,7 @@ def prepare_experiment():
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":  # traces to a deleted experiment are refused
             client.restore_experiment(experiment_id)
-    write_private(TRACING_FILE, json.dumps({"tracking_uri": uri, "experiment_id": experiment_id,
+    write_private(PATHS.tracing_file, json.dumps({"tracking_uri": uri, "experiment_id": experiment_id,
                                             "experiment_name": name}) + "\n")
     print(f"MLflow experiment {name} (id {experiment_id}) at {uri}")
     return 0
@@ -3994,7 +4023,7 @@ def check_tracing():
         print("off (MLFLOW_TRACING_ENABLED is not set)")
         return 0
     if not settings.get("experiment_id"):
-        print(f"{TRACING_FILE} is missing: paste a token in the CoDA page, whose setup creates the experiment")
+        print(f"{PATHS.tracing_file} is missing: paste a token in the CoDA page, whose setup creates the experiment")
         return 1
     os.environ.update(MLFLOW_QUIET)
     import mlflow
@@ -4027,7 +4056,7 @@ def trace_command(agent, payload=None):
         hook = json.loads(payload or read_hook_input())
         settings = read_tracing_file()
         if not settings.get("experiment_id"):
-            raise NotTraced(f"tracing is not set up ({TRACING_FILE} is missing)")
+            raise NotTraced(f"tracing is not set up ({PATHS.tracing_file} is missing)")
         os.environ.update(MLFLOW_QUIET, MLFLOW_TRACKING_URI=settings["tracking_uri"],
                           MLFLOW_EXPERIMENT_ID=str(settings["experiment_id"]))
         trace_id = TRACERS[agent](hook)
@@ -4041,13 +4070,13 @@ def trace_command(agent, payload=None):
 
 def trace_log():
     """~/.coda/tracing.log (0600, one old generation kept past 1 MiB) as this process's stderr and log."""
-    TRACING_LOG.parent.mkdir(parents=True, exist_ok=True)
+    PATHS.tracing_log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if TRACING_LOG.stat().st_size > MIB:
-            os.replace(TRACING_LOG, TRACING_LOG.with_name(TRACING_LOG.name + ".1"))
+        if PATHS.tracing_log.stat().st_size > MIB:
+            os.replace(PATHS.tracing_log, PATHS.tracing_log.with_name(PATHS.tracing_log.name + ".1"))
     except OSError:
         pass
-    fd = os.open(TRACING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(PATHS.tracing_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)  # MLflow's own warnings land there too
     os.close(fd)
     setup_logging()
@@ -4075,19 +4104,19 @@ def trace_claude(hook):
 
     try:
         cwd = os.getcwd()  # the agent's, recorded as the trace's working directory
-        os.chdir(TRACING_LOG.parent)
+        os.chdir(PATHS.tracing_log.parent)
         tracing.get_logger()  # it logs to ./.claude/mlflow/claude_tracing.log: not in the user's project
         os.chdir(cwd)
         trace = tracing.process_transcript(str(transcript), hook.get("session_id"))
     finally:
         transcript.unlink(missing_ok=True)
     if trace is None:
-        raise RuntimeError(f"MLflow could not read the transcript (see {TRACING_LOG.parent}/.claude/mlflow/)")
+        raise RuntimeError(f"MLflow could not read the transcript (see {PATHS.tracing_log.parent}/.claude/mlflow/)")
     return trace.info.trace_id
 
 
 def snapshot(path):
-    copy = TRACING_LOG.parent / f".transcript-{os.getpid()}.jsonl"
+    copy = PATHS.tracing_log.parent / f".transcript-{os.getpid()}.jsonl"
     write_private(copy, Path(path).read_text(errors="replace"))
     return copy
 
@@ -4109,7 +4138,7 @@ def trace_codex(hook):
 def codex_turn_lines(thread, turn):
     """The rollout lines from the turn's task_started to its task_complete (waited for a few seconds);
     None when the thread has no rollout."""
-    home = Path(os.environ.get("CODEX_HOME") or CONFIG.home / ".codex")
+    home = Path(os.environ.get("CODEX_HOME") or PATHS.home / ".codex")
     deadline = time.time() + 5
     while True:
         lines, inside = [], False
@@ -4304,7 +4333,6 @@ TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent
 # repository in <git dir>/coda-sync.json (paths, blob ids, workspace names), so
 # a sync needs neither the old commit (amended, rebased away) nor a listing. A
 # sync that fails leaves the record alone: the next commit retries it all.
-SYNC_LOG = CONFIG.home / ".sync.log"
 SYNC_STATE = "coda-sync.json"     # in the repository's git dir
 SYNC_LOCK = "coda-sync.lock"
 NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, its language
@@ -4358,7 +4386,7 @@ def sync_logging():
     through the same redacting filter as the server's."""
     root = logging.getLogger()
     root.handlers[:] = []
-    handlers = [logging.FileHandler(SYNC_LOG)] + ([logging.StreamHandler()] if sys.stderr.isatty() else [])
+    handlers = [logging.FileHandler(PATHS.sync_log)] + ([logging.StreamHandler()] if sys.stderr.isatty() else [])
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         handler.addFilter(RedactingFilter())
@@ -4388,9 +4416,9 @@ def head_commit(repo):
 
 def project_folder(repo):
     """The repository's path under ~/projects, which is also its folder in the workspace."""
-    projects = PROJECTS.resolve()
+    projects = PATHS.projects.resolve()
     if projects not in repo.resolve().parents:
-        raise SyncError(f"{repo} is not under {PROJECTS}")
+        raise SyncError(f"{repo} is not under {PATHS.projects}")
     return repo.resolve().relative_to(projects).as_posix()
 
 
@@ -4616,9 +4644,9 @@ def restore_projects():
         return 1
     for name in [name for name in names if holds_git_name(name)]:
         log.warning("skipped the workspace folder projects/%s: git's own files are never restored", name)
-    missing = [name for name in names if not holds_git_name(name) and not (PROJECTS / name).exists()]
+    missing = [name for name in names if not holds_git_name(name) and not (PATHS.projects / name).exists()]
     log.info("the workspace holds %d project(s) under %s; %d missing from %s", len(names),
-             projects_folder(me.user_name), len(missing), PROJECTS)
+             projects_folder(me.user_name), len(missing), PATHS.projects)
     failed = 0
     for name in missing:
         try:
@@ -4633,7 +4661,7 @@ def restore_project(client, me, host, name):
     """Download into a hidden folder, commit, then rename: a half-restored project never looks whole.
     The repository is made first, by git itself, so nothing downloaded can become its config."""
     root = f"{projects_folder(me.user_name)}/{name}"
-    staging = PROJECTS / f".{name}.restoring"
+    staging = PATHS.projects / f".{name}.restoring"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
@@ -4645,12 +4673,12 @@ def restore_project(client, me, host, name):
         git_dir = Path(git(staging, "rev-parse", "--absolute-git-dir").decode().strip())
         write_private(git_dir / SYNC_STATE, json.dumps({"commit": commit, "folder": name, "host": host,
                                                         "root": root, "files": files}) + "\n")
-        staging.rename(PROJECTS / name)
+        staging.rename(PATHS.projects / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        trust_folder(PROJECTS / name)  # the user's own project, as synced: the agents open it without asking
+        trust_folder(PATHS.projects / name)  # the user's own project, as synced: the agents open it without asking
     except ConfigError as error:
         log.warning("restored %s, but the agents will ask before they trust it: %s", name, error)
     log.info("restored %s: %d files, committed as %s", name, len(remotes), commit[:12])
@@ -4728,7 +4756,7 @@ def doctor():
 
     host, token = read_databrickscfg()
     claude = next(agent for agent in AGENTS if agent.name == "claude")
-    settings_path = CONFIG.home / claude.config_file  # it names the gateway the agents use
+    settings_path = PATHS.home / claude.config_file  # it names the gateway the agents use
 
     def workspace():
         if not host:
@@ -4749,7 +4777,7 @@ def doctor():
 
     def rotation():
         try:
-            status = json.loads(PAT_STATUS_FILE.read_text())
+            status = json.loads(PATHS.pat_status_file.read_text())
         except (OSError, ValueError):
             raise StepFailed("the server has not reported on the token yet: paste a token in the CoDA page") from None
         expires_at = status.get("expires_at")
@@ -4801,7 +4829,7 @@ def doctor():
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
     checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
-    checks += [(f"{each.label} installed and configured", agent(each.name, CONFIG.home / each.config_file))
+    checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
 
     def run(label, check):
