@@ -15,9 +15,9 @@ Contents
   attack surface must read, ending at a visible line.
      1. Configuration   every environment variable, in one frozen dataclass;
                         the secrets among them wiped from the process environment;
-                        every path under HOME, derived once
-     2. Logging         one logger; a filter redacts anything token-shaped;
-                        optionally the records also go to a Delta table
+                        every path under HOME, derived once; PROCESS, the map of
+                        the running server's objects
+     2. Logging         one logger; a filter redacts anything token-shaped
      3. Access          who may pass: local token or Databricks owner, Origin/Host
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
@@ -26,14 +26,17 @@ Contents
      6. HTTP API        thin routes: validate, call the manager, answer JSON
                         (every error too, however malformed the request)
      7. WebSocket       one handler per socket, one sender greenlet per session
-     8. Databricks      owner, gateway discovery, PAT lifecycle
+     8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
+                        log records also go to a Delta table
      9. Agents          one config writer per CLI, driven by a table; their
                         tracing hooks
     10. Setup           the step list and its runner (the tracing, commit hook and
                         restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
-    12. Serving         `python coda.py`: the server started, and shut down
+    12. Serving         wire(): the process's objects built and wired together in
+                        one block (PROCESS, section 1, is their map); then
+                        `python coda.py` starts the server, and shuts it down
   Part 2: Commands run by hooks and operators. Never inside the server.
     13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
@@ -275,7 +278,7 @@ class Config:
     mlflow_tracing: bool       # MLFLOW_TRACING_ENABLED: trace Claude Code, Codex and Gemini CLI turns (default false)
     mlflow_experiment: str     # MLFLOW_EXPERIMENT_NAME: the experiment (default /Users/<user>/<DATABRICKS_APP_NAME or coda>)
     mlflow_tracking_uri: str   # MLFLOW_TRACKING_URI: where traces go (default databricks; any MLflow URI, e.g. sqlite:///...)
-    # App logs to Delta (section 2)
+    # App logs to Delta (section 8)
     log_table: str             # CODA_LOG_TABLE: catalog.schema.table CoDA's own log records also go to (default: none)
     log_warehouse_id: str      # CODA_LOG_WAREHOUSE_ID: the SQL warehouse that writes them (both needed)
     # Setup (section 10)
@@ -377,6 +380,35 @@ class Paths:
 
 
 PATHS = Paths.under(CONFIG.home)
+
+
+def write_private(path, text):
+    """Write atomically (a temporary file renamed over the target) with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+class Process:
+    """The objects that make up the running server, built and wired together in one place, wire()
+    (section 12): a map of who talks to whom. Functions (routes, the proxy, setup steps) reach them
+    here; the objects themselves get what they call passed in."""
+    access = None        # Access (3): who may pass
+    sessions = None      # Sessions (5): the terminals; at shutdown it tells every socket
+    sockets = None       # set of TerminalSocket (7): every open WebSocket
+    gateway = None       # Gateway (8): where the agents' model calls go
+    pat = None           # Pat (8): the token; it tells the gateway, ~/.databrickscfg and setup
+    delta_logs = None    # DeltaLogShipper (8), once serve starts it: app logs, sent with pat's token
+    setup = None         # Setup (10): the steps; their token steps run whenever pat has a new token
+    proxy_port = None    # ProxyPort (11): whether this process's proxy holds CODA_PROXY_PORT
+    proxy_server = None  # the running local proxy (11), for shutdown
+
+
+PROCESS = Process()
 SECRET_VARIABLES = ("CODA_TOKEN", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")  # CONFIG holds them
 
 
@@ -475,242 +507,6 @@ def setup_logging():
         log.warning(warning)
 
 
-# App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
-# the records of the "coda" logger (never terminal content, which is never
-# logged; never a token: each record passes the redacting filter first) are
-# also inserted into a Delta table through the SQL Statement Execution API,
-# with the owner's current token. Values only ever travel as named parameters;
-# the table name is validated and backtick-quoted. The handler only appends to
-# a bounded deque; one greenlet sends. While the table cannot be written, the
-# oldest records fall off the deque, and how many is logged once it works again.
-DELTA_QUEUE_BOUND = 5000          # records waiting at most; past it the oldest go (counted, reported)
-DELTA_MAX_PARAMETERS = 256        # the Statement Execution API's limit of named parameters per statement
-DELTA_ROWS_PER_STATEMENT = (DELTA_MAX_PARAMETERS - 2) // 4  # 4 per row, plus :app and :host: 63
-DELTA_STATEMENT_BYTES = 1 * MIB   # parameter values in one statement (the API allows 16 MiB of text)
-DELTA_MESSAGE_CHARS = 16 * KIB    # a longer message is cut
-DELTA_FLUSH_SECONDS = 5.0         # a record waits at most this long for a batch to fill
-DELTA_TICK = 0.5                  # how often the sender looks at the deque
-DELTA_BACKOFF_FIRST = 2.0         # seconds before the first retry; doubled per failure ...
-DELTA_BACKOFF_CAP = 300.0         # ... up to this
-DELTA_POLL_SECONDS = 5.0          # polling a statement that waits for its warehouse to start ...
-DELTA_PATIENCE = 600.0            # ... for at most this long before it is cancelled and retried
-DELTA_LOGS = []                   # the running shipper, for shutdown
-DELTA_COLUMNS = ("ts TIMESTAMP COMMENT 'when CoDA logged it', level STRING, "
-                 "logger STRING, message STRING COMMENT 'redacted: never a token', "
-                 "app STRING COMMENT 'DATABRICKS_APP_NAME, else coda', host STRING")
-DeltaRow = collections.namedtuple("DeltaRow", "seq created level logger message")
-
-
-def delta_table_name(text):
-    """`catalog.schema.table` as a SQL identifier with each name backtick-quoted, else ValueError.
-
-    Unity Catalog names hold no period, space, slash or control character;
-    a name may be given in backticks already; a backtick inside one is doubled."""
-    parts = text.strip().split(".")
-    if len(parts) != 3:
-        raise ValueError("is not catalog.schema.table")
-    quoted = []
-    for part in parts:
-        if len(part) >= 2 and part[0] == part[-1] == "`":
-            part = part[1:-1].replace("``", "`")
-        if not part or len(part) > 255 or re.search(r"[\s/\x00-\x1f\x7f]", part):
-            raise ValueError("has a name that is empty, too long, or holds a space, slash or control character")
-        quoted.append("`" + part.replace("`", "``") + "`")
-    return ".".join(quoted)
-
-
-class DeltaLogHandler(logging.Handler):
-    """Redacts each record and appends it to a bounded deque: no I/O, no lock, never waits."""
-
-    def __init__(self, bound=None):
-        super().__init__(logging.INFO)
-        self.addFilter(RedactingFilter())
-        self.pending = collections.deque(maxlen=bound or DELTA_QUEUE_BOUND)  # full: the oldest falls off
-        self.numbers = itertools.count()  # gaps in the numbers are the records that fell off
-
-    def handle(self, record):  # no handler lock: appending to a deque is atomic
-        if self.filter(record):
-            self.emit(record)
-        return True
-
-    def emit(self, record):
-        self.pending.append(DeltaRow(next(self.numbers), record.created, record.levelname, record.name,
-                                     record.getMessage()[:DELTA_MESSAGE_CHARS]))
-
-
-class StatementFailed(Exception):
-    """The warehouse ran a statement and it ended FAILED, CANCELED or CLOSED."""
-
-
-class DeltaLogShipper:
-    """The greenlet that writes the handler's records to the table, one statement per batch."""
-
-    def __init__(self, handler, table, warehouse_id):
-        self.handler = handler
-        self.table = table                # quoted by delta_table_name
-        self.warehouse_id = warehouse_id
-        self.app = CONFIG.app_name or "coda"
-        self.host = os.uname().nodename
-        self.table_ready = False          # CREATE TABLE IF NOT EXISTS ran (or an insert worked)
-        self.next_seq = 0                 # the number of the first record not yet written
-        self.dropped = 0                  # records that fell off before they were written, not yet reported
-        self.failures = 0
-        self.error = None                 # why the last try failed
-        self.client, self.token = None, None
-        self.greenlet = None
-        self.sending = gevent.lock.Semaphore()  # held while a pass sends: shutdown waits for it
-
-    def due(self):
-        pending = self.handler.pending
-        return len(pending) >= DELTA_ROWS_PER_STATEMENT or bool(
-            pending) and time.time() - pending[0].created >= DELTA_FLUSH_SECONDS
-
-    def run_forever(self):
-        """Send when a batch is full or old enough; after a failure retry with backoff, doubling, capped."""
-        while True:
-            gevent.sleep(min(DELTA_BACKOFF_FIRST * 2 ** (self.failures - 1), DELTA_BACKOFF_CAP)
-                         if self.failures else DELTA_TICK)
-            if not self.failures and not self.due():
-                continue
-            try:
-                with self.sending:
-                    sent = self.send_pending()
-            except Exception as error:
-                self.failures, self.error = self.failures + 1, reason(error)
-                if self.failures == 1:
-                    log.warning("app logs could not be written to %s (%s); retrying with backoff, keeping "
-                                "the newest %d records", self.table, self.error, self.handler.pending.maxlen)
-                continue
-            if sent and self.failures:
-                log.info("app logs are written to %s again, after %d failed tries", self.table, self.failures)
-                self.failures, self.error = 0, None
-
-    def send_pending(self):
-        """Write every pending record: True once written, False while there is no valid token yet.
-
-        Raises on the first failure; what was not written stays pending."""
-        if not self.handler.pending:
-            return True
-        token = PAT.token if PAT.valid() else None
-        if not token:
-            return False
-        if token != self.token:  # the current token: rotation replaces it
-            self.client, self.token = workspace_client(token), token
-        create_error = None
-        if not self.table_ready:
-            try:
-                self.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({DELTA_COLUMNS}) USING DELTA "
-                             "COMMENT 'CoDA app logs'")
-                self.table_ready = True
-            except StatementFailed as error:  # no right to create here, maybe: the table may exist already
-                create_error = error
-        while rows := self.take():
-            try:
-                self.execute(*self.insert(rows))
-            except StatementFailed as error:
-                raise StatementFailed(f"{error} (creating the table failed too: {create_error})"
-                                      if create_error else str(error)) from None
-            self.table_ready = True
-            self.confirm(rows)
-        if self.dropped:
-            log.warning("%d app log records were dropped, the oldest first, before they could be written to %s",
-                        self.dropped, self.table)
-            self.dropped = 0
-        return True
-
-    def take(self):
-        """The oldest pending records that fit one statement; counts those that fell off unwritten."""
-        try:
-            rows = list(itertools.islice(self.handler.pending, DELTA_ROWS_PER_STATEMENT))
-        except RuntimeError:  # a native thread logged during the copy: take them next time
-            return []
-        if rows and rows[0].seq > self.next_seq:
-            self.dropped += rows[0].seq - self.next_seq
-            self.next_seq = rows[0].seq
-        size = 0
-        for count, row in enumerate(rows):
-            size += len(row.message.encode()) + 64
-            if count and size > DELTA_STATEMENT_BYTES:
-                return rows[:count]
-        return rows
-
-    def confirm(self, rows):
-        pending, last = self.handler.pending, rows[-1].seq
-        while pending and pending[0].seq <= last:
-            pending.popleft()
-        self.next_seq = last + 1
-
-    def insert(self, rows):
-        """One INSERT with a VALUES row of named parameters per record: no value is ever in the SQL text."""
-        from databricks.sdk.service.sql import StatementParameterListItem as Param
-
-        values = []
-        parameters = [Param(name="app", value=self.app), Param(name="host", value=self.host)]
-        for i, row in enumerate(rows):
-            values.append(f"(:ts_{i}, :level_{i}, :logger_{i}, :message_{i}, :app, :host)")
-            whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.created))
-            stamp = f"{whole}.{int(row.created % 1 * 1e6):06d}Z"  # UTC, to the microsecond
-            parameters += [Param(name=f"ts_{i}", value=stamp, type="TIMESTAMP"),
-                           Param(name=f"level_{i}", value=row.level), Param(name=f"logger_{i}", value=row.logger),
-                           Param(name=f"message_{i}", value=row.message)]
-        statement = f"INSERT INTO {self.table} (ts, level, logger, message, app, host) VALUES " + ", ".join(values)
-        return statement, parameters
-
-    def execute(self, statement, parameters=None):
-        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
-        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
-
-        run = self.client.statement_execution
-        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
-                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
-                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
-        deadline = time.monotonic() + DELTA_PATIENCE
-        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
-            if time.monotonic() > deadline:
-                try:
-                    run.cancel_execution(answer.statement_id)
-                except Exception as error:  # best effort, as the API says of cancelling anyway
-                    log.info("could not cancel a waiting log statement (%s)", reason(error))
-                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
-            gevent.sleep(DELTA_POLL_SECONDS)
-            answer = run.get_statement(answer.statement_id)
-        if answer.status.state != StatementState.SUCCEEDED:
-            error = answer.status.error
-            raise StatementFailed(f"the statement ended {answer.status.state.value}"
-                                  + (f": {error.message}" if error and error.message else ""))
-
-    def final_flush(self, seconds=3.0):
-        """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
-        then one last try to write what is pending; all within `seconds`."""
-        with gevent.Timeout(seconds, False), self.sending:
-            if self.greenlet is not None:
-                self.greenlet.kill()
-            try:
-                self.send_pending()
-            except Exception as error:
-                log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
-
-
-def start_delta_logs():
-    """With CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID set: CoDA's records also go to that table."""
-    if not (CONFIG.log_table or CONFIG.log_warehouse_id) or DELTA_LOGS:
-        return None
-    if not (CONFIG.log_table and CONFIG.log_warehouse_id):
-        log.warning("app logs to Delta need both CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID; logs stay local")
-        return None
-    try:
-        table = delta_table_name(CONFIG.log_table)
-    except ValueError as error:
-        log.warning("CODA_LOG_TABLE=%r %s; logs stay local", CONFIG.log_table, error)
-        return None
-    handler = DeltaLogHandler()
-    log.addHandler(handler)
-    shipper = DeltaLogShipper(handler, table, CONFIG.log_warehouse_id)
-    shipper.greenlet = gevent.spawn(shipper.run_forever)
-    DELTA_LOGS.append(shipper)
-    log.info("app logs also go to %s through SQL warehouse %s, once a token is configured",
-             table, CONFIG.log_warehouse_id)
-    return shipper
 
 
 # ===========================================================================
@@ -819,8 +615,6 @@ def _cookie(environ, name):
             return value
     return ""
 
-
-ACCESS = Access(CONFIG)
 
 # ===========================================================================
 # 4. Output streams
@@ -944,12 +738,12 @@ def is_ci_marker(name):
     return name in ("CI", "CONTINUOUS_INTEGRATION") or name.startswith("CI_")
 
 
-def shell_environment(config, base=os.environ):
-    """The environment a terminal starts with: ours, minus every secret."""
+def shell_environment(config, agent_variables, base=os.environ):
+    """The environment a terminal starts with: ours, minus every secret, plus the agents' variables."""
     env = {k: v for k, v in base.items()
            if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES) and not is_ci_marker(k)}
     env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(PATHS.home),
-               CODA_VERSION=__version__, **agent_environment())
+               CODA_VERSION=__version__, **agent_variables)
     if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
         env["LANG"] = "C.UTF-8"
     local_bin = str(PATHS.local_bin)
@@ -1029,7 +823,7 @@ class Subscriber:
 class Session:
     """A shell on a PTY: its process group, its output stream and its reader."""
 
-    def __init__(self, config, label, cols, rows):
+    def __init__(self, config, label, cols, rows, env):
         self.config = config
         self.id = secrets.token_hex(8)
         self.label = label
@@ -1051,7 +845,7 @@ class Session:
         master, slave = os.openpty()
         try:
             _set_winsize(master, cols, rows)
-            self.pid = spawn_on_terminal([config.shell], shell_environment(config), projects, slave)
+            self.pid = spawn_on_terminal([config.shell], env, projects, slave)
         except BaseException:
             os.close(master)
             raise
@@ -1218,8 +1012,10 @@ class Session:
 class Sessions:
     """The manager: owns every session's lifetime, the cap, the reaper and shutdown."""
 
-    def __init__(self, config):
+    def __init__(self, config, environment, on_shutdown):
         self.config = config
+        self.environment = environment  # () -> a new terminal's environment
+        self.on_shutdown = on_shutdown  # () -> None: tell every client, before the shells hang up
         self.by_id = {}
         self.starting = 0
         self.shutting_down = gevent.event.Event()
@@ -1233,7 +1029,7 @@ class Sessions:
                                 "or raise MAX_CONCURRENT_SESSIONS.")
         self.starting += 1
         try:
-            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows)
+            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment())
         finally:
             self.starting -= 1
         self.by_id[session.id] = session
@@ -1280,15 +1076,12 @@ class Sessions:
             return
         log.info("shutting down: closing %d sessions", len(self.by_id))
         self.shutting_down.set()
-        for client in list(SOCKETS):
-            client.send_json({"type": "shutting_down"})
+        self.on_shutdown()
         for session in self.by_id.values():
             session.stream.wake()
         closers = [gevent.spawn(self.close, sid) for sid in list(self.by_id)]
         gevent.joinall(closers, timeout=CLOSE_GRACE + 4)
 
-
-SESSIONS = Sessions(CONFIG)
 
 # ===========================================================================
 # 6. HTTP API
@@ -1415,7 +1208,7 @@ def output_answer(session, since, limit=POLL_SLICE, encoding="text"):
     output, offset, next_offset, truncated = read(since, limit)
     return {"output": output, "offset": offset, "next_offset": next_offset, "truncated": truncated,
             "exited": session.exit_code is not None or session.closing, "exit_code": session.exit_code,
-            "shutting_down": SESSIONS.shutting_down.is_set()}
+            "shutting_down": PROCESS.sessions.shutting_down.is_set()}
 
 
 def _has_news(answer):
@@ -1430,9 +1223,9 @@ def wait_for_output(sessions_and_offsets, wait, encoding="text"):
         answers = [output_answer(s, since, encoding=encoding) if s else {"error": "Session not found", "exited": True}
                    for s, since in sessions_and_offsets]
         remaining = deadline - time.monotonic()
-        if any(map(_has_news, answers)) or remaining <= 0 or SESSIONS.shutting_down.is_set():
+        if any(map(_has_news, answers)) or remaining <= 0 or PROCESS.sessions.shutting_down.is_set():
             return answers
-        gevent.wait(events + [SESSIONS.shutting_down], timeout=remaining, count=1)
+        gevent.wait(events + [PROCESS.sessions.shutting_down], timeout=remaining, count=1)
 
 
 @app.get("/")
@@ -1447,10 +1240,10 @@ def static(path):
 
 @app.get("/health")
 def health():
-    answer = {"status": "healthy", "version": __version__, "setup_status": SETUP.overall(),
-              "active_sessions": len(SESSIONS.by_id)}
-    if ACCESS.owner_error:
-        answer["owner_error"] = ACCESS.owner_error
+    answer = {"status": "healthy", "version": __version__, "setup_status": PROCESS.setup.overall(),
+              "active_sessions": len(PROCESS.sessions.by_id)}
+    if PROCESS.access.owner_error:
+        answer["owner_error"] = PROCESS.access.owner_error
     return answer
 
 
@@ -1461,7 +1254,7 @@ def version():
 
 @api("/api/sessions", "GET")
 def list_sessions():
-    return [s.describe() for s in SESSIONS.by_id.values()]
+    return [s.describe() for s in PROCESS.sessions.by_id.values()]
 
 
 @api("/api/session")
@@ -1469,14 +1262,14 @@ def create_session(body):
     label = clean_label(field(body, "label", str, ""))
     cols = field(body, "cols", int, 80, 1, 1000)
     rows = field(body, "rows", int, 24, 1, 1000)
-    session = SESSIONS.create(label, cols, rows)
+    session = PROCESS.sessions.create(label, cols, rows)
     return {"session_id": session.id, "label": session.label, "created_at": session.created_at}
 
 
 @api("/api/session/attach")
 def attach_session(body):
     encoding = output_encoding(body)
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     since = field(body, "since", int, session.stream.start, 0)
     session.touch()
     answer = output_answer(session, since, CONFIG.scrollback_bytes, encoding)  # all that is kept, in one answer
@@ -1487,20 +1280,20 @@ def attach_session(body):
 
 @api("/api/session/label")
 def label_session(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     session.label = clean_label(field(body, "label", str))
     return {"status": "ok"}
 
 
 @api("/api/session/close")
 def close_session(body):
-    SESSIONS.close(field(body, "session_id", str))
+    PROCESS.sessions.close(field(body, "session_id", str))
     return {"status": "ok"}
 
 
 @api("/api/input")
 def send_input(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     data = input_bytes(body)
     if len(data) > MAX_INPUT_BYTES:
         raise ApiError(413, "Input is limited to 1 MiB per request.")
@@ -1511,7 +1304,7 @@ def send_input(body):
 
 @api("/api/resize")
 def resize(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     session.resize(field(body, "cols", int, ..., 1, 1000), field(body, "rows", int, ..., 1, 1000))
     return {"status": "ok"}
 
@@ -1522,7 +1315,7 @@ def poll_output(body):
     since = field(body, "since", int, None, 0)
     wait = min(field(body, "wait", float, 0.0, 0.0), MAX_POLL_WAIT)
     encoding = output_encoding(body)
-    session = SESSIONS.get(session_id)
+    session = PROCESS.sessions.get(session_id)
     session.touch()
     [answer] = wait_for_output([(session, session.http_cursor if since is None else since)], wait, encoding)
     if since is None:
@@ -1540,7 +1333,7 @@ def poll_output_batch(body):
     encoding = output_encoding(body)
     wanted = []
     for session_id in ids:
-        session = SESSIONS.by_id.get(session_id)
+        session = PROCESS.sessions.by_id.get(session_id)
         if session:
             session.touch()
         wanted.append((session, since.get(session_id, session.http_cursor if session else 0)))
@@ -1548,7 +1341,7 @@ def poll_output_batch(body):
     for (session, offset), answer in zip(wanted, answers):
         if session and session.id not in since:
             session.http_cursor = answer["next_offset"]
-    return {"outputs": dict(zip(ids, answers)), "shutting_down": SESSIONS.shutting_down.is_set()}
+    return {"outputs": dict(zip(ids, answers)), "shutting_down": PROCESS.sessions.shutting_down.is_set()}
 
 
 @api("/api/heartbeat")
@@ -1556,7 +1349,7 @@ def heartbeat(body):
     ids = id_list(body, "session_ids", None)
     if ids is None:
         ids = [field(body, "session_id", str)]
-    SESSIONS.touch(ids)
+    PROCESS.sessions.touch(ids)
     return {"status": "ok"}
 
 
@@ -1636,15 +1429,16 @@ def coda_app(environ, start_response):
 
 def _admit(environ, start):
     if environ.get("PATH_INFO") != "/health":
-        reason = ACCESS.denied(environ)
+        reason = PROCESS.access.denied(environ)
         if reason:
             return _plain_json(start, "403 Forbidden", {"error": reason})
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
-        if "token" in query and environ.get("REQUEST_METHOD") == "GET" and ACCESS.token:
+        if "token" in query and environ.get("REQUEST_METHOD") == "GET" and PROCESS.access.token:
             # Trade the URL token for a cookie, so it leaves the address bar and history.
             rest = urllib.parse.urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
             location = local_path(environ.get("PATH_INFO", "/")) + (f"?{rest}" if rest else "")
-            start("303 See Other", [("Location", location), ("Set-Cookie", ACCESS.cookie()), ("Content-Length", "0")])
+            start("303 See Other", [("Location", location), ("Set-Cookie", PROCESS.access.cookie()),
+                                    ("Content-Length", "0")])
             return [b""]
     return app(environ, start)
 
@@ -1667,8 +1461,12 @@ def _plain_json(start, status, payload, exc_info=None):
 # 7. WebSocket
 # ===========================================================================
 
-SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
+
+
+def tell_every_socket(message):
+    for client in list(PROCESS.sockets):
+        client.send_json(message)
 
 
 class MessageTooBig(Exception):
@@ -1749,7 +1547,7 @@ class CodaHandler(_ws_handler.WebSocketHandler):
     header_deadline = None
 
     def run_application(self):
-        if self.environ.get("PATH_INFO") == "/ws" and ACCESS.denied(self.environ) is None \
+        if self.environ.get("PATH_INFO") == "/ws" and PROCESS.access.denied(self.environ) is None \
                 and _is_websocket_upgrade(self.environ, self.request_version):
             return super().run_application()
         return WSGIHandler.run_application(self)  # plain HTTP: coda_app answers (403 when denied)
@@ -1839,13 +1637,13 @@ class TerminalSocket:
         self.senders = {}  # session_id -> (greenlet, Subscriber)
 
     def serve(self):
-        SOCKETS.add(self)
+        PROCESS.sockets.add(self)
         pinger = gevent.spawn(self._ping_forever)
         try:
             while (message := self.ws.receive()) is not None:
                 self.dispatch(message)
         finally:
-            SOCKETS.discard(self)
+            PROCESS.sockets.discard(self)
             pinger.kill()
             for session_id in list(self.senders):
                 self.leave(session_id)
@@ -1860,13 +1658,13 @@ class TerminalSocket:
                 raise ApiError(400, "The message must be a JSON object.")
             kind = body.get("type")
             if kind == "heartbeat":
-                SESSIONS.touch(id_list(body, "session_ids", []))
+                PROCESS.sessions.touch(id_list(body, "session_ids", []))
                 return
             handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise ApiError(400, f"Unknown message type {str(kind)[:40]!r}.")
             session_id = field(body, "session_id", str)
-            handler(self, SESSIONS.get(session_id), body)
+            handler(self, PROCESS.sessions.get(session_id), body)
         except ApiError as error:
             reply = {"type": "error", "message": str(error)}
             if session_id:
@@ -1890,7 +1688,7 @@ class TerminalSocket:
         sender, subscriber = self.senders.pop(session_id, (None, None))
         if sender:
             sender.kill()
-            session = SESSIONS.by_id.get(session_id)
+            session = PROCESS.sessions.by_id.get(session_id)
             if session:
                 session.unsubscribe(subscriber)
 
@@ -2041,14 +1839,15 @@ def resolve_owner_forever():
             creator = workspace_client().apps.get(CONFIG.app_name).creator
             if not creator:
                 raise ValueError("the Apps API names no creator for this app")
-            ACCESS.owner, ACCESS.owner_error = creator.strip().lower(), None
+            PROCESS.access.owner, PROCESS.access.owner_error = creator.strip().lower(), None
             log.info("app owner resolved from the Apps API")
             for name in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET"):
                 os.environ.pop(name, None)  # no child process may inherit the service principal
             return
         except Exception as error:
-            ACCESS.owner_error = f"the Apps API lookup of the app's owner (its creator) failed: {reason(error)}"
-            log.warning("app owner unknown, nobody may enter (%s); retrying in %.0f s", ACCESS.owner_error, delay)
+            PROCESS.access.owner_error = f"the Apps API lookup of the app's owner (its creator) failed: {reason(error)}"
+            log.warning("app owner unknown, nobody may enter (%s); retrying in %.0f s",
+                        PROCESS.access.owner_error, delay)
             gevent.sleep(delay)
             delay = min(delay * 2, 300)
 
@@ -2096,8 +1895,6 @@ def _answers(url, token):
     return answer.status_code < 500 and answer.status_code != 404
 
 
-GATEWAY = Gateway()
-
 
 class Pat:
     """The token CoDA works with: validated, exchanged for a short-lived one, rotated, the old one revoked.
@@ -2110,7 +1907,10 @@ class Pat:
     is retried while the token is valid, and said in `error` meanwhile.
     """
 
-    def __init__(self):
+    def __init__(self, gateway, save_token, token_configured):
+        self.gateway = gateway                    # told the token, to discover where model calls go
+        self.save_token = save_token              # (token) -> None: each minted token, for the CLI and SDK
+        self.token_configured = token_configured  # () -> None: after each pasted token
         self.token = None          # the current token: a minted one, or the pasted one until a mint succeeds
         self.token_id = None       # its id, when CoDA minted it
         self.expires_at = None     # epoch seconds, when known
@@ -2125,6 +1925,9 @@ class Pat:
 
     def valid(self):
         return bool(self.token) and not self.refused and (self.expires_at is None or time.time() < self.expires_at)
+
+    def current_token(self):
+        return self.token if self.valid() else None
 
     def status(self):
         answer = {"configured": self.token is not None, "valid": self.valid(), "user": self.user,
@@ -2165,13 +1968,13 @@ class Pat:
             SECRETS.add(token)  # a pasted token stays live (CoDA cannot revoke it), so it stays redacted
             self.user, self.token, self.token_id, self.expires_at, self.refused = me.user_name, token, None, None, False
             self.identity = me
-            GATEWAY.discover(token)
+            self.gateway.discover(token)
             try:
                 self._mint()
                 self.report(None)
             except Exception as error:
                 self.report(f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile.")
-        SETUP.run_token_steps()
+        self.token_configured()
         if self.rotor is None or self.rotor.dead:
             self.rotor = gevent.spawn(self._rotate_forever)
         log.info("Databricks token configured for %s", self.user)
@@ -2186,7 +1989,7 @@ class Pat:
         self.expires_at = expiry if expiry > 0 else time.time() + CONFIG.token_lifetime
         self.minted[self.token_id] = (self.token, self.expires_at)
         self.last_rotation = time.time()
-        write_databrickscfg(self.token)
+        self.save_token(self.token)
         self._revoke_old()
 
     def _revoke_old(self):
@@ -2260,19 +2063,17 @@ class Pat:
             log.warning("DATABRICKS_TOKEN from the environment was not usable: %s", error)
 
 
-PAT = Pat()
-
 
 @api("/api/pat-status", "GET")
 def pat_status():
-    return PAT.status()
+    return PROCESS.pat.status()
 
 
 @api("/api/app-state", "GET")
 def app_state():
-    return {"owner": ACCESS.owner, "workspace_host": CONFIG.databricks_host or None,
-            "pat_configured": PAT.token is not None, "last_rotation": PAT.last_rotation,
-            "gateway": GATEWAY.describe()}
+    return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
+            "pat_configured": PROCESS.pat.token is not None, "last_rotation": PROCESS.pat.last_rotation,
+            "gateway": PROCESS.gateway.describe()}
 
 
 @api("/api/configure-pat")
@@ -2280,7 +2081,246 @@ def configure_pat(body):
     token = field(body, "token", str).strip()
     if not token:
         raise ApiError(400, "The field 'token' is empty.")
-    return PAT.configure(token, replace=field(body, "replace", bool, False))
+    return PROCESS.pat.configure(token, replace=field(body, "replace", bool, False))
+
+
+# App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
+# the records of the "coda" logger (never terminal content, which is never
+# logged; never a token: each record passes the redacting filter first) are
+# also inserted into a Delta table through the SQL Statement Execution API,
+# with the owner's current token. Values only ever travel as named parameters;
+# the table name is validated and backtick-quoted. The handler only appends to
+# a bounded deque; one greenlet sends. While the table cannot be written, the
+# oldest records fall off the deque, and how many is logged once it works again.
+DELTA_QUEUE_BOUND = 5000          # records waiting at most; past it the oldest go (counted, reported)
+DELTA_MAX_PARAMETERS = 256        # the Statement Execution API's limit of named parameters per statement
+DELTA_ROWS_PER_STATEMENT = (DELTA_MAX_PARAMETERS - 2) // 4  # 4 per row, plus :app and :host: 63
+DELTA_STATEMENT_BYTES = 1 * MIB   # parameter values in one statement (the API allows 16 MiB of text)
+DELTA_MESSAGE_CHARS = 16 * KIB    # a longer message is cut
+DELTA_FLUSH_SECONDS = 5.0         # a record waits at most this long for a batch to fill
+DELTA_TICK = 0.5                  # how often the sender looks at the deque
+DELTA_BACKOFF_FIRST = 2.0         # seconds before the first retry; doubled per failure ...
+DELTA_BACKOFF_CAP = 300.0         # ... up to this
+DELTA_POLL_SECONDS = 5.0          # polling a statement that waits for its warehouse to start ...
+DELTA_PATIENCE = 600.0            # ... for at most this long before it is cancelled and retried
+DELTA_COLUMNS = ("ts TIMESTAMP COMMENT 'when CoDA logged it', level STRING, "
+                 "logger STRING, message STRING COMMENT 'redacted: never a token', "
+                 "app STRING COMMENT 'DATABRICKS_APP_NAME, else coda', host STRING")
+DeltaRow = collections.namedtuple("DeltaRow", "seq created level logger message")
+
+
+def delta_table_name(text):
+    """`catalog.schema.table` as a SQL identifier with each name backtick-quoted, else ValueError.
+
+    Unity Catalog names hold no period, space, slash or control character;
+    a name may be given in backticks already; a backtick inside one is doubled."""
+    parts = text.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("is not catalog.schema.table")
+    quoted = []
+    for part in parts:
+        if len(part) >= 2 and part[0] == part[-1] == "`":
+            part = part[1:-1].replace("``", "`")
+        if not part or len(part) > 255 or re.search(r"[\s/\x00-\x1f\x7f]", part):
+            raise ValueError("has a name that is empty, too long, or holds a space, slash or control character")
+        quoted.append("`" + part.replace("`", "``") + "`")
+    return ".".join(quoted)
+
+
+class DeltaLogHandler(logging.Handler):
+    """Redacts each record and appends it to a bounded deque: no I/O, no lock, never waits."""
+
+    def __init__(self, bound=None):
+        super().__init__(logging.INFO)
+        self.addFilter(RedactingFilter())
+        self.pending = collections.deque(maxlen=bound or DELTA_QUEUE_BOUND)  # full: the oldest falls off
+        self.numbers = itertools.count()  # gaps in the numbers are the records that fell off
+
+    def handle(self, record):  # no handler lock: appending to a deque is atomic
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record):
+        self.pending.append(DeltaRow(next(self.numbers), record.created, record.levelname, record.name,
+                                     record.getMessage()[:DELTA_MESSAGE_CHARS]))
+
+
+class StatementFailed(Exception):
+    """The warehouse ran a statement and it ended FAILED, CANCELED or CLOSED."""
+
+
+class DeltaLogShipper:
+    """The greenlet that writes the handler's records to the table, one statement per batch."""
+
+    def __init__(self, handler, table, warehouse_id, token_source):
+        self.handler = handler
+        self.token_source = token_source  # () -> the current valid token, or None
+        self.table = table                # quoted by delta_table_name
+        self.warehouse_id = warehouse_id
+        self.app = CONFIG.app_name or "coda"
+        self.host = os.uname().nodename
+        self.table_ready = False          # CREATE TABLE IF NOT EXISTS ran (or an insert worked)
+        self.next_seq = 0                 # the number of the first record not yet written
+        self.dropped = 0                  # records that fell off before they were written, not yet reported
+        self.failures = 0
+        self.error = None                 # why the last try failed
+        self.client, self.token = None, None
+        self.greenlet = None
+        self.sending = gevent.lock.Semaphore()  # held while a pass sends: shutdown waits for it
+
+    def due(self):
+        pending = self.handler.pending
+        return len(pending) >= DELTA_ROWS_PER_STATEMENT or bool(
+            pending) and time.time() - pending[0].created >= DELTA_FLUSH_SECONDS
+
+    def run_forever(self):
+        """Send when a batch is full or old enough; after a failure retry with backoff, doubling, capped."""
+        while True:
+            gevent.sleep(min(DELTA_BACKOFF_FIRST * 2 ** (self.failures - 1), DELTA_BACKOFF_CAP)
+                         if self.failures else DELTA_TICK)
+            if not self.failures and not self.due():
+                continue
+            try:
+                with self.sending:
+                    sent = self.send_pending()
+            except Exception as error:
+                self.failures, self.error = self.failures + 1, reason(error)
+                if self.failures == 1:
+                    log.warning("app logs could not be written to %s (%s); retrying with backoff, keeping "
+                                "the newest %d records", self.table, self.error, self.handler.pending.maxlen)
+                continue
+            if sent and self.failures:
+                log.info("app logs are written to %s again, after %d failed tries", self.table, self.failures)
+                self.failures, self.error = 0, None
+
+    def send_pending(self):
+        """Write every pending record: True once written, False while there is no valid token yet.
+
+        Raises on the first failure; what was not written stays pending."""
+        if not self.handler.pending:
+            return True
+        token = self.token_source()
+        if not token:
+            return False
+        if token != self.token:  # the current token: rotation replaces it
+            self.client, self.token = workspace_client(token), token
+        create_error = None
+        if not self.table_ready:
+            try:
+                self.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({DELTA_COLUMNS}) USING DELTA "
+                             "COMMENT 'CoDA app logs'")
+                self.table_ready = True
+            except StatementFailed as error:  # no right to create here, maybe: the table may exist already
+                create_error = error
+        while rows := self.take():
+            try:
+                self.execute(*self.insert(rows))
+            except StatementFailed as error:
+                raise StatementFailed(f"{error} (creating the table failed too: {create_error})"
+                                      if create_error else str(error)) from None
+            self.table_ready = True
+            self.confirm(rows)
+        if self.dropped:
+            log.warning("%d app log records were dropped, the oldest first, before they could be written to %s",
+                        self.dropped, self.table)
+            self.dropped = 0
+        return True
+
+    def take(self):
+        """The oldest pending records that fit one statement; counts those that fell off unwritten."""
+        try:
+            rows = list(itertools.islice(self.handler.pending, DELTA_ROWS_PER_STATEMENT))
+        except RuntimeError:  # a native thread logged during the copy: take them next time
+            return []
+        if rows and rows[0].seq > self.next_seq:
+            self.dropped += rows[0].seq - self.next_seq
+            self.next_seq = rows[0].seq
+        size = 0
+        for count, row in enumerate(rows):
+            size += len(row.message.encode()) + 64
+            if count and size > DELTA_STATEMENT_BYTES:
+                return rows[:count]
+        return rows
+
+    def confirm(self, rows):
+        pending, last = self.handler.pending, rows[-1].seq
+        while pending and pending[0].seq <= last:
+            pending.popleft()
+        self.next_seq = last + 1
+
+    def insert(self, rows):
+        """One INSERT with a VALUES row of named parameters per record: no value is ever in the SQL text."""
+        from databricks.sdk.service.sql import StatementParameterListItem as Param
+
+        values = []
+        parameters = [Param(name="app", value=self.app), Param(name="host", value=self.host)]
+        for i, row in enumerate(rows):
+            values.append(f"(:ts_{i}, :level_{i}, :logger_{i}, :message_{i}, :app, :host)")
+            whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.created))
+            stamp = f"{whole}.{int(row.created % 1 * 1e6):06d}Z"  # UTC, to the microsecond
+            parameters += [Param(name=f"ts_{i}", value=stamp, type="TIMESTAMP"),
+                           Param(name=f"level_{i}", value=row.level), Param(name=f"logger_{i}", value=row.logger),
+                           Param(name=f"message_{i}", value=row.message)]
+        statement = f"INSERT INTO {self.table} (ts, level, logger, message, app, host) VALUES " + ", ".join(values)
+        return statement, parameters
+
+    def execute(self, statement, parameters=None):
+        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
+        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
+
+        run = self.client.statement_execution
+        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
+                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
+                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
+        deadline = time.monotonic() + DELTA_PATIENCE
+        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
+            if time.monotonic() > deadline:
+                try:
+                    run.cancel_execution(answer.statement_id)
+                except Exception as error:  # best effort, as the API says of cancelling anyway
+                    log.info("could not cancel a waiting log statement (%s)", reason(error))
+                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
+            gevent.sleep(DELTA_POLL_SECONDS)
+            answer = run.get_statement(answer.statement_id)
+        if answer.status.state != StatementState.SUCCEEDED:
+            error = answer.status.error
+            raise StatementFailed(f"the statement ended {answer.status.state.value}"
+                                  + (f": {error.message}" if error and error.message else ""))
+
+    def final_flush(self, seconds=3.0):
+        """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
+        then one last try to write what is pending; all within `seconds`."""
+        with gevent.Timeout(seconds, False), self.sending:
+            if self.greenlet is not None:
+                self.greenlet.kill()
+            try:
+                self.send_pending()
+            except Exception as error:
+                log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
+
+
+def start_delta_logs(config, token_source):
+    """With CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID set: CoDA's records also go to that table,
+    sent with token_source's token (PROCESS.delta_logs, for shutdown)."""
+    if not (config.log_table or config.log_warehouse_id) or PROCESS.delta_logs:
+        return None
+    if not (config.log_table and config.log_warehouse_id):
+        log.warning("app logs to Delta need both CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID; logs stay local")
+        return None
+    try:
+        table = delta_table_name(config.log_table)
+    except ValueError as error:
+        log.warning("CODA_LOG_TABLE=%r %s; logs stay local", config.log_table, error)
+        return None
+    handler = DeltaLogHandler()
+    log.addHandler(handler)
+    shipper = DeltaLogShipper(handler, table, config.log_warehouse_id, token_source)
+    shipper.greenlet = gevent.spawn(shipper.run_forever)
+    PROCESS.delta_logs = shipper
+    log.info("app logs also go to %s through SQL warehouse %s, once a token is configured",
+             table, config.log_warehouse_id)
+    return shipper
 
 
 # ===========================================================================
@@ -2289,17 +2329,6 @@ def configure_pat(body):
 
 class ConfigError(Exception):
     """A user's file CoDA cannot merge into (it is left untouched)."""
-
-
-def write_private(path, text):
-    """Write atomically (a temporary file renamed over the target) with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
 
 
 def merge_json(path, merge):
@@ -2448,17 +2477,17 @@ class AgentContext:
         self.token_command = [sys.executable, str(PROGRAM), "token"]
 
     def gateway(self, api):
-        return GATEWAY.base(api)
+        return PROCESS.gateway.base(api)
 
     @property
     def proxy_key(self):
-        PROXY_PORT.require()  # never handed to whatever else holds the port
+        PROCESS.proxy_port.require()  # never handed to whatever else holds the port
         return proxy_key()
 
     def proxied(self, api):
         """The local proxy's address for `api`: it adds the current token to every call.
         ConfigError when the port is not this CoDA's proxy."""
-        PROXY_PORT.require()
+        PROCESS.proxy_port.require()
         return f"http://127.0.0.1:{CONFIG.proxy_port}" + GATEWAY_PATHS[api][0]
 
 
@@ -2638,11 +2667,16 @@ def enabled_agents():
 def agent_environment():
     """Variables the terminals get for the agents (a project's own .env must not hide Gemini's)."""
     server = {"CODA_SERVER_PID": str(os.getpid())}  # doctor, run in a terminal, checks this CoDA's proxy
-    if not PAT.token or not PROXY_PORT.ours():
+    if not PROCESS.pat.token or not PROCESS.proxy_port.ours():
         return server  # the proxy's address and key only where the port is this CoDA's
     ctx = AgentContext()
     return {**server, **{key: value for agent in enabled_agents() if agent.environment
                          for key, value in agent_function(agent.environment)(ctx).items()}}
+
+
+def terminal_environment():
+    """What a terminal, or a setup command, starts with: shell_environment plus the agents' variables."""
+    return shell_environment(CONFIG, agent_environment())
 
 
 @functools.cache
@@ -2658,6 +2692,13 @@ def proxy_key():
         key = "coda-proxy-" + secrets.token_hex(24)
         write_private(path, key + "\n")
     return key
+
+
+def proxy_proof(challenge, pid):
+    """What only a holder of this HOME's proxy key can answer to a challenge: the checker sends a
+    fresh nonce, never the key. The pid tells two CoDAs that share a HOME (and a key) apart."""
+    message = f"coda-proxy-health {challenge} {pid}".encode()
+    return hmac.new(proxy_key().encode(), message, "sha256").hexdigest()
 
 
 # Tracing hooks in the agents' configs (MLFLOW_TRACING_ENABLED): each agent's end-of-turn
@@ -2786,7 +2827,7 @@ def run_command(step, argv, env=None, timeout=None):
     from gevent import subprocess  # lazy: only setup starts programs
 
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env={**shell_environment(CONFIG), **(env or {})}, start_new_session=True,
+                               env={**terminal_environment(), **(env or {})}, start_new_session=True,
                                cwd=str(PATHS.home))
     try:
         for line in process.stdout:
@@ -2807,7 +2848,7 @@ def installed_version(binary):
     """The first line `binary --version` prints, or StepFailed: an install is complete only if it runs."""
     from gevent import subprocess
 
-    env = shell_environment(CONFIG)
+    env = terminal_environment()
     path = shutil.which(binary, path=env["PATH"]) or PATHS.local_bin / binary
     try:
         done = subprocess.run([str(path), "--version"], capture_output=True, timeout=VERSION_TIMEOUT, env=env,
@@ -2855,7 +2896,7 @@ def proxy_health():
 def check_proxy(step):
     """This process's proxy holds the port (its own server bound it) and answers its challenge."""
     try:
-        PROXY_PORT.require(wait=PROXY_SETTLE_SECONDS)
+        PROCESS.proxy_port.require(wait=PROXY_SETTLE_SECONDS)
     except ConfigError as error:
         raise StepFailed(str(error)) from None
     deadline = time.time() + PROXY_SETTLE_SECONDS
@@ -2871,7 +2912,8 @@ def check_proxy(step):
 
 def agent_config_step(agent):
     def run(step):
-        PROXY_PORT.ours(wait=PROXY_SETTLE_SECONDS)  # settled first: a writer that needs the proxy fails if the port is not ours
+        # settled first: a writer that needs the proxy fails if the port is not ours
+        PROCESS.proxy_port.ours(wait=PROXY_SETTLE_SECONDS)
         try:
             agent_function(agent.writer)(AgentContext())
         except ConfigError as error:
@@ -2881,8 +2923,8 @@ def agent_config_step(agent):
 
 def configure_databricks(step):
     """~/.databrickscfg for the CLI and SDK, and git's identity from SCIM Me when the user has none."""
-    write_databrickscfg(PAT.token)
-    me = PAT.identity
+    write_databrickscfg(PROCESS.pat.token)
+    me = PROCESS.pat.identity
     if me is None:
         return
     for key, value in (("user.name", me.display_name or me.user_name), ("user.email", me.user_name)):
@@ -2894,7 +2936,7 @@ def git_config(key, value=None):
     from gevent import subprocess
 
     argv = ["git", "config", "--global", key] + ([value] if value is not None else [])
-    done = subprocess.run(argv, capture_output=True, env=shell_environment(CONFIG), timeout=GIT_CONFIG_TIMEOUT)
+    done = subprocess.run(argv, capture_output=True, env=terminal_environment(), timeout=GIT_CONFIG_TIMEOUT)
     if value is not None and done.returncode != 0:
         raise StepFailed(f"git config {key} failed: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout.decode().strip()
@@ -2962,7 +3004,7 @@ def experiment_name():
     """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
     if CONFIG.mlflow_experiment:
         return CONFIG.mlflow_experiment
-    user = PAT.user or ACCESS.owner  # the token's own user first: its folder is the one it may write
+    user = PROCESS.pat.user or PROCESS.access.owner  # the token's own user first: its folder is the one it may write
     return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
 
 
@@ -2979,7 +3021,7 @@ def prepare_tracing(step):
         return
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
     if uri.startswith("databricks"):  # the child's own credentials; never on its command line
-        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PAT.token or "")
+        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PROCESS.pat.token or "")
     run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
     TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
 
@@ -3072,7 +3114,7 @@ def offer_restore(step):
     project and the workspace does, say how to bring them back. The user decides: no download here."""
     if local_projects():
         return
-    names = workspace_projects(workspace_client(PAT.token), PAT.user)
+    names = workspace_projects(workspace_client(PROCESS.pat.token), PROCESS.pat.user)
     if names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
@@ -3153,7 +3195,7 @@ class Setup:
 
 @api("/api/setup-status", "GET")
 def setup_status():
-    return {"status": SETUP.overall(), "steps": [step.describe() for step in SETUP.steps]}
+    return {"status": PROCESS.setup.overall(), "steps": [step.describe() for step in PROCESS.setup.steps]}
 
 
 # ===========================================================================
@@ -3670,7 +3712,7 @@ def proxy_app(environ, start_response):
     """WSGI app of the local proxy: check the key, pick the route, forward, stream back."""
     path = environ.get("PATH_INFO", "")
     if path == "/health":
-        health = {"status": "healthy", "token": PAT.valid(), "pid": os.getpid()}
+        health = {"status": "healthy", "token": PROCESS.pat.valid(), "pid": os.getpid()}
         challenge = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("challenge", [""])[0]
         if 0 < len(challenge) <= 64:
             health["proof"] = proxy_proof(challenge, os.getpid())
@@ -3682,8 +3724,8 @@ def proxy_app(environ, start_response):
     if prefix is None:
         return _plain_json(start_response, "404 Not Found",
                            {"error": "No such route on the CoDA proxy (it forwards only plain paths under its routes)."})
-    base = GATEWAY.base(PROXY_ROUTES[prefix])
-    if not base or not PAT.valid():
+    base = PROCESS.gateway.base(PROXY_ROUTES[prefix])
+    if not base or not PROCESS.pat.valid():
         return _plain_json(start_response, "503 Service Unavailable",
                            {"error": "CoDA has no valid Databricks token: paste one in the CoDA page."})
     length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -3741,7 +3783,7 @@ def _upstream_headers(environ):
                if name.startswith("HTTP_") and name[5:].replace("_", "-").lower() not in HOP_BY_HOP}
     if environ.get("CONTENT_TYPE"):
         headers["Content-Type"] = environ["CONTENT_TYPE"]
-    headers["Authorization"] = f"Bearer {PAT.token}"
+    headers["Authorization"] = f"Bearer {PROCESS.pat.token}"
     headers["Accept-Encoding"] = "identity"  # stream bytes through exactly as they come
     return headers
 
@@ -3782,13 +3824,6 @@ def _stream(upstream, repair):
         upstream.close()
 
 
-def proxy_proof(challenge, pid):
-    """What only a holder of this HOME's proxy key can answer to a challenge: the checker sends a
-    fresh nonce, never the key. The pid tells two CoDAs that share a HOME (and a key) apart."""
-    message = f"coda-proxy-health {challenge} {pid}".encode()
-    return hmac.new(proxy_key().encode(), message, "sha256").hexdigest()
-
-
 class ProxyPort:
     """Whether this process's own proxy server holds CODA_PROXY_PORT. Agents are pointed at the
     proxy only when it does: whatever else holds the port (another user's program, a second CoDA)
@@ -3821,35 +3856,48 @@ class ProxyPort:
             raise ConfigError(self.error or f"the local proxy has not started on 127.0.0.1:{CONFIG.proxy_port}")
 
 
-PROXY_PORT = ProxyPort()
-
 
 def run_proxy_forever():
     """The supervised second server: restarted (after a pause) whenever it stops. A port that
     another program holds is tried again, but said only once."""
     said = None
-    while not SESSIONS.shutting_down.is_set():
+    while not PROCESS.sessions.shutting_down.is_set():
         proxy = WSGIServer(("127.0.0.1", CONFIG.proxy_port), proxy_app, log=None,
                            error_log=logging.getLogger("coda.proxy"))
         try:
-            if PROXY_PORT.bind(proxy):
-                PROXY_SERVER[:] = [proxy]
+            if PROCESS.proxy_port.bind(proxy):
+                PROCESS.proxy_server = proxy
                 proxy.serve_forever()
-            elif PROXY_PORT.error != said:
-                log.warning("local proxy: %s", PROXY_PORT.error)
-            said = PROXY_PORT.error
+            elif PROCESS.proxy_port.error != said:
+                log.warning("local proxy: %s", PROCESS.proxy_port.error)
+            said = PROCESS.proxy_port.error
         except Exception as error:
             log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in %d s", CONFIG.proxy_port,
                         reason(error), PROXY_RESTART_PAUSE)
         gevent.sleep(PROXY_RESTART_PAUSE)
 
 
-PROXY_SERVER = []  # the running proxy, for shutdown
-
 
 # ===========================================================================
 # 12. Serving
 # ===========================================================================
+
+def wire(config):
+    """Build the objects that make up the running server and hand each what it calls: who talks
+    to whom, in one screen. Run once, at import; a test that wants another configuration loads
+    a fresh module."""
+    PROCESS.access = Access(config)
+    PROCESS.sockets = set()
+    PROCESS.sessions = Sessions(config, terminal_environment,
+                                on_shutdown=functools.partial(tell_every_socket, {"type": "shutting_down"}))
+    PROCESS.gateway = Gateway()
+    PROCESS.setup = Setup()
+    PROCESS.pat = Pat(PROCESS.gateway, save_token=write_databrickscfg, token_configured=PROCESS.setup.run_token_steps)
+    PROCESS.proxy_port = ProxyPort()
+
+
+wire(CONFIG)
+
 
 def release_import_memory():
     """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
@@ -3886,52 +3934,50 @@ def make_undumpable():
 
 
 def serve(host, port):
-    if not ACCESS.apps_mode and not ACCESS.token and not is_loopback(host):
+    if not PROCESS.access.apps_mode and not PROCESS.access.token and not is_loopback(host):
         sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
                  "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
     scrub_secrets_from_environment()
     make_undumpable()
     setup_logging()
-    start_delta_logs()
+    start_delta_logs(CONFIG, PROCESS.pat.current_token)
     server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
                         error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
 
     def on_sigterm():
         gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
-        SESSIONS.shutdown()
-        for proxy in PROXY_SERVER:
-            proxy.stop(timeout=0.5)
+        PROCESS.sessions.shutdown()
+        if PROCESS.proxy_server:
+            PROCESS.proxy_server.stop(timeout=0.5)
         server.stop(timeout=0.5)
 
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
-    gevent.spawn(SESSIONS.reap_forever)
+    gevent.spawn(PROCESS.sessions.reap_forever)
     gevent.spawn(run_proxy_forever)
-    gevent.spawn(SETUP.run_at_boot)
-    if ACCESS.apps_mode and not ACCESS.owner:
+    gevent.spawn(PROCESS.setup.run_at_boot)
+    if PROCESS.access.apps_mode and not PROCESS.access.owner:
         gevent.spawn(resolve_owner_forever)
     if CONFIG.bootstrap_token and CONFIG.databricks_host:
-        gevent.spawn(PAT.configure_from_environment)
+        gevent.spawn(PROCESS.pat.configure_from_environment)
     server.start()
-    ACCESS.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
+    PROCESS.access.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
     release_import_memory()
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{shown}:{server.server_port}/"
-    if ACCESS.apps_mode:
+    if PROCESS.access.apps_mode:
         log.info("CoDA %s serving on %s:%d (Databricks Apps mode)", __version__, host, server.server_port)
-    elif ACCESS.token and CONFIG.local_token is None:
-        print(f"CoDA {__version__}: open {url}?token={ACCESS.token}", flush=True)
+    elif PROCESS.access.token and CONFIG.local_token is None:
+        print(f"CoDA {__version__}: open {url}?token={PROCESS.access.token}", flush=True)
     else:
         print(f"CoDA {__version__}: open {url}", flush=True)
-        if not ACCESS.token:
+        if not PROCESS.access.token:
             log.warning("CODA_TOKEN is set but empty: local access needs no token")
     server.serve_forever()
     log.info("stopped")
-    for shipper in DELTA_LOGS:
-        shipper.final_flush()
+    if PROCESS.delta_logs:
+        PROCESS.delta_logs.final_flush()
 
-
-SETUP = Setup()  # its steps are all defined above (section 10)
 
 
 # ###########################################################################
