@@ -87,12 +87,13 @@ AGENT_ROWS = (
           switch="ENABLE_HERMES"),
 )
 
-# Three fast paths, before any heavy import. The subcommands are listed in section 15 (COMMANDS);
-# `agents` and `token` are answered here, `trace AGENT` only detaches here and runs in section 13.
 if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
     for _agent in AGENT_ROWS:  # what install/agents.sh reads: name kind package version-key
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
+
+# Three fast paths, before any heavy import: `agents` (above) and `token` are answered here, and
+# `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
