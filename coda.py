@@ -11,10 +11,13 @@ The wire contract is PROTOCOL.md (kept beside the project, summarised in the
 README). This module is the whole backend; its sections, in reading order:
 
 Contents
+  Part 1: The server. What runs inside it, so all that a reviewer of its
+  attack surface must read, ending at a visible line.
      1. Configuration   every environment variable, in one frozen dataclass;
-                        the secrets among them wiped from the process environment
-     2. Logging         one logger; a filter redacts anything token-shaped;
-                        optionally the records also go to a Delta table
+                        the secrets among them wiped from the process environment;
+                        every path under HOME, derived once; PROCESS, the map of
+                        the running server's objects
+     2. Logging         one logger; a filter redacts anything token-shaped
      3. Access          who may pass: local token or Databricks owner, Origin/Host
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
@@ -26,14 +29,25 @@ Contents
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
                         round trip's worth on a distant link: pings time it)
-     8. Databricks      owner, gateway discovery, PAT lifecycle
-     9. Agents          one config writer per CLI, driven by a table
-    10. Setup           the step list and its runner
+     8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
+                        log records also go to a Delta table
+     9. Agents          one config writer per CLI, driven by a table; their
+                        tracing hooks
+    10. Setup           the step list and its runner (the tracing, commit hook and
+                        restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
-    12. Tracing, sync   MLflow hooks; post-commit workspace sync
-    13. Command line    `python coda.py` serves; subcommands: token, agents, doctor,
-                        skills, restore, and sync and trace (the hooks call them)
+    12. Serving         wire(): the process's objects built and wired together in
+                        one block (PROCESS, section 1, is their map); then
+                        `python coda.py` starts the server, and shuts it down
+  Part 2: Commands run by hooks and operators. Never inside the server.
+    13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
+    14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
+                        `coda.py restore`
+    15. Command line    the subcommands: token, agents, doctor, skills, restore,
+                        sync, trace; without one, serve. (`token`, `agents` and
+                        the trace hook's detach are answered at the top of the
+                        file, before the heavy imports.)
 """
 
 import collections
@@ -55,7 +69,7 @@ Agent = collections.namedtuple("Agent", [
     "config_file",     # the file doctor expects its writer to have written (under HOME)
     "writer",          # the section 9 function writing its config: writer(AgentContext)
     "environment",     # a section 9 function giving the variables its terminals need, or None
-    "tracer",          # the section 12 function recording a turn (`coda.py trace NAME`), or None
+    "tracer",          # the section 13 function recording a turn (`coda.py trace NAME`), or None
     "switch",          # the environment variable that leaves it out when false (default true), or None
 ], defaults=(None, None, None))
 AGENT_ROWS = (
@@ -68,7 +82,7 @@ AGENT_ROWS = (
     Agent("gemini", "Gemini CLI", "npm", "@google/gemini-cli", "GEMINI_CLI_VERSION",
           "GEMINI_MODEL", "databricks-gemini-2-5-pro", ".gemini/settings.json", "configure_gemini",
           environment="gemini_environment", tracer="trace_gemini"),
-    Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # HERMES_MODEL, as always
+    Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # shares Hermes' HERMES_MODEL
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
           environment="opencode_environment"),
     Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
@@ -80,6 +94,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
     for _agent in AGENT_ROWS:  # what install/agents.sh reads: name kind package version-key
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
+
+# Three fast paths, before any heavy import: `agents` (above) and `token` are answered here, and
+# `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
@@ -109,7 +126,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["token"]:
 
 if __name__ == "__main__" and sys.argv[1:3] in [["trace", a.name] for a in AGENT_ROWS if a.tracer]:
     # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
-    # grandchild, before the imports below cost the agent a quarter of a second (section 12).
+    # grandchild, before the imports below cost the agent a quarter of a second (section 13).
     import os
 
     if os.fork():
@@ -170,6 +187,7 @@ from geventwebsocket.websocket import Header, WebSocket
 
 __version__ = "0.1.0"
 HERE = Path(__file__).resolve().parent
+PROGRAM = HERE / "coda.py"  # what agents' hooks and git's hook run, with the Python serving CoDA
 
 # ===========================================================================
 # 1. Configuration
@@ -260,11 +278,11 @@ class Config:
     mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
     proxy_timeout: float       # CODA_PROXY_TIMEOUT: seconds the proxy waits for the gateway's next byte (default 600)
-    # Tracing (section 12)
+    # Tracing (the setup step in section 10, the hooks' side in section 13)
     mlflow_tracing: bool       # MLFLOW_TRACING_ENABLED: trace Claude Code, Codex and Gemini CLI turns (default false)
     mlflow_experiment: str     # MLFLOW_EXPERIMENT_NAME: the experiment (default /Users/<user>/<DATABRICKS_APP_NAME or coda>)
     mlflow_tracking_uri: str   # MLFLOW_TRACKING_URI: where traces go (default databricks; any MLflow URI, e.g. sqlite:///...)
-    # App logs to Delta (section 2)
+    # App logs to Delta (section 8)
     log_table: str             # CODA_LOG_TABLE: catalog.schema.table CoDA's own log records also go to (default: none)
     log_warehouse_id: str      # CODA_LOG_WAREHOUSE_ID: the SQL warehouse that writes them (both needed)
     # Setup (section 10)
@@ -332,6 +350,69 @@ class Config:
 
 
 CONFIG = Config.from_env()
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """Every file and folder CoDA keeps under HOME, derived once (the agents' own config files
+    are named by their rows and writers)."""
+    home: Path             # HOME
+    projects: Path         # ~/projects: where terminals start; what is synced and restored
+    uploads: Path          # ~/uploads: /api/upload's files
+    local: Path            # ~/.local: where installs go, no root needed ...
+    local_bin: Path        # ... and its bin, first on the terminals' PATH
+    databrickscfg: Path    # ~/.databrickscfg: host and current token, for the CLI, SDK and `coda.py token`
+    proxy_key_file: Path   # ~/.coda/proxy-key: the local proxy's key (0600)
+    pat_status_file: Path  # ~/.coda/pat-status.json: /api/pat-status without the token, for doctor
+    tracing_file: Path     # ~/.coda/tracing.json: tracking URI and experiment, for the trace hooks
+    tracing_log: Path      # ~/.coda/tracing.log: what the trace hooks did
+    git_hooks: Path        # ~/.coda/git-hooks: the global core.hooksPath CoDA sets
+    skill_sources: Path    # ~/.coda/skill-sources: checkouts of the skill packs ...
+    skill_folders: tuple   # ... linked into ~/.claude/skills and ~/.agents/skills
+    sync_log: Path         # ~/.sync.log: what the post-commit syncs did
+
+    @classmethod
+    def under(cls, home):
+        coda = home / ".coda"
+        return cls(home=home, projects=home / "projects", uploads=home / "uploads", local=home / ".local",
+                   local_bin=home / ".local" / "bin", databrickscfg=home / ".databrickscfg",
+                   proxy_key_file=coda / "proxy-key", pat_status_file=coda / "pat-status.json",
+                   tracing_file=coda / "tracing.json", tracing_log=coda / "tracing.log",
+                   git_hooks=coda / "git-hooks", skill_sources=coda / "skill-sources",
+                   skill_folders=(home / ".claude" / "skills", home / ".agents" / "skills"),
+                   sync_log=home / ".sync.log")
+
+
+PATHS = Paths.under(CONFIG.home)
+
+
+def write_private(path, text):
+    """Write atomically (a temporary file renamed over the target) with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+class Process:
+    """The objects that make up the running server, built and wired together in one place, wire()
+    (section 12): a map of who talks to whom. Functions (routes, the proxy, setup steps) reach them
+    here; the objects themselves get what they call passed in."""
+    access = None        # Access (3): who may pass
+    sessions = None      # Sessions (5): the terminals; at shutdown it tells every socket
+    sockets = None       # set of TerminalSocket (7): every open WebSocket
+    gateway = None       # Gateway (8): where the agents' model calls go
+    pat = None           # Pat (8): the token; it tells the gateway, ~/.databrickscfg and setup
+    delta_logs = None    # DeltaLogShipper (8), once serve starts it: app logs, sent with pat's token
+    setup = None         # Setup (10): the steps; their token steps run whenever pat has a new token
+    proxy_port = None    # ProxyPort (11): whether this process's proxy holds CODA_PROXY_PORT
+    proxy_server = None  # the running local proxy (11), for shutdown
+
+
+PROCESS = Process()
 SECRET_VARIABLES = ("CODA_TOKEN", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET")  # CONFIG holds them
 
 
@@ -371,6 +452,17 @@ PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
 INPUT_QUEUE_BYTES = 4 * MIB      # input waiting for one session's program; beyond it input is refused (429)
 EXITED_LINGER = 300              # an exited session stays readable this long
+
+# Timeouts (seconds) of calls that leave the process, named once so tests can shrink them. The
+# SDK's own and the proxy's upstream wait are settings (sdk_http_timeout, sdk_retry_timeout,
+# proxy_timeout above).
+PROBE_SECONDS = 3                # one HEAD probing a gateway generation (section 8)
+PROXY_PROBE_SECONDS = 2          # the local proxy's /health challenge (setup's proxy step, doctor)
+PROXY_SETTLE_SECONDS = 10        # waiting for the proxy to hold its port and answer (section 10)
+PROXY_RESTART_PAUSE = 5          # before the supervised proxy server is started again (section 11)
+VERSION_TIMEOUT = 60             # `agent --version`, proving an install runs (section 10)
+GIT_CONFIG_TIMEOUT = 30          # one `git config` (section 10)
+DOCTOR_HTTP_SECONDS = 10         # doctor's reachability check of the workspace
 
 # ===========================================================================
 # 2. Logging
@@ -419,242 +511,6 @@ def setup_logging():
         log.warning(warning)
 
 
-# App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
-# the records of the "coda" logger (never terminal content, which is never
-# logged; never a token: each record passes the redacting filter first) are
-# also inserted into a Delta table through the SQL Statement Execution API,
-# with the owner's current token. Values only ever travel as named parameters;
-# the table name is validated and backtick-quoted. The handler only appends to
-# a bounded deque; one greenlet sends. While the table cannot be written, the
-# oldest records fall off the deque, and how many is logged once it works again.
-DELTA_QUEUE_BOUND = 5000          # records waiting at most; past it the oldest go (counted, reported)
-DELTA_MAX_PARAMETERS = 256        # the Statement Execution API's limit of named parameters per statement
-DELTA_ROWS_PER_STATEMENT = (DELTA_MAX_PARAMETERS - 2) // 4  # 4 per row, plus :app and :host: 63
-DELTA_STATEMENT_BYTES = 1 * MIB   # parameter values in one statement (the API allows 16 MiB of text)
-DELTA_MESSAGE_CHARS = 16 * KIB    # a longer message is cut
-DELTA_FLUSH_SECONDS = 5.0         # a record waits at most this long for a batch to fill
-DELTA_TICK = 0.5                  # how often the sender looks at the deque
-DELTA_BACKOFF_FIRST = 2.0         # seconds before the first retry; doubled per failure ...
-DELTA_BACKOFF_CAP = 300.0         # ... up to this
-DELTA_POLL_SECONDS = 5.0          # polling a statement that waits for its warehouse to start ...
-DELTA_PATIENCE = 600.0            # ... for at most this long before it is cancelled and retried
-DELTA_LOGS = []                   # the running shipper, for shutdown
-DELTA_COLUMNS = ("ts TIMESTAMP COMMENT 'when CoDA logged it', level STRING, "
-                 "logger STRING, message STRING COMMENT 'redacted: never a token', "
-                 "app STRING COMMENT 'DATABRICKS_APP_NAME, else coda', host STRING")
-DeltaRow = collections.namedtuple("DeltaRow", "seq created level logger message")
-
-
-def delta_table_name(text):
-    """`catalog.schema.table` as a SQL identifier with each name backtick-quoted, else ValueError.
-
-    Unity Catalog names hold no period, space, slash or control character;
-    a name may be given in backticks already; a backtick inside one is doubled."""
-    parts = text.strip().split(".")
-    if len(parts) != 3:
-        raise ValueError("is not catalog.schema.table")
-    quoted = []
-    for part in parts:
-        if len(part) >= 2 and part[0] == part[-1] == "`":
-            part = part[1:-1].replace("``", "`")
-        if not part or len(part) > 255 or re.search(r"[\s/\x00-\x1f\x7f]", part):
-            raise ValueError("has a name that is empty, too long, or holds a space, slash or control character")
-        quoted.append("`" + part.replace("`", "``") + "`")
-    return ".".join(quoted)
-
-
-class DeltaLogHandler(logging.Handler):
-    """Redacts each record and appends it to a bounded deque: no I/O, no lock, never waits."""
-
-    def __init__(self, bound=None):
-        super().__init__(logging.INFO)
-        self.addFilter(RedactingFilter())
-        self.pending = collections.deque(maxlen=bound or DELTA_QUEUE_BOUND)  # full: the oldest falls off
-        self.numbers = itertools.count()  # gaps in the numbers are the records that fell off
-
-    def handle(self, record):  # no handler lock: appending to a deque is atomic
-        if self.filter(record):
-            self.emit(record)
-        return True
-
-    def emit(self, record):
-        self.pending.append(DeltaRow(next(self.numbers), record.created, record.levelname, record.name,
-                                     record.getMessage()[:DELTA_MESSAGE_CHARS]))
-
-
-class StatementFailed(Exception):
-    """The warehouse ran a statement and it ended FAILED, CANCELED or CLOSED."""
-
-
-class DeltaLogShipper:
-    """The greenlet that writes the handler's records to the table, one statement per batch."""
-
-    def __init__(self, handler, table, warehouse_id):
-        self.handler = handler
-        self.table = table                # quoted by delta_table_name
-        self.warehouse_id = warehouse_id
-        self.app = CONFIG.app_name or "coda"
-        self.host = os.uname().nodename
-        self.table_ready = False          # CREATE TABLE IF NOT EXISTS ran (or an insert worked)
-        self.next_seq = 0                 # the number of the first record not yet written
-        self.dropped = 0                  # records that fell off before they were written, not yet reported
-        self.failures = 0
-        self.error = None                 # why the last try failed
-        self.client, self.token = None, None
-        self.greenlet = None
-        self.sending = gevent.lock.Semaphore()  # held while a pass sends: shutdown waits for it
-
-    def due(self):
-        pending = self.handler.pending
-        return len(pending) >= DELTA_ROWS_PER_STATEMENT or bool(
-            pending) and time.time() - pending[0].created >= DELTA_FLUSH_SECONDS
-
-    def run_forever(self):
-        """Send when a batch is full or old enough; after a failure retry with backoff, doubling, capped."""
-        while True:
-            gevent.sleep(min(DELTA_BACKOFF_FIRST * 2 ** (self.failures - 1), DELTA_BACKOFF_CAP)
-                         if self.failures else DELTA_TICK)
-            if not self.failures and not self.due():
-                continue
-            try:
-                with self.sending:
-                    sent = self.send_pending()
-            except Exception as error:
-                self.failures, self.error = self.failures + 1, reason(error)
-                if self.failures == 1:
-                    log.warning("app logs could not be written to %s (%s); retrying with backoff, keeping "
-                                "the newest %d records", self.table, self.error, self.handler.pending.maxlen)
-                continue
-            if sent and self.failures:
-                log.info("app logs are written to %s again, after %d failed tries", self.table, self.failures)
-                self.failures, self.error = 0, None
-
-    def send_pending(self):
-        """Write every pending record: True once written, False while there is no valid token yet.
-
-        Raises on the first failure; what was not written stays pending."""
-        if not self.handler.pending:
-            return True
-        token = PAT.token if PAT.valid() else None
-        if not token:
-            return False
-        if token != self.token:  # the current token: rotation replaces it
-            self.client, self.token = workspace_client(token), token
-        create_error = None
-        if not self.table_ready:
-            try:
-                self.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({DELTA_COLUMNS}) USING DELTA "
-                             "COMMENT 'CoDA app logs'")
-                self.table_ready = True
-            except StatementFailed as error:  # no right to create here, maybe: the table may exist already
-                create_error = error
-        while rows := self.take():
-            try:
-                self.execute(*self.insert(rows))
-            except StatementFailed as error:
-                raise StatementFailed(f"{error} (creating the table failed too: {create_error})"
-                                      if create_error else str(error)) from None
-            self.table_ready = True
-            self.confirm(rows)
-        if self.dropped:
-            log.warning("%d app log records were dropped, the oldest first, before they could be written to %s",
-                        self.dropped, self.table)
-            self.dropped = 0
-        return True
-
-    def take(self):
-        """The oldest pending records that fit one statement; counts those that fell off unwritten."""
-        try:
-            rows = list(itertools.islice(self.handler.pending, DELTA_ROWS_PER_STATEMENT))
-        except RuntimeError:  # a native thread logged during the copy: take them next time
-            return []
-        if rows and rows[0].seq > self.next_seq:
-            self.dropped += rows[0].seq - self.next_seq
-            self.next_seq = rows[0].seq
-        size = 0
-        for count, row in enumerate(rows):
-            size += len(row.message.encode()) + 64
-            if count and size > DELTA_STATEMENT_BYTES:
-                return rows[:count]
-        return rows
-
-    def confirm(self, rows):
-        pending, last = self.handler.pending, rows[-1].seq
-        while pending and pending[0].seq <= last:
-            pending.popleft()
-        self.next_seq = last + 1
-
-    def insert(self, rows):
-        """One INSERT with a VALUES row of named parameters per record: no value is ever in the SQL text."""
-        from databricks.sdk.service.sql import StatementParameterListItem as Param
-
-        values = []
-        parameters = [Param(name="app", value=self.app), Param(name="host", value=self.host)]
-        for i, row in enumerate(rows):
-            values.append(f"(:ts_{i}, :level_{i}, :logger_{i}, :message_{i}, :app, :host)")
-            whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.created))
-            stamp = f"{whole}.{int(row.created % 1 * 1e6):06d}Z"  # UTC, to the microsecond
-            parameters += [Param(name=f"ts_{i}", value=stamp, type="TIMESTAMP"),
-                           Param(name=f"level_{i}", value=row.level), Param(name=f"logger_{i}", value=row.logger),
-                           Param(name=f"message_{i}", value=row.message)]
-        statement = f"INSERT INTO {self.table} (ts, level, logger, message, app, host) VALUES " + ", ".join(values)
-        return statement, parameters
-
-    def execute(self, statement, parameters=None):
-        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
-        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
-
-        run = self.client.statement_execution
-        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
-                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
-                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
-        deadline = time.monotonic() + DELTA_PATIENCE
-        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
-            if time.monotonic() > deadline:
-                try:
-                    run.cancel_execution(answer.statement_id)
-                except Exception as error:  # best effort, as the API says of cancelling anyway
-                    log.info("could not cancel a waiting log statement (%s)", reason(error))
-                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
-            gevent.sleep(DELTA_POLL_SECONDS)
-            answer = run.get_statement(answer.statement_id)
-        if answer.status.state != StatementState.SUCCEEDED:
-            error = answer.status.error
-            raise StatementFailed(f"the statement ended {answer.status.state.value}"
-                                  + (f": {error.message}" if error and error.message else ""))
-
-    def final_flush(self, seconds=3.0):
-        """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
-        then one last try to write what is pending; all within `seconds`."""
-        with gevent.Timeout(seconds, False), self.sending:
-            if self.greenlet is not None:
-                self.greenlet.kill()
-            try:
-                self.send_pending()
-            except Exception as error:
-                log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
-
-
-def start_delta_logs():
-    """With CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID set: CoDA's records also go to that table."""
-    if not (CONFIG.log_table or CONFIG.log_warehouse_id) or DELTA_LOGS:
-        return None
-    if not (CONFIG.log_table and CONFIG.log_warehouse_id):
-        log.warning("app logs to Delta need both CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID; logs stay local")
-        return None
-    try:
-        table = delta_table_name(CONFIG.log_table)
-    except ValueError as error:
-        log.warning("CODA_LOG_TABLE=%r %s; logs stay local", CONFIG.log_table, error)
-        return None
-    handler = DeltaLogHandler()
-    log.addHandler(handler)
-    shipper = DeltaLogShipper(handler, table, CONFIG.log_warehouse_id)
-    shipper.greenlet = gevent.spawn(shipper.run_forever)
-    DELTA_LOGS.append(shipper)
-    log.info("app logs also go to %s through SQL warehouse %s, once a token is configured",
-             table, CONFIG.log_warehouse_id)
-    return shipper
 
 
 # ===========================================================================
@@ -763,8 +619,6 @@ def _cookie(environ, name):
             return value
     return ""
 
-
-ACCESS = Access(CONFIG)
 
 # ===========================================================================
 # 4. Output streams
@@ -888,15 +742,15 @@ def is_ci_marker(name):
     return name in ("CI", "CONTINUOUS_INTEGRATION") or name.startswith("CI_")
 
 
-def shell_environment(config, base=os.environ):
-    """The environment a terminal starts with: ours, minus every secret."""
+def shell_environment(config, agent_variables, base=os.environ):
+    """The environment a terminal starts with: ours, minus every secret, plus the agents' variables."""
     env = {k: v for k, v in base.items()
            if k not in SECRET_NAMES and not k.upper().endswith(SECRET_SUFFIXES) and not is_ci_marker(k)}
-    env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(config.home),
-               CODA_VERSION=__version__, **agent_environment())
+    env.update(TERM="xterm-256color", COLORTERM="truecolor", HOME=str(PATHS.home),
+               CODA_VERSION=__version__, **agent_variables)
     if not any(env.get(k) for k in ("LC_ALL", "LC_CTYPE", "LANG")):
         env["LANG"] = "C.UTF-8"
-    local_bin = str(config.home / ".local" / "bin")
+    local_bin = str(PATHS.local_bin)
     path = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":") if p and p != local_bin]
     env["PATH"] = ":".join([local_bin] + path)
     return env
@@ -974,7 +828,7 @@ class Subscriber:
 class Session:
     """A shell on a PTY: its process group, its output stream and its reader."""
 
-    def __init__(self, config, label, cols, rows):
+    def __init__(self, config, label, cols, rows, env):
         self.config = config
         self.id = secrets.token_hex(8)
         self.label = label
@@ -991,12 +845,12 @@ class Session:
         self._input = collections.deque()  # input not yet written, in arrival order (WS and HTTP alike)
         self._input_bytes = 0
         self._input_waiting = gevent.event.Event()
-        projects = config.home / "projects"
+        projects = PATHS.projects
         projects.mkdir(parents=True, exist_ok=True)
         master, slave = os.openpty()
         try:
             _set_winsize(master, cols, rows)
-            self.pid = spawn_on_terminal([config.shell], shell_environment(config), projects, slave)
+            self.pid = spawn_on_terminal([config.shell], env, projects, slave)
         except BaseException:
             os.close(master)
             raise
@@ -1163,8 +1017,10 @@ class Session:
 class Sessions:
     """The manager: owns every session's lifetime, the cap, the reaper and shutdown."""
 
-    def __init__(self, config):
+    def __init__(self, config, environment, on_shutdown):
         self.config = config
+        self.environment = environment  # () -> a new terminal's environment
+        self.on_shutdown = on_shutdown  # () -> None: tell every client, before the shells hang up
         self.by_id = {}
         self.starting = 0
         self.shutting_down = gevent.event.Event()
@@ -1178,7 +1034,7 @@ class Sessions:
                                 "or raise MAX_CONCURRENT_SESSIONS.")
         self.starting += 1
         try:
-            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows)
+            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment())
         finally:
             self.starting -= 1
         self.by_id[session.id] = session
@@ -1225,15 +1081,12 @@ class Sessions:
             return
         log.info("shutting down: closing %d sessions", len(self.by_id))
         self.shutting_down.set()
-        for client in list(SOCKETS):
-            client.send_json({"type": "shutting_down"})
+        self.on_shutdown()
         for session in self.by_id.values():
             session.stream.wake()
         closers = [gevent.spawn(self.close, sid) for sid in list(self.by_id)]
         gevent.joinall(closers, timeout=CLOSE_GRACE + 4)
 
-
-SESSIONS = Sessions(CONFIG)
 
 # ===========================================================================
 # 6. HTTP API
@@ -1360,7 +1213,7 @@ def output_answer(session, since, limit=POLL_SLICE, encoding="text"):
     output, offset, next_offset, truncated = read(since, limit)
     return {"output": output, "offset": offset, "next_offset": next_offset, "truncated": truncated,
             "exited": session.exit_code is not None or session.closing, "exit_code": session.exit_code,
-            "shutting_down": SESSIONS.shutting_down.is_set()}
+            "shutting_down": PROCESS.sessions.shutting_down.is_set()}
 
 
 def _has_news(answer):
@@ -1375,9 +1228,9 @@ def wait_for_output(sessions_and_offsets, wait, encoding="text"):
         answers = [output_answer(s, since, encoding=encoding) if s else {"error": "Session not found", "exited": True}
                    for s, since in sessions_and_offsets]
         remaining = deadline - time.monotonic()
-        if any(map(_has_news, answers)) or remaining <= 0 or SESSIONS.shutting_down.is_set():
+        if any(map(_has_news, answers)) or remaining <= 0 or PROCESS.sessions.shutting_down.is_set():
             return answers
-        gevent.wait(events + [SESSIONS.shutting_down], timeout=remaining, count=1)
+        gevent.wait(events + [PROCESS.sessions.shutting_down], timeout=remaining, count=1)
 
 
 @app.get("/")
@@ -1392,10 +1245,10 @@ def static(path):
 
 @app.get("/health")
 def health():
-    answer = {"status": "healthy", "version": __version__, "setup_status": SETUP.overall(),
-              "active_sessions": len(SESSIONS.by_id)}
-    if ACCESS.owner_error:
-        answer["owner_error"] = ACCESS.owner_error
+    answer = {"status": "healthy", "version": __version__, "setup_status": PROCESS.setup.overall(),
+              "active_sessions": len(PROCESS.sessions.by_id)}
+    if PROCESS.access.owner_error:
+        answer["owner_error"] = PROCESS.access.owner_error
     return answer
 
 
@@ -1406,7 +1259,7 @@ def version():
 
 @api("/api/sessions", "GET")
 def list_sessions():
-    return [s.describe() for s in SESSIONS.by_id.values()]
+    return [s.describe() for s in PROCESS.sessions.by_id.values()]
 
 
 @api("/api/session")
@@ -1414,14 +1267,14 @@ def create_session(body):
     label = clean_label(field(body, "label", str, ""))
     cols = field(body, "cols", int, 80, 1, 1000)
     rows = field(body, "rows", int, 24, 1, 1000)
-    session = SESSIONS.create(label, cols, rows)
+    session = PROCESS.sessions.create(label, cols, rows)
     return {"session_id": session.id, "label": session.label, "created_at": session.created_at}
 
 
 @api("/api/session/attach")
 def attach_session(body):
     encoding = output_encoding(body)
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     since = field(body, "since", int, session.stream.start, 0)
     session.touch()
     answer = output_answer(session, since, CONFIG.scrollback_bytes, encoding)  # all that is kept, in one answer
@@ -1432,20 +1285,20 @@ def attach_session(body):
 
 @api("/api/session/label")
 def label_session(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     session.label = clean_label(field(body, "label", str))
     return {"status": "ok"}
 
 
 @api("/api/session/close")
 def close_session(body):
-    SESSIONS.close(field(body, "session_id", str))
+    PROCESS.sessions.close(field(body, "session_id", str))
     return {"status": "ok"}
 
 
 @api("/api/input")
 def send_input(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     data = input_bytes(body)
     if len(data) > MAX_INPUT_BYTES:
         raise ApiError(413, "Input is limited to 1 MiB per request.")
@@ -1456,7 +1309,7 @@ def send_input(body):
 
 @api("/api/resize")
 def resize(body):
-    session = SESSIONS.get(field(body, "session_id", str))
+    session = PROCESS.sessions.get(field(body, "session_id", str))
     session.resize(field(body, "cols", int, ..., 1, 1000), field(body, "rows", int, ..., 1, 1000))
     return {"status": "ok"}
 
@@ -1467,7 +1320,7 @@ def poll_output(body):
     since = field(body, "since", int, None, 0)
     wait = min(field(body, "wait", float, 0.0, 0.0), MAX_POLL_WAIT)
     encoding = output_encoding(body)
-    session = SESSIONS.get(session_id)
+    session = PROCESS.sessions.get(session_id)
     session.touch()
     [answer] = wait_for_output([(session, session.http_cursor if since is None else since)], wait, encoding)
     if since is None:
@@ -1485,7 +1338,7 @@ def poll_output_batch(body):
     encoding = output_encoding(body)
     wanted = []
     for session_id in ids:
-        session = SESSIONS.by_id.get(session_id)
+        session = PROCESS.sessions.by_id.get(session_id)
         if session:
             session.touch()
         wanted.append((session, since.get(session_id, session.http_cursor if session else 0)))
@@ -1493,7 +1346,7 @@ def poll_output_batch(body):
     for (session, offset), answer in zip(wanted, answers):
         if session and session.id not in since:
             session.http_cursor = answer["next_offset"]
-    return {"outputs": dict(zip(ids, answers)), "shutting_down": SESSIONS.shutting_down.is_set()}
+    return {"outputs": dict(zip(ids, answers)), "shutting_down": PROCESS.sessions.shutting_down.is_set()}
 
 
 @api("/api/heartbeat")
@@ -1501,7 +1354,7 @@ def heartbeat(body):
     ids = id_list(body, "session_ids", None)
     if ids is None:
         ids = [field(body, "session_id", str)]
-    SESSIONS.touch(ids)
+    PROCESS.sessions.touch(ids)
     return {"status": "ok"}
 
 
@@ -1531,7 +1384,7 @@ def _save_upload():
     if item is None:
         raise ApiError(400, "Send the file as multipart form data in the field 'file'.")
     name = UPLOAD_NAME.sub("_", Path(item.raw_filename or "").name).lstrip("._")[:100] or "upload"
-    folder = CONFIG.home / "uploads"
+    folder = PATHS.uploads
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}_{name}"
     size = 0
@@ -1581,15 +1434,16 @@ def coda_app(environ, start_response):
 
 def _admit(environ, start):
     if environ.get("PATH_INFO") != "/health":
-        reason = ACCESS.denied(environ)
+        reason = PROCESS.access.denied(environ)
         if reason:
             return _plain_json(start, "403 Forbidden", {"error": reason})
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
-        if "token" in query and environ.get("REQUEST_METHOD") == "GET" and ACCESS.token:
+        if "token" in query and environ.get("REQUEST_METHOD") == "GET" and PROCESS.access.token:
             # Trade the URL token for a cookie, so it leaves the address bar and history.
             rest = urllib.parse.urlencode({k: v for k, v in query.items() if k != "token"}, doseq=True)
             location = local_path(environ.get("PATH_INFO", "/")) + (f"?{rest}" if rest else "")
-            start("303 See Other", [("Location", location), ("Set-Cookie", ACCESS.cookie()), ("Content-Length", "0")])
+            start("303 See Other", [("Location", location), ("Set-Cookie", PROCESS.access.cookie()),
+                                    ("Content-Length", "0")])
             return [b""]
     return app(environ, start)
 
@@ -1612,11 +1466,15 @@ def _plain_json(start, status, payload, exc_info=None):
 # 7. WebSocket
 # ===========================================================================
 
-SOCKETS = set()  # every open TerminalSocket, for the shutdown notice
 OUTPUT_FRAME = 0x01
 TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
 BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile ...
 LINK_RATE = 10_000_000   # ... or, on a distant link, what one round trip carries at this many bytes/s
+
+
+def tell_every_socket(message):
+    for client in list(PROCESS.sockets):
+        client.send_json(message)
 
 
 class MessageTooBig(Exception):
@@ -1707,7 +1565,7 @@ class CodaHandler(_ws_handler.WebSocketHandler):
     header_deadline = None
 
     def run_application(self):
-        if self.environ.get("PATH_INFO") == "/ws" and ACCESS.denied(self.environ) is None \
+        if self.environ.get("PATH_INFO") == "/ws" and PROCESS.access.denied(self.environ) is None \
                 and _is_websocket_upgrade(self.environ, self.request_version):
             return super().run_application()
         return WSGIHandler.run_application(self)  # plain HTTP: coda_app answers (403 when denied)
@@ -1798,13 +1656,13 @@ class TerminalSocket:
         self.typed_at = {}  # session_id -> time.monotonic() of its last input on this socket
 
     def serve(self):
-        SOCKETS.add(self)
+        PROCESS.sockets.add(self)
         pinger = gevent.spawn(self._ping_forever)
         try:
             while (message := self.ws.receive()) is not None:
                 self.dispatch(message)
         finally:
-            SOCKETS.discard(self)
+            PROCESS.sockets.discard(self)
             pinger.kill()
             for session_id in list(self.senders):
                 self.leave(session_id)
@@ -1819,13 +1677,13 @@ class TerminalSocket:
                 raise ApiError(400, "The message must be a JSON object.")
             kind = body.get("type")
             if kind == "heartbeat":
-                SESSIONS.touch(id_list(body, "session_ids", []))
+                PROCESS.sessions.touch(id_list(body, "session_ids", []))
                 return
             handler = self.HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise ApiError(400, f"Unknown message type {str(kind)[:40]!r}.")
             session_id = field(body, "session_id", str)
-            handler(self, SESSIONS.get(session_id), body)
+            handler(self, PROCESS.sessions.get(session_id), body)
         except ApiError as error:
             reply = {"type": "error", "message": str(error)}
             if session_id:
@@ -1852,7 +1710,7 @@ class TerminalSocket:
         self.typed_at.pop(session_id, None)
         if sender:
             sender.kill()
-            session = SESSIONS.by_id.get(session_id)
+            session = PROCESS.sessions.by_id.get(session_id)
             if session:
                 session.unsubscribe(subscriber)
 
@@ -1976,10 +1834,8 @@ GATEWAY_PATHS = {
     "gemini": ("/gemini", "/ai-gateway/gemini", "/serving-endpoints/google"),               # Gemini CLI
     "chat": ("/mlflow/v1", "/ai-gateway/mlflow/v1", "/serving-endpoints"),                  # OpenCode, Hermes
 }
-PROBE_SECONDS = 3
 # Minted tokens carry this process's own comment, so CoDA can prove which listed tokens are its own.
 TOKEN_COMMENT = f"CoDA short-lived token {secrets.token_hex(6)} (rotated and revoked automatically)"
-PAT_STATUS_FILE = CONFIG.home / ".coda" / "pat-status.json"  # /api/pat-status without the token, for doctor
 
 
 def import_off_loop(module):
@@ -2040,14 +1896,15 @@ def resolve_owner_forever():
             creator = workspace_client().apps.get(CONFIG.app_name).creator
             if not creator:
                 raise ValueError("the Apps API names no creator for this app")
-            ACCESS.owner, ACCESS.owner_error = creator.strip().lower(), None
+            PROCESS.access.owner, PROCESS.access.owner_error = creator.strip().lower(), None
             log.info("app owner resolved from the Apps API")
             for name in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET"):
                 os.environ.pop(name, None)  # no child process may inherit the service principal
             return
         except Exception as error:
-            ACCESS.owner_error = f"the Apps API lookup of the app's owner (its creator) failed: {reason(error)}"
-            log.warning("app owner unknown, nobody may enter (%s); retrying in %.0f s", ACCESS.owner_error, delay)
+            PROCESS.access.owner_error = f"the Apps API lookup of the app's owner (its creator) failed: {reason(error)}"
+            log.warning("app owner unknown, nobody may enter (%s); retrying in %.0f s",
+                        PROCESS.access.owner_error, delay)
             gevent.sleep(delay)
             delay = min(delay * 2, 300)
 
@@ -2095,8 +1952,6 @@ def _answers(url, token):
     return answer.status_code < 500 and answer.status_code != 404
 
 
-GATEWAY = Gateway()
-
 
 class Pat:
     """The token CoDA works with: validated, exchanged for a short-lived one, rotated, the old one revoked.
@@ -2109,7 +1964,10 @@ class Pat:
     is retried while the token is valid, and said in `error` meanwhile.
     """
 
-    def __init__(self):
+    def __init__(self, gateway, save_token, token_configured):
+        self.gateway = gateway                    # told the token, to discover where model calls go
+        self.save_token = save_token              # (token) -> None: each minted token, for the CLI and SDK
+        self.token_configured = token_configured  # () -> None: after each pasted token
         self.token = None          # the current token: a minted one, or the pasted one until a mint succeeds
         self.token_id = None       # its id, when CoDA minted it
         self.expires_at = None     # epoch seconds, when known
@@ -2124,6 +1982,9 @@ class Pat:
 
     def valid(self):
         return bool(self.token) and not self.refused and (self.expires_at is None or time.time() < self.expires_at)
+
+    def current_token(self):
+        return self.token if self.valid() else None
 
     def status(self):
         answer = {"configured": self.token is not None, "valid": self.valid(), "user": self.user,
@@ -2141,9 +2002,9 @@ class Pat:
             log.warning("%s", error)
         self.error = error
         try:
-            write_private(PAT_STATUS_FILE, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
+            write_private(PATHS.pat_status_file, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
         except OSError as failure:
-            log.warning("could not write %s: %s", PAT_STATUS_FILE, reason(failure))
+            log.warning("could not write %s: %s", PATHS.pat_status_file, reason(failure))
 
     def configure(self, token, replace=False):
         """Validate a pasted token with SCIM Me (that token alone), mint from it, configure the agents."""
@@ -2164,13 +2025,13 @@ class Pat:
             SECRETS.add(token)  # a pasted token stays live (CoDA cannot revoke it), so it stays redacted
             self.user, self.token, self.token_id, self.expires_at, self.refused = me.user_name, token, None, None, False
             self.identity = me
-            GATEWAY.discover(token)
+            self.gateway.discover(token)
             try:
                 self._mint()
                 self.report(None)
             except Exception as error:
                 self.report(f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile.")
-        SETUP.run_token_steps()
+        self.token_configured()
         if self.rotor is None or self.rotor.dead:
             self.rotor = gevent.spawn(self._rotate_forever)
         log.info("Databricks token configured for %s", self.user)
@@ -2185,7 +2046,7 @@ class Pat:
         self.expires_at = expiry if expiry > 0 else time.time() + CONFIG.token_lifetime
         self.minted[self.token_id] = (self.token, self.expires_at)
         self.last_rotation = time.time()
-        write_databrickscfg(self.token)
+        self.save_token(self.token)
         self._revoke_old()
 
     def _revoke_old(self):
@@ -2259,19 +2120,17 @@ class Pat:
             log.warning("DATABRICKS_TOKEN from the environment was not usable: %s", error)
 
 
-PAT = Pat()
-
 
 @api("/api/pat-status", "GET")
 def pat_status():
-    return PAT.status()
+    return PROCESS.pat.status()
 
 
 @api("/api/app-state", "GET")
 def app_state():
-    return {"owner": ACCESS.owner, "workspace_host": CONFIG.databricks_host or None,
-            "pat_configured": PAT.token is not None, "last_rotation": PAT.last_rotation,
-            "gateway": GATEWAY.describe()}
+    return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
+            "pat_configured": PROCESS.pat.token is not None, "last_rotation": PROCESS.pat.last_rotation,
+            "gateway": PROCESS.gateway.describe()}
 
 
 @api("/api/configure-pat")
@@ -2279,7 +2138,246 @@ def configure_pat(body):
     token = field(body, "token", str).strip()
     if not token:
         raise ApiError(400, "The field 'token' is empty.")
-    return PAT.configure(token, replace=field(body, "replace", bool, False))
+    return PROCESS.pat.configure(token, replace=field(body, "replace", bool, False))
+
+
+# App logs to Delta (optional): with CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID,
+# the records of the "coda" logger (never terminal content, which is never
+# logged; never a token: each record passes the redacting filter first) are
+# also inserted into a Delta table through the SQL Statement Execution API,
+# with the owner's current token. Values only ever travel as named parameters;
+# the table name is validated and backtick-quoted. The handler only appends to
+# a bounded deque; one greenlet sends. While the table cannot be written, the
+# oldest records fall off the deque, and how many is logged once it works again.
+DELTA_QUEUE_BOUND = 5000          # records waiting at most; past it the oldest go (counted, reported)
+DELTA_MAX_PARAMETERS = 256        # the Statement Execution API's limit of named parameters per statement
+DELTA_ROWS_PER_STATEMENT = (DELTA_MAX_PARAMETERS - 2) // 4  # 4 per row, plus :app and :host: 63
+DELTA_STATEMENT_BYTES = 1 * MIB   # parameter values in one statement (the API allows 16 MiB of text)
+DELTA_MESSAGE_CHARS = 16 * KIB    # a longer message is cut
+DELTA_FLUSH_SECONDS = 5.0         # a record waits at most this long for a batch to fill
+DELTA_TICK = 0.5                  # how often the sender looks at the deque
+DELTA_BACKOFF_FIRST = 2.0         # seconds before the first retry; doubled per failure ...
+DELTA_BACKOFF_CAP = 300.0         # ... up to this
+DELTA_POLL_SECONDS = 5.0          # polling a statement that waits for its warehouse to start ...
+DELTA_PATIENCE = 600.0            # ... for at most this long before it is cancelled and retried
+DELTA_COLUMNS = ("ts TIMESTAMP COMMENT 'when CoDA logged it', level STRING, "
+                 "logger STRING, message STRING COMMENT 'redacted: never a token', "
+                 "app STRING COMMENT 'DATABRICKS_APP_NAME, else coda', host STRING")
+DeltaRow = collections.namedtuple("DeltaRow", "seq created level logger message")
+
+
+def delta_table_name(text):
+    """`catalog.schema.table` as a SQL identifier with each name backtick-quoted, else ValueError.
+
+    Unity Catalog names hold no period, space, slash or control character;
+    a name may be given in backticks already; a backtick inside one is doubled."""
+    parts = text.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("is not catalog.schema.table")
+    quoted = []
+    for part in parts:
+        if len(part) >= 2 and part[0] == part[-1] == "`":
+            part = part[1:-1].replace("``", "`")
+        if not part or len(part) > 255 or re.search(r"[\s/\x00-\x1f\x7f]", part):
+            raise ValueError("has a name that is empty, too long, or holds a space, slash or control character")
+        quoted.append("`" + part.replace("`", "``") + "`")
+    return ".".join(quoted)
+
+
+class DeltaLogHandler(logging.Handler):
+    """Redacts each record and appends it to a bounded deque: no I/O, no lock, never waits."""
+
+    def __init__(self, bound=None):
+        super().__init__(logging.INFO)
+        self.addFilter(RedactingFilter())
+        self.pending = collections.deque(maxlen=bound or DELTA_QUEUE_BOUND)  # full: the oldest falls off
+        self.numbers = itertools.count()  # gaps in the numbers are the records that fell off
+
+    def handle(self, record):  # no handler lock: appending to a deque is atomic
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record):
+        self.pending.append(DeltaRow(next(self.numbers), record.created, record.levelname, record.name,
+                                     record.getMessage()[:DELTA_MESSAGE_CHARS]))
+
+
+class StatementFailed(Exception):
+    """The warehouse ran a statement and it ended FAILED, CANCELED or CLOSED."""
+
+
+class DeltaLogShipper:
+    """The greenlet that writes the handler's records to the table, one statement per batch."""
+
+    def __init__(self, handler, table, warehouse_id, token_source):
+        self.handler = handler
+        self.token_source = token_source  # () -> the current valid token, or None
+        self.table = table                # quoted by delta_table_name
+        self.warehouse_id = warehouse_id
+        self.app = CONFIG.app_name or "coda"
+        self.host = os.uname().nodename
+        self.table_ready = False          # CREATE TABLE IF NOT EXISTS ran (or an insert worked)
+        self.next_seq = 0                 # the number of the first record not yet written
+        self.dropped = 0                  # records that fell off before they were written, not yet reported
+        self.failures = 0
+        self.error = None                 # why the last try failed
+        self.client, self.token = None, None
+        self.greenlet = None
+        self.sending = gevent.lock.Semaphore()  # held while a pass sends: shutdown waits for it
+
+    def due(self):
+        pending = self.handler.pending
+        return len(pending) >= DELTA_ROWS_PER_STATEMENT or bool(
+            pending) and time.time() - pending[0].created >= DELTA_FLUSH_SECONDS
+
+    def run_forever(self):
+        """Send when a batch is full or old enough; after a failure retry with backoff, doubling, capped."""
+        while True:
+            gevent.sleep(min(DELTA_BACKOFF_FIRST * 2 ** (self.failures - 1), DELTA_BACKOFF_CAP)
+                         if self.failures else DELTA_TICK)
+            if not self.failures and not self.due():
+                continue
+            try:
+                with self.sending:
+                    sent = self.send_pending()
+            except Exception as error:
+                self.failures, self.error = self.failures + 1, reason(error)
+                if self.failures == 1:
+                    log.warning("app logs could not be written to %s (%s); retrying with backoff, keeping "
+                                "the newest %d records", self.table, self.error, self.handler.pending.maxlen)
+                continue
+            if sent and self.failures:
+                log.info("app logs are written to %s again, after %d failed tries", self.table, self.failures)
+                self.failures, self.error = 0, None
+
+    def send_pending(self):
+        """Write every pending record: True once written, False while there is no valid token yet.
+
+        Raises on the first failure; what was not written stays pending."""
+        if not self.handler.pending:
+            return True
+        token = self.token_source()
+        if not token:
+            return False
+        if token != self.token:  # the current token: rotation replaces it
+            self.client, self.token = workspace_client(token), token
+        create_error = None
+        if not self.table_ready:
+            try:
+                self.execute(f"CREATE TABLE IF NOT EXISTS {self.table} ({DELTA_COLUMNS}) USING DELTA "
+                             "COMMENT 'CoDA app logs'")
+                self.table_ready = True
+            except StatementFailed as error:  # no right to create here, maybe: the table may exist already
+                create_error = error
+        while rows := self.take():
+            try:
+                self.execute(*self.insert(rows))
+            except StatementFailed as error:
+                raise StatementFailed(f"{error} (creating the table failed too: {create_error})"
+                                      if create_error else str(error)) from None
+            self.table_ready = True
+            self.confirm(rows)
+        if self.dropped:
+            log.warning("%d app log records were dropped, the oldest first, before they could be written to %s",
+                        self.dropped, self.table)
+            self.dropped = 0
+        return True
+
+    def take(self):
+        """The oldest pending records that fit one statement; counts those that fell off unwritten."""
+        try:
+            rows = list(itertools.islice(self.handler.pending, DELTA_ROWS_PER_STATEMENT))
+        except RuntimeError:  # a native thread logged during the copy: take them next time
+            return []
+        if rows and rows[0].seq > self.next_seq:
+            self.dropped += rows[0].seq - self.next_seq
+            self.next_seq = rows[0].seq
+        size = 0
+        for count, row in enumerate(rows):
+            size += len(row.message.encode()) + 64
+            if count and size > DELTA_STATEMENT_BYTES:
+                return rows[:count]
+        return rows
+
+    def confirm(self, rows):
+        pending, last = self.handler.pending, rows[-1].seq
+        while pending and pending[0].seq <= last:
+            pending.popleft()
+        self.next_seq = last + 1
+
+    def insert(self, rows):
+        """One INSERT with a VALUES row of named parameters per record: no value is ever in the SQL text."""
+        from databricks.sdk.service.sql import StatementParameterListItem as Param
+
+        values = []
+        parameters = [Param(name="app", value=self.app), Param(name="host", value=self.host)]
+        for i, row in enumerate(rows):
+            values.append(f"(:ts_{i}, :level_{i}, :logger_{i}, :message_{i}, :app, :host)")
+            whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(row.created))
+            stamp = f"{whole}.{int(row.created % 1 * 1e6):06d}Z"  # UTC, to the microsecond
+            parameters += [Param(name=f"ts_{i}", value=stamp, type="TIMESTAMP"),
+                           Param(name=f"level_{i}", value=row.level), Param(name=f"logger_{i}", value=row.logger),
+                           Param(name=f"message_{i}", value=row.message)]
+        statement = f"INSERT INTO {self.table} (ts, level, logger, message, app, host) VALUES " + ", ".join(values)
+        return statement, parameters
+
+    def execute(self, statement, parameters=None):
+        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
+        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
+
+        run = self.client.statement_execution
+        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
+                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
+                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
+        deadline = time.monotonic() + DELTA_PATIENCE
+        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
+            if time.monotonic() > deadline:
+                try:
+                    run.cancel_execution(answer.statement_id)
+                except Exception as error:  # best effort, as the API says of cancelling anyway
+                    log.info("could not cancel a waiting log statement (%s)", reason(error))
+                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
+            gevent.sleep(DELTA_POLL_SECONDS)
+            answer = run.get_statement(answer.statement_id)
+        if answer.status.state != StatementState.SUCCEEDED:
+            error = answer.status.error
+            raise StatementFailed(f"the statement ended {answer.status.state.value}"
+                                  + (f": {error.message}" if error and error.message else ""))
+
+    def final_flush(self, seconds=3.0):
+        """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
+        then one last try to write what is pending; all within `seconds`."""
+        with gevent.Timeout(seconds, False), self.sending:
+            if self.greenlet is not None:
+                self.greenlet.kill()
+            try:
+                self.send_pending()
+            except Exception as error:
+                log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
+
+
+def start_delta_logs(config, token_source):
+    """With CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID set: CoDA's records also go to that table,
+    sent with token_source's token (PROCESS.delta_logs, for shutdown)."""
+    if not (config.log_table or config.log_warehouse_id) or PROCESS.delta_logs:
+        return None
+    if not (config.log_table and config.log_warehouse_id):
+        log.warning("app logs to Delta need both CODA_LOG_TABLE and CODA_LOG_WAREHOUSE_ID; logs stay local")
+        return None
+    try:
+        table = delta_table_name(config.log_table)
+    except ValueError as error:
+        log.warning("CODA_LOG_TABLE=%r %s; logs stay local", config.log_table, error)
+        return None
+    handler = DeltaLogHandler()
+    log.addHandler(handler)
+    shipper = DeltaLogShipper(handler, table, config.log_warehouse_id, token_source)
+    shipper.greenlet = gevent.spawn(shipper.run_forever)
+    PROCESS.delta_logs = shipper
+    log.info("app logs also go to %s through SQL warehouse %s, once a token is configured",
+             table, config.log_warehouse_id)
+    return shipper
 
 
 # ===========================================================================
@@ -2288,17 +2386,6 @@ def configure_pat(body):
 
 class ConfigError(Exception):
     """A user's file CoDA cannot merge into (it is left untouched)."""
-
-
-def write_private(path, text):
-    """Write atomically (a temporary file renamed over the target) with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
 
 
 def merge_json(path, merge):
@@ -2442,22 +2529,22 @@ class AgentContext:
     """What every writer needs: where things are, the gateway, the proxy, the models."""
 
     def __init__(self):
-        self.home = CONFIG.home
-        self.projects = CONFIG.home / "projects"
-        self.token_command = [sys.executable, str(HERE / "coda.py"), "token"]
+        self.home = PATHS.home
+        self.projects = PATHS.projects
+        self.token_command = [sys.executable, str(PROGRAM), "token"]
 
     def gateway(self, api):
-        return GATEWAY.base(api)
+        return PROCESS.gateway.base(api)
 
     @property
     def proxy_key(self):
-        PROXY_PORT.require()  # never handed to whatever else holds the port
+        PROCESS.proxy_port.require()  # never handed to whatever else holds the port
         return proxy_key()
 
     def proxied(self, api):
         """The local proxy's address for `api`: it adds the current token to every call.
         ConfigError when the port is not this CoDA's proxy."""
-        PROXY_PORT.require()
+        PROCESS.proxy_port.require()
         return f"http://127.0.0.1:{CONFIG.proxy_port}" + GATEWAY_PATHS[api][0]
 
 
@@ -2599,7 +2686,7 @@ def forget_old_trust(entries, folder, key, value):
 def trust_folder(folder):
     """Let Claude Code, Codex and Gemini CLI open `folder` (a project CoDA restored) without asking."""
     path = str(folder.resolve())
-    home = CONFIG.home
+    home = PATHS.home
     merge_json(home / ".claude.json", lambda data: nested(data, "projects", path).update(hasTrustDialogAccepted=True))
     merge_toml(home / ".codex" / "config.toml", lambda data: nested(data, "projects", path).update(trust_level="trusted"))
     merge_json(home / ".gemini" / "trustedFolders.json", lambda data: data.update({path: "TRUST_FOLDER"}))
@@ -2609,7 +2696,7 @@ def write_databrickscfg(token):
     """~/.databrickscfg [DEFAULT] host and token for the CLI and SDK; other profiles kept."""
     import configparser
 
-    path = CONFIG.home / ".databrickscfg"
+    path = PATHS.databrickscfg
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read(path)
@@ -2637,18 +2724,23 @@ def enabled_agents():
 def agent_environment():
     """Variables the terminals get for the agents (a project's own .env must not hide Gemini's)."""
     server = {"CODA_SERVER_PID": str(os.getpid())}  # doctor, run in a terminal, checks this CoDA's proxy
-    if not PAT.token or not PROXY_PORT.ours():
+    if not PROCESS.pat.token or not PROCESS.proxy_port.ours():
         return server  # the proxy's address and key only where the port is this CoDA's
     ctx = AgentContext()
     return {**server, **{key: value for agent in enabled_agents() if agent.environment
                          for key, value in agent_function(agent.environment)(ctx).items()}}
 
 
+def terminal_environment():
+    """What a terminal, or a setup command, starts with: shell_environment plus the agents' variables."""
+    return shell_environment(CONFIG, agent_environment())
+
+
 @functools.cache
 def proxy_key():
     """The local proxy's key, kept in a 0600 file so configs written before a restart stay valid;
     read once (the proxy asks on every request)."""
-    path = CONFIG.home / ".coda" / "proxy-key"
+    path = PATHS.proxy_key_file
     try:
         key = path.read_text().strip()
     except OSError:
@@ -2659,11 +2751,95 @@ def proxy_key():
     return key
 
 
+def proxy_proof(challenge, pid):
+    """What only a holder of this HOME's proxy key can answer to a challenge: the checker sends a
+    fresh nonce, never the key. The pid tells two CoDAs that share a HOME (and a key) apart."""
+    message = f"coda-proxy-health {challenge} {pid}".encode()
+    return hmac.new(proxy_key().encode(), message, "sha256").hexdigest()
+
+
+# Tracing hooks in the agents' configs (MLFLOW_TRACING_ENABLED): each agent's end-of-turn
+# hook runs `coda.py trace AGENT` (section 13), with tracing on; off, CoDA's hook goes.
+TRACE_COMMAND = [sys.executable, str(PROGRAM), "trace"]
+
+
+def tracing_hook(agent):
+    """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
+    if not CONFIG.mlflow_tracing:
+        PATHS.tracing_file.unlink(missing_ok=True)
+        return None
+    return TRACE_COMMAND + [agent]
+
+
+def _is_ours(agent):
+    """A hook entry CoDA wrote for `agent`, wherever coda.py lived then."""
+    suffix = f" trace {agent}"
+    return lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
+                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
+
+
+def merge_hook(data, event, entry, ours):
+    """settings["hooks"][event] (Claude Code's and Gemini CLI's shape: groups of {"hooks": [...]}) with
+    every entry `ours` removed, then `entry` added once when given; everything else is kept."""
+    hooks = data.get("hooks", {})
+    if not isinstance(hooks, dict) or not isinstance(hooks.get(event, []), list):
+        log.warning("the hooks in an agent's settings are not in a shape CoDA knows; left alone")
+        return
+    groups = []
+    for group in hooks.get(event, []):
+        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
+            inner = [hook for hook in group["hooks"] if not ours(hook)]
+            if not inner:
+                continue  # a group that held only ours
+            group = {**group, "hooks": inner}
+        groups.append(group)
+    if entry:
+        groups.append({"hooks": [entry]})
+    if groups:
+        hooks[event] = groups
+    else:
+        hooks.pop(event, None)
+    if hooks:
+        data["hooks"] = hooks
+    else:
+        data.pop("hooks", None)
+
+
+def claude_trace_hook(data):
+    """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
+    command = tracing_hook("claude")
+    entry = command and {"type": "command", "command": shlex.join(command), "timeout": 30}
+    merge_hook(data, "Stop", entry, _is_ours("claude"))
+
+
+def gemini_trace_hook(data):
+    """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
+    command = tracing_hook("gemini")
+    entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
+                         "command": shlex.join(command)}
+    merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
+
+
+def codex_notify(data):
+    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
+    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
+    command, current = tracing_hook("codex"), data.get("notify")
+    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
+    if current is not None and not ours:
+        if command:
+            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
+                        PATHS.home / ".codex" / "config.toml")
+        return
+    if command:
+        data["notify"] = command
+    else:
+        data.pop("notify", None)
+
+
 # ===========================================================================
 # 10. Setup
 # ===========================================================================
 
-LOCAL = CONFIG.home / ".local"   # where installs go: no root needed
 INSTALL_SCRIPTS = HERE / "install"
 
 
@@ -2708,8 +2884,8 @@ def run_command(step, argv, env=None, timeout=None):
     from gevent import subprocess  # lazy: only setup starts programs
 
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env={**shell_environment(CONFIG), **(env or {})}, start_new_session=True,
-                               cwd=str(CONFIG.home))
+                               env={**terminal_environment(), **(env or {})}, start_new_session=True,
+                               cwd=str(PATHS.home))
     try:
         for line in process.stdout:
             text = redact(line.decode(errors="replace").rstrip())
@@ -2729,10 +2905,10 @@ def installed_version(binary):
     """The first line `binary --version` prints, or StepFailed: an install is complete only if it runs."""
     from gevent import subprocess
 
-    env = shell_environment(CONFIG)
-    path = shutil.which(binary, path=env["PATH"]) or LOCAL / "bin" / binary
+    env = terminal_environment()
+    path = shutil.which(binary, path=env["PATH"]) or PATHS.local_bin / binary
     try:
-        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=60, env=env,
+        done = subprocess.run([str(path), "--version"], capture_output=True, timeout=VERSION_TIMEOUT, env=env,
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise StepFailed(f"{binary} does not run: {reason(error)}") from None
@@ -2743,7 +2919,7 @@ def installed_version(binary):
 
 def install_step(step_id, label, script, binary, *args, env=None):
     def run(step):
-        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(LOCAL), *args], env=env)
+        run_command(step, ["bash", str(INSTALL_SCRIPTS / script), "--prefix", str(PATHS.local), *args], env=env)
         step.output.append(installed_version(binary))
     return Step(step_id, label, run, "install")
 
@@ -2755,7 +2931,7 @@ def proxy_health():
     import http.client  # not requests: this runs at every boot, and requests is heavy
 
     challenge = secrets.token_hex(16)
-    connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=2)
+    connection = http.client.HTTPConnection("127.0.0.1", CONFIG.proxy_port, timeout=PROXY_PROBE_SECONDS)
     try:
         connection.request("GET", f"/health?challenge={challenge}")
         answer = connection.getresponse()
@@ -2777,10 +2953,10 @@ def proxy_health():
 def check_proxy(step):
     """This process's proxy holds the port (its own server bound it) and answers its challenge."""
     try:
-        PROXY_PORT.require(wait=10)
+        PROCESS.proxy_port.require(wait=PROXY_SETTLE_SECONDS)
     except ConfigError as error:
         raise StepFailed(str(error)) from None
-    deadline = time.time() + 10
+    deadline = time.time() + PROXY_SETTLE_SECONDS
     while True:
         try:
             proxy_health()
@@ -2793,7 +2969,8 @@ def check_proxy(step):
 
 def agent_config_step(agent):
     def run(step):
-        PROXY_PORT.ours(wait=10)  # settled first: a writer that needs the proxy fails if the port is not ours
+        # settled first: a writer that needs the proxy fails if the port is not ours
+        PROCESS.proxy_port.ours(wait=PROXY_SETTLE_SECONDS)
         try:
             agent_function(agent.writer)(AgentContext())
         except ConfigError as error:
@@ -2803,8 +2980,8 @@ def agent_config_step(agent):
 
 def configure_databricks(step):
     """~/.databrickscfg for the CLI and SDK, and git's identity from SCIM Me when the user has none."""
-    write_databrickscfg(PAT.token)
-    me = PAT.identity
+    write_databrickscfg(PROCESS.pat.token)
+    me = PROCESS.pat.identity
     if me is None:
         return
     for key, value in (("user.name", me.display_name or me.user_name), ("user.email", me.user_name)):
@@ -2816,7 +2993,7 @@ def git_config(key, value=None):
     from gevent import subprocess
 
     argv = ["git", "config", "--global", key] + ([value] if value is not None else [])
-    done = subprocess.run(argv, capture_output=True, env=shell_environment(CONFIG), timeout=30)
+    done = subprocess.run(argv, capture_output=True, env=terminal_environment(), timeout=GIT_CONFIG_TIMEOUT)
     if value is not None and done.returncode != 0:
         raise StepFailed(f"git config {key} failed: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout.decode().strip()
@@ -2835,7 +3012,6 @@ def parse_skill_sources(text):
 
 # Claude Code reads ~/.claude/skills; Codex and Gemini CLI both read ~/.agents/skills;
 # Hermes reads ~/.claude/skills through skills.external_dirs in its config.
-SKILL_FOLDERS = (CONFIG.home / ".claude" / "skills", CONFIG.home / ".agents" / "skills")
 
 
 def install_skills(step):
@@ -2854,7 +3030,7 @@ def install_skills(step):
 
 def fetch_skill_source(step, repository, ref, folder):
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", repository.rstrip("/").split("/")[-1].removesuffix(".git"))
-    checkout = CONFIG.home / ".coda" / "skill-sources" / name
+    checkout = PATHS.skill_sources / name
     mirror = CONFIG.git_mirror
     git = ["git"] + (["-c", f"url.{mirror}/.insteadOf=https://github.com/"] if mirror else [])
     if not (checkout / ".git").exists():
@@ -2866,7 +3042,7 @@ def fetch_skill_source(step, repository, ref, folder):
     if not source.is_dir() or (source != root and root not in source.parents):
         raise StepFailed(f"{ref} has no folder {folder!r}")
     skills = [d for d in sorted(source.iterdir()) if (d / "SKILL.md").is_file()]
-    for target in SKILL_FOLDERS:
+    for target in PATHS.skill_folders:
         target.mkdir(parents=True, exist_ok=True)
         for skill in skills:
             link = target / skill.name
@@ -2874,6 +3050,151 @@ def fetch_skill_source(step, repository, ref, folder):
                 link.unlink(missing_ok=True)
                 link.symlink_to(skill)
     return len(skills)
+
+
+# The tracing step: `coda.py trace prepare` (section 13) in a child process creates the
+# experiment and writes ~/.coda/tracing.json for the hooks; the server never imports mlflow.
+TRACING_READY = {}       # (tracking URI, experiment name) -> experiment id, resolved once per server
+
+
+def experiment_name():
+    """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
+    if CONFIG.mlflow_experiment:
+        return CONFIG.mlflow_experiment
+    user = PROCESS.pat.user or PROCESS.access.owner  # the token's own user first: its folder is the one it may write
+    return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
+
+
+def prepare_tracing(step):
+    """Setup step (only with tracing on): the experiment, created if missing, and ~/.coda/tracing.json
+    for the hooks, in a child process so the server never imports mlflow."""
+    name = experiment_name()
+    if not name:
+        step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
+        return
+    uri = CONFIG.mlflow_tracking_uri
+    if (uri, name) in TRACING_READY and PATHS.tracing_file.exists():
+        step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
+        return
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
+    if uri.startswith("databricks"):  # the child's own credentials; never on its command line
+        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PROCESS.pat.token or "")
+    run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
+    TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
+
+
+def read_tracing_file():
+    try:
+        data = json.loads(PATHS.tracing_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# The commit hook step: a global core.hooksPath whose post-commit starts `coda.py sync`
+# (section 14) for repositories under ~/projects.
+# Hooks that pass through to the repository's own: with core.hooksPath set globally, git
+# looks nowhere else. Left out, because merely existing changes what git does:
+# push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
+GIT_HOOK_NAMES = ("applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit",
+                  "prepare-commit-msg", "commit-msg", "post-checkout", "post-merge", "pre-push", "pre-rebase",
+                  "post-rewrite", "pre-auto-gc", "reference-transaction", "post-index-change",
+                  "sendemail-validate", "pre-receive", "update", "post-receive", "post-update")
+
+PASS_THROUGH_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. A global core.hooksPath hides each repository's
+# own hooks, so this runs the repository's hook of the same name, if it has one.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+hook="$common/hooks/${0##*/}"
+if [ -x "$hook" ] && ! [ "$hook" -ef "$0" ]; then exec "$hook" "$@"; fi
+exit 0
+"""
+
+POST_COMMIT_HOOK = """\
+#!/bin/sh
+# Written by CoDA at every start. Runs the repository's own post-commit, then copies
+# the commit to the Databricks workspace in the background (~/.sync.log says how it
+# went), for repositories under ~/projects only. Never fails or slows a commit.
+common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
+own="$common/hooks/post-commit"
+if [ -x "$own" ] && ! [ "$own" -ef "$0" ]; then "$own" "$@"; fi
+top=$(git rev-parse --show-toplevel 2>/dev/null) && top=$(cd "$top" && pwd -P) || exit 0
+projects=$(cd "$HOME/projects" 2>/dev/null && pwd -P) || exit 0
+case "$top/" in
+    "$projects"/?*) ;;
+    *) exit 0 ;;
+esac
+# Its own session: closing the terminal (SIGHUP, then SIGKILL to the session) must not end it.
+detach=nohup
+command -v setsid >/dev/null 2>&1 && detach=setsid
+unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
+$detach @PYTHON@ @PROGRAM@ sync "$top" >>"$HOME/.sync.log" 2>&1 </dev/null &
+exit 0
+"""
+
+
+def install_commit_hook(step):
+    """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
+    so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
+    if not CONFIG.databricks_host:  # nothing to sync to: leave a local user's git alone
+        step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
+        return
+    current = git_config("core.hooksPath")
+    if current and Path(current).expanduser().resolve() != PATHS.git_hooks.resolve():
+        raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
+                         "not copied to the workspace (unset it and restart CoDA to have them copied)")
+    for name in GIT_HOOK_NAMES:
+        write_hook(PATHS.git_hooks / name, PASS_THROUGH_HOOK)
+    write_hook(PATHS.git_hooks / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
+               .replace("@PROGRAM@", shlex.quote(str(PROGRAM))))
+    if not current:
+        git_config("core.hooksPath", str(PATHS.git_hooks))
+    step.output.append(f"commits under {PATHS.projects} are copied to the workspace; repositories' own hooks still run")
+
+
+def write_hook(path, text):
+    write_private(path, text)
+    path.chmod(0o700)
+
+
+# The restore offer: what `coda.py restore` (section 14) would bring back.
+WORKSPACE_PREFIX = "/Workspace"
+
+
+def projects_folder(user):
+    return f"{WORKSPACE_PREFIX}/Users/{user}/projects"
+
+
+def offer_restore(step):
+    """Setup step (token): the app's disk does not survive a restart, so when ~/projects holds no
+    project and the workspace does, say how to bring them back. The user decides: no download here."""
+    if local_projects():
+        return
+    names = workspace_projects(workspace_client(PROCESS.pat.token), PROCESS.pat.user)
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
+                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(PROGRAM))} restore` to download them")
+        log.info("%s", message)
+        step.output.append(message)
+
+
+def local_projects():
+    projects = PATHS.projects
+    return [p for p in projects.iterdir() if p.is_dir() and not p.name.startswith(".")] if projects.is_dir() else []
+
+
+def workspace_projects(client, user):
+    """Names of the project folders in the user's workspace (none when the folder does not exist)."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.workspace import ObjectType
+
+    try:
+        return sorted(item.path.rstrip("/").rsplit("/", 1)[1] for item in client.workspace.list(projects_folder(user))
+                      if item.object_type == ObjectType.DIRECTORY)
+    except NotFound:
+        return []
 
 
 class Setup:
@@ -2931,7 +3252,7 @@ class Setup:
 
 @api("/api/setup-status", "GET")
 def setup_status():
-    return {"status": SETUP.overall(), "steps": [step.describe() for step in SETUP.steps]}
+    return {"status": PROCESS.setup.overall(), "steps": [step.describe() for step in PROCESS.setup.steps]}
 
 
 # ===========================================================================
@@ -3267,7 +3588,7 @@ def is_chat_completions(path):
 # The gateway has been seen to answer a tool call as a call to a tool named
 # `databricks-tool-call` whose arguments carry the real name beside the real
 # arguments: {"name": "bash", "command": "ls"} means bash({"command": "ls"})
-# (the shape the original app's content-filter proxy undid, for OpenCode).
+# (seen with OpenCode, which would otherwise call a tool that does not exist).
 # Streamed, the first delta has the fake name and the arguments come in pieces,
 # so the real name is known only once the arguments are complete JSON: the
 # events from that first delta on are held (in order) until then, and no
@@ -3448,7 +3769,7 @@ def proxy_app(environ, start_response):
     """WSGI app of the local proxy: check the key, pick the route, forward, stream back."""
     path = environ.get("PATH_INFO", "")
     if path == "/health":
-        health = {"status": "healthy", "token": PAT.valid(), "pid": os.getpid()}
+        health = {"status": "healthy", "token": PROCESS.pat.valid(), "pid": os.getpid()}
         challenge = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("challenge", [""])[0]
         if 0 < len(challenge) <= 64:
             health["proof"] = proxy_proof(challenge, os.getpid())
@@ -3460,8 +3781,8 @@ def proxy_app(environ, start_response):
     if prefix is None:
         return _plain_json(start_response, "404 Not Found",
                            {"error": "No such route on the CoDA proxy (it forwards only plain paths under its routes)."})
-    base = GATEWAY.base(PROXY_ROUTES[prefix])
-    if not base or not PAT.valid():
+    base = PROCESS.gateway.base(PROXY_ROUTES[prefix])
+    if not base or not PROCESS.pat.valid():
         return _plain_json(start_response, "503 Service Unavailable",
                            {"error": "CoDA has no valid Databricks token: paste one in the CoDA page."})
     length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -3519,7 +3840,7 @@ def _upstream_headers(environ):
                if name.startswith("HTTP_") and name[5:].replace("_", "-").lower() not in HOP_BY_HOP}
     if environ.get("CONTENT_TYPE"):
         headers["Content-Type"] = environ["CONTENT_TYPE"]
-    headers["Authorization"] = f"Bearer {PAT.token}"
+    headers["Authorization"] = f"Bearer {PROCESS.pat.token}"
     headers["Accept-Encoding"] = "identity"  # stream bytes through exactly as they come
     return headers
 
@@ -3560,13 +3881,6 @@ def _stream(upstream, repair):
         upstream.close()
 
 
-def proxy_proof(challenge, pid):
-    """What only a holder of this HOME's proxy key can answer to a challenge: the checker sends a
-    fresh nonce, never the key. The pid tells two CoDAs that share a HOME (and a key) apart."""
-    message = f"coda-proxy-health {challenge} {pid}".encode()
-    return hmac.new(proxy_key().encode(), message, "sha256").hexdigest()
-
-
 class ProxyPort:
     """Whether this process's own proxy server holds CODA_PROXY_PORT. Agents are pointed at the
     proxy only when it does: whatever else holds the port (another user's program, a second CoDA)
@@ -3599,33 +3913,139 @@ class ProxyPort:
             raise ConfigError(self.error or f"the local proxy has not started on 127.0.0.1:{CONFIG.proxy_port}")
 
 
-PROXY_PORT = ProxyPort()
-
 
 def run_proxy_forever():
     """The supervised second server: restarted (after a pause) whenever it stops. A port that
     another program holds is tried again, but said only once."""
     said = None
-    while not SESSIONS.shutting_down.is_set():
+    while not PROCESS.sessions.shutting_down.is_set():
         proxy = WSGIServer(("127.0.0.1", CONFIG.proxy_port), proxy_app, log=None,
                            error_log=logging.getLogger("coda.proxy"))
         try:
-            if PROXY_PORT.bind(proxy):
-                PROXY_SERVER[:] = [proxy]
+            if PROCESS.proxy_port.bind(proxy):
+                PROCESS.proxy_server = proxy
                 proxy.serve_forever()
-            elif PROXY_PORT.error != said:
-                log.warning("local proxy: %s", PROXY_PORT.error)
-            said = PROXY_PORT.error
+            elif PROCESS.proxy_port.error != said:
+                log.warning("local proxy: %s", PROCESS.proxy_port.error)
+            said = PROCESS.proxy_port.error
         except Exception as error:
-            log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in 5 s", CONFIG.proxy_port, reason(error))
-        gevent.sleep(5)
+            log.warning("local proxy on 127.0.0.1:%d stopped (%s); restarting in %d s", CONFIG.proxy_port,
+                        reason(error), PROXY_RESTART_PAUSE)
+        gevent.sleep(PROXY_RESTART_PAUSE)
 
-
-PROXY_SERVER = []  # the running proxy, for shutdown
 
 
 # ===========================================================================
-# 12. Tracing and sync
+# 12. Serving
+# ===========================================================================
+
+def wire(config):
+    """Build the objects that make up the running server and hand each what it calls: who talks
+    to whom, in one screen. Run once, at import; a test that wants another configuration loads
+    a fresh module."""
+    PROCESS.access = Access(config)
+    PROCESS.sockets = set()
+    PROCESS.sessions = Sessions(config, terminal_environment,
+                                on_shutdown=functools.partial(tell_every_socket, {"type": "shutting_down"}))
+    PROCESS.gateway = Gateway()
+    PROCESS.setup = Setup()
+    PROCESS.pat = Pat(PROCESS.gateway, save_token=write_databrickscfg, token_configured=PROCESS.setup.run_token_steps)
+    PROCESS.proxy_port = ProxyPort()
+
+
+wire(CONFIG)
+
+
+def release_import_memory():
+    """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+MAX_CONNECTIONS = 128  # open HTTP connections at once: a few tabs' sockets, polls and uploads fit many times
+
+
+def is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_undumpable():
+    """A second layer beside scrub_secrets_from_environment: another process of the same user
+    (a terminal's) may not read this one's memory or /proc files. Root still may."""
+    import ctypes
+
+    PR_SET_DUMPABLE = 4
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux
+
+
+def serve(host, port):
+    if not PROCESS.access.apps_mode and not PROCESS.access.token and not is_loopback(host):
+        sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
+                 "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
+    scrub_secrets_from_environment()
+    make_undumpable()
+    setup_logging()
+    start_delta_logs(CONFIG, PROCESS.pat.current_token)
+    server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
+                        error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
+
+    def on_sigterm():
+        gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
+        PROCESS.sessions.shutdown()
+        if PROCESS.proxy_server:
+            PROCESS.proxy_server.stop(timeout=0.5)
+        server.stop(timeout=0.5)
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
+    gevent.spawn(PROCESS.sessions.reap_forever)
+    gevent.spawn(run_proxy_forever)
+    gevent.spawn(PROCESS.setup.run_at_boot)
+    if PROCESS.access.apps_mode and not PROCESS.access.owner:
+        gevent.spawn(resolve_owner_forever)
+    if CONFIG.bootstrap_token and CONFIG.databricks_host:
+        gevent.spawn(PROCESS.pat.configure_from_environment)
+    server.start()
+    PROCESS.access.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
+    release_import_memory()
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://{shown}:{server.server_port}/"
+    if PROCESS.access.apps_mode:
+        log.info("CoDA %s serving on %s:%d (Databricks Apps mode)", __version__, host, server.server_port)
+    elif PROCESS.access.token and CONFIG.local_token is None:
+        print(f"CoDA {__version__}: open {url}?token={PROCESS.access.token}", flush=True)
+    else:
+        print(f"CoDA {__version__}: open {url}", flush=True)
+        if not PROCESS.access.token:
+            log.warning("CODA_TOKEN is set but empty: local access needs no token")
+    server.serve_forever()
+    log.info("stopped")
+    if PROCESS.delta_logs:
+        PROCESS.delta_logs.final_flush()
+
+
+
+# ###########################################################################
+# Part 2: Commands run by hooks and operators
+# ###########################################################################
+# Nothing below runs inside the server: agents' end-of-turn hooks, git's post-commit hook and
+# the operator run these as `coda.py COMMAND` (section 15 reads the command line). The server's
+# whole attack surface is above this line.
+
+# ===========================================================================
+# 13. Tracing turns
 # ===========================================================================
 
 # MLflow tracing (MLFLOW_TRACING_ENABLED). The server never imports mlflow: a
@@ -3646,9 +4066,6 @@ PROXY_SERVER = []  # the running proxy, for shutdown
 #   Gemini CLI 0.61  AfterAgent hook (once per prompt, after the tool rounds), stdin {session_id,
 #                    transcript_path, cwd, prompt, prompt_response, ...}; the spans come from its
 #                    chat recording (JSON lines; a record written again under its id replaces it).
-TRACING_FILE = CONFIG.home / ".coda" / "tracing.json"
-TRACING_LOG = CONFIG.home / ".coda" / "tracing.log"
-TRACE_COMMAND = [sys.executable, str(HERE / "coda.py"), "trace"]
 TRACE_TIMEOUT = 300      # seconds a detached trace writer may take before it is killed
 HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
 # What keeps MLflow off the network beyond the tracking store: no model-price catalogue
@@ -3657,45 +4074,10 @@ HOOK_INPUT_WAIT = 5.0    # seconds to wait for a hook's JSON on stdin
 MLFLOW_QUIET = {"MLFLOW_MODEL_CATALOG_URI": "", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                 "MLFLOW_DISABLE_AGENT_HINT": "1",
                 "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
-TRACING_READY = {}       # (tracking URI, experiment name) -> experiment id, resolved once per server
 
 
 class NotTraced(Exception):
     """A turn that is rightly not recorded: the message says why, in the tracing log."""
-
-
-def experiment_name():
-    """MLFLOW_EXPERIMENT_NAME, else /Users/<user>/<app name or coda>; None while nobody is known."""
-    if CONFIG.mlflow_experiment:
-        return CONFIG.mlflow_experiment
-    user = PAT.user or ACCESS.owner  # the token's own user first: its folder is the one it may write
-    return f"/Users/{user}/{CONFIG.app_name or 'coda'}" if user else None
-
-
-def prepare_tracing(step):
-    """Setup step (only with tracing on): the experiment, created if missing, and ~/.coda/tracing.json
-    for the hooks, in a child process so the server never imports mlflow."""
-    name = experiment_name()
-    if not name:
-        step.skip("no owner or user is known to name the MLflow experiment (set MLFLOW_EXPERIMENT_NAME)")
-        return
-    uri = CONFIG.mlflow_tracking_uri
-    if (uri, name) in TRACING_READY and TRACING_FILE.exists():
-        step.output.append(f"experiment {name} (id {TRACING_READY[uri, name]})")
-        return
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": name}
-    if uri.startswith("databricks"):  # the child's own credentials; never on its command line
-        env.update(DATABRICKS_HOST=CONFIG.databricks_host, DATABRICKS_TOKEN=PAT.token or "")
-    run_command(step, TRACE_COMMAND + ["prepare"], env=env, timeout=150)
-    TRACING_READY[uri, name] = read_tracing_file().get("experiment_id")
-
-
-def read_tracing_file():
-    try:
-        data = json.loads(TRACING_FILE.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def prepare_experiment():
@@ -3719,7 +4101,7 @@ def prepare_experiment():
         experiment_id = experiment.experiment_id
         if experiment.lifecycle_stage == "deleted":  # traces to a deleted experiment are refused
             client.restore_experiment(experiment_id)
-    write_private(TRACING_FILE, json.dumps({"tracking_uri": uri, "experiment_id": experiment_id,
+    write_private(PATHS.tracing_file, json.dumps({"tracking_uri": uri, "experiment_id": experiment_id,
                                             "experiment_name": name}) + "\n")
     print(f"MLflow experiment {name} (id {experiment_id}) at {uri}")
     return 0
@@ -3744,7 +4126,7 @@ def check_tracing():
         print("off (MLFLOW_TRACING_ENABLED is not set)")
         return 0
     if not settings.get("experiment_id"):
-        print(f"{TRACING_FILE} is missing: paste a token in the CoDA page, whose setup creates the experiment")
+        print(f"{PATHS.tracing_file} is missing: paste a token in the CoDA page, whose setup creates the experiment")
         return 1
     os.environ.update(MLFLOW_QUIET)
     import mlflow
@@ -3762,79 +4144,6 @@ def check_tracing():
     return 0
 
 
-def tracing_hook(agent):
-    """The hook command for `agent`, or None with tracing off (whose stale settings go too)."""
-    if not CONFIG.mlflow_tracing:
-        TRACING_FILE.unlink(missing_ok=True)
-        return None
-    return TRACE_COMMAND + [agent]
-
-
-def _is_ours(agent):
-    """A hook entry CoDA wrote for `agent`, wherever coda.py lived then."""
-    suffix = f" trace {agent}"
-    return lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
-                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
-
-
-def merge_hook(data, event, entry, ours):
-    """settings["hooks"][event] (Claude Code's and Gemini CLI's shape: groups of {"hooks": [...]}) with
-    every entry `ours` removed, then `entry` added once when given; everything else is kept."""
-    hooks = data.get("hooks", {})
-    if not isinstance(hooks, dict) or not isinstance(hooks.get(event, []), list):
-        log.warning("the hooks in an agent's settings are not in a shape CoDA knows; left alone")
-        return
-    groups = []
-    for group in hooks.get(event, []):
-        if isinstance(group, dict) and isinstance(group.get("hooks"), list):
-            inner = [hook for hook in group["hooks"] if not ours(hook)]
-            if not inner:
-                continue  # a group that held only ours
-            group = {**group, "hooks": inner}
-        groups.append(group)
-    if entry:
-        groups.append({"hooks": [entry]})
-    if groups:
-        hooks[event] = groups
-    else:
-        hooks.pop(event, None)
-    if hooks:
-        data["hooks"] = hooks
-    else:
-        data.pop("hooks", None)
-
-
-def claude_trace_hook(data):
-    """For configure_claude's settings(data): CoDA's Stop hook while tracing is on, none when off."""
-    command = tracing_hook("claude")
-    entry = command and {"type": "command", "command": shlex.join(command), "timeout": 30}
-    merge_hook(data, "Stop", entry, _is_ours("claude"))
-
-
-def gemini_trace_hook(data):
-    """For configure_gemini's settings(data): CoDA's AfterAgent hook while tracing is on, none when off."""
-    command = tracing_hook("gemini")
-    entry = command and {"type": "command", "name": "MLflow tracing",  # shown for a moment after each turn
-                         "command": shlex.join(command)}
-    merge_hook(data, "AfterAgent", entry, _is_ours("gemini"))
-
-
-def codex_notify(data):
-    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
-    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
-    command, current = tracing_hook("codex"), data.get("notify")
-    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
-    if current is not None and not ours:
-        if command:
-            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
-                        CONFIG.home / ".codex" / "config.toml")
-        return
-    if command:
-        data["notify"] = command
-    else:
-        data.pop("notify", None)
-
-
 def trace_command(agent, payload=None):
     """`coda.py trace claude|codex|gemini [JSON]`: an agent's end-of-turn hook. It runs detached already
     (the top of this file), so it may take its time: the agent has had its answer.
@@ -3850,7 +4159,7 @@ def trace_command(agent, payload=None):
         hook = json.loads(payload or read_hook_input())
         settings = read_tracing_file()
         if not settings.get("experiment_id"):
-            raise NotTraced(f"tracing is not set up ({TRACING_FILE} is missing)")
+            raise NotTraced(f"tracing is not set up ({PATHS.tracing_file} is missing)")
         os.environ.update(MLFLOW_QUIET, MLFLOW_TRACKING_URI=settings["tracking_uri"],
                           MLFLOW_EXPERIMENT_ID=str(settings["experiment_id"]))
         trace_id = TRACERS[agent](hook)
@@ -3864,13 +4173,13 @@ def trace_command(agent, payload=None):
 
 def trace_log():
     """~/.coda/tracing.log (0600, one old generation kept past 1 MiB) as this process's stderr and log."""
-    TRACING_LOG.parent.mkdir(parents=True, exist_ok=True)
+    PATHS.tracing_log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if TRACING_LOG.stat().st_size > MIB:
-            os.replace(TRACING_LOG, TRACING_LOG.with_name(TRACING_LOG.name + ".1"))
+        if PATHS.tracing_log.stat().st_size > MIB:
+            os.replace(PATHS.tracing_log, PATHS.tracing_log.with_name(PATHS.tracing_log.name + ".1"))
     except OSError:
         pass
-    fd = os.open(TRACING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(PATHS.tracing_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)  # MLflow's own warnings land there too
     os.close(fd)
     setup_logging()
@@ -3898,19 +4207,19 @@ def trace_claude(hook):
 
     try:
         cwd = os.getcwd()  # the agent's, recorded as the trace's working directory
-        os.chdir(TRACING_LOG.parent)
+        os.chdir(PATHS.tracing_log.parent)
         tracing.get_logger()  # it logs to ./.claude/mlflow/claude_tracing.log: not in the user's project
         os.chdir(cwd)
         trace = tracing.process_transcript(str(transcript), hook.get("session_id"))
     finally:
         transcript.unlink(missing_ok=True)
     if trace is None:
-        raise RuntimeError(f"MLflow could not read the transcript (see {TRACING_LOG.parent}/.claude/mlflow/)")
+        raise RuntimeError(f"MLflow could not read the transcript (see {PATHS.tracing_log.parent}/.claude/mlflow/)")
     return trace.info.trace_id
 
 
 def snapshot(path):
-    copy = TRACING_LOG.parent / f".transcript-{os.getpid()}.jsonl"
+    copy = PATHS.tracing_log.parent / f".transcript-{os.getpid()}.jsonl"
     write_private(copy, Path(path).read_text(errors="replace"))
     return copy
 
@@ -3932,7 +4241,7 @@ def trace_codex(hook):
 def codex_turn_lines(thread, turn):
     """The rollout lines from the turn's task_started to its task_complete (waited for a few seconds);
     None when the thread has no rollout."""
-    home = Path(os.environ.get("CODEX_HOME") or CONFIG.home / ".codex")
+    home = Path(os.environ.get("CODEX_HOME") or PATHS.home / ".codex")
     deadline = time.time() + 5
     while True:
         lines, inside = [], False
@@ -4115,6 +4424,10 @@ def _maybe_json(text):
 TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent.tracer}
 
 
+# ===========================================================================
+# 14. Workspace sync and restore
+# ===========================================================================
+
 # Workspace sync: a global post-commit hook starts `coda.py sync <repo>` in the
 # background for every repository under ~/projects. The sync copies the commit's
 # tree (tracked files only, never the working tree) to
@@ -4123,20 +4436,8 @@ TRACERS = {agent.name: agent_function(agent.tracer) for agent in AGENTS if agent
 # repository in <git dir>/coda-sync.json (paths, blob ids, workspace names), so
 # a sync needs neither the old commit (amended, rebased away) nor a listing. A
 # sync that fails leaves the record alone: the next commit retries it all.
-PROJECTS = CONFIG.home / "projects"
-GIT_HOOKS = CONFIG.home / ".coda" / "git-hooks"
-SYNC_LOG = CONFIG.home / ".sync.log"
-SYNC_PROGRAM = HERE / "coda.py"   # what the hook runs, with the Python serving CoDA
 SYNC_STATE = "coda-sync.json"     # in the repository's git dir
 SYNC_LOCK = "coda-sync.lock"
-WORKSPACE_PREFIX = "/Workspace"
-# Hooks that pass through to the repository's own: with core.hooksPath set globally, git
-# looks nowhere else. Left out, because merely existing changes what git does:
-# push-to-checkout, proc-receive, fsmonitor-watchman and the p4-* hooks.
-GIT_HOOK_NAMES = ("applypatch-msg", "pre-applypatch", "post-applypatch", "pre-commit", "pre-merge-commit",
-                  "prepare-commit-msg", "commit-msg", "post-checkout", "post-merge", "pre-push", "pre-rebase",
-                  "post-rewrite", "pre-auto-gc", "reference-transaction", "post-index-change",
-                  "sendemail-validate", "pre-receive", "update", "post-receive", "post-update")
 NOTEBOOK_HEADERS = {  # extension: first line of a Databricks source notebook, its language
     ".py": ("# Databricks notebook source", "PYTHON"),
     ".sql": ("-- Databricks notebook source", "SQL"),
@@ -4147,65 +4448,9 @@ NOTEBOOK_EXTENSIONS = {"PYTHON": ".py", "SQL": ".sql", "SCALA": ".scala", "R": "
 # CoDA's own git commands in a restored folder: no fsmonitor command and no hooks, whatever a config says.
 RESTORE_GIT = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
 
-PASS_THROUGH_HOOK = """\
-#!/bin/sh
-# Written by CoDA at every start. A global core.hooksPath hides each repository's
-# own hooks, so this runs the repository's hook of the same name, if it has one.
-common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
-hook="$common/hooks/${0##*/}"
-if [ -x "$hook" ] && ! [ "$hook" -ef "$0" ]; then exec "$hook" "$@"; fi
-exit 0
-"""
-
-POST_COMMIT_HOOK = """\
-#!/bin/sh
-# Written by CoDA at every start. Runs the repository's own post-commit, then copies
-# the commit to the Databricks workspace in the background (~/.sync.log says how it
-# went), for repositories under ~/projects only. Never fails or slows a commit.
-common=$(git rev-parse --git-common-dir 2>/dev/null) || exit 0
-own="$common/hooks/post-commit"
-if [ -x "$own" ] && ! [ "$own" -ef "$0" ]; then "$own" "$@"; fi
-top=$(git rev-parse --show-toplevel 2>/dev/null) && top=$(cd "$top" && pwd -P) || exit 0
-projects=$(cd "$HOME/projects" 2>/dev/null && pwd -P) || exit 0
-case "$top/" in
-    "$projects"/?*) ;;
-    *) exit 0 ;;
-esac
-# Its own session: closing the terminal (SIGHUP, then SIGKILL to the session) must not end it.
-detach=nohup
-command -v setsid >/dev/null 2>&1 && detach=setsid
-unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
-$detach @PYTHON@ @PROGRAM@ sync "$top" >>"$HOME/.sync.log" 2>&1 </dev/null &
-exit 0
-"""
-
 
 class SyncError(Exception):
     """Why a sync cannot go on: one line for ~/.sync.log."""
-
-
-def install_commit_hook(step):
-    """Setup step: point git's global core.hooksPath at CoDA's hooks (rewritten at every start,
-    so they always name this Python and this coda.py). A hooksPath of the user's own is kept."""
-    if not CONFIG.databricks_host:  # nothing to sync to: leave a local user's git alone
-        step.skip("no Databricks workspace is configured (DATABRICKS_HOST)")
-        return
-    current = git_config("core.hooksPath")
-    if current and Path(current).expanduser().resolve() != GIT_HOOKS.resolve():
-        raise StepFailed(f"git's core.hooksPath is already {current}: CoDA leaves it alone, so commits are "
-                         "not copied to the workspace (unset it and restart CoDA to have them copied)")
-    for name in GIT_HOOK_NAMES:
-        write_hook(GIT_HOOKS / name, PASS_THROUGH_HOOK)
-    write_hook(GIT_HOOKS / "post-commit", POST_COMMIT_HOOK.replace("@PYTHON@", shlex.quote(sys.executable))
-               .replace("@PROGRAM@", shlex.quote(str(SYNC_PROGRAM))))
-    if not current:
-        git_config("core.hooksPath", str(GIT_HOOKS))
-    step.output.append(f"commits under {PROJECTS} are copied to the workspace; repositories' own hooks still run")
-
-
-def write_hook(path, text):
-    write_private(path, text)
-    path.chmod(0o700)
 
 
 # -- the sync subcommand --------------------------------------------------------
@@ -4244,7 +4489,7 @@ def sync_logging():
     through the same redacting filter as the server's."""
     root = logging.getLogger()
     root.handlers[:] = []
-    handlers = [logging.FileHandler(SYNC_LOG)] + ([logging.StreamHandler()] if sys.stderr.isatty() else [])
+    handlers = [logging.FileHandler(PATHS.sync_log)] + ([logging.StreamHandler()] if sys.stderr.isatty() else [])
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         handler.addFilter(RedactingFilter())
@@ -4274,9 +4519,9 @@ def head_commit(repo):
 
 def project_folder(repo):
     """The repository's path under ~/projects, which is also its folder in the workspace."""
-    projects = PROJECTS.resolve()
+    projects = PATHS.projects.resolve()
     if projects not in repo.resolve().parents:
-        raise SyncError(f"{repo} is not under {PROJECTS}")
+        raise SyncError(f"{repo} is not under {PATHS.projects}")
     return repo.resolve().relative_to(projects).as_posix()
 
 
@@ -4335,10 +4580,6 @@ def workspace_session(host, token):
     """A client with the saved token alone, and the user it belongs to (SCIM Me)."""
     client = workspace_client(token, host=host)
     return client, client.current_user.me()
-
-
-def projects_folder(user):
-    return f"{WORKSPACE_PREFIX}/Users/{user}/projects"
 
 
 def workspace_exists(client, path):
@@ -4493,36 +4734,6 @@ def upload_object(client, root, remote, content, form, language, made):
 
 # -- restore ----------------------------------------------------------------------
 
-def offer_restore(step):
-    """Setup step (token): the app's disk does not survive a restart, so when ~/projects holds no
-    project and the workspace does, say how to bring them back. The user decides: no download here."""
-    if local_projects():
-        return
-    names = workspace_projects(workspace_client(PAT.token), PAT.user)
-    if names:
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        message = (f"~/projects is empty but your workspace holds {len(names)} project(s) ({shown}): "
-                   f"run `{shlex.quote(sys.executable)} {shlex.quote(str(SYNC_PROGRAM))} restore` to download them")
-        log.info("%s", message)
-        step.output.append(message)
-
-
-def local_projects():
-    return [p for p in PROJECTS.iterdir() if p.is_dir() and not p.name.startswith(".")] if PROJECTS.is_dir() else []
-
-
-def workspace_projects(client, user):
-    """Names of the project folders in the user's workspace (none when the folder does not exist)."""
-    from databricks.sdk.errors import NotFound
-    from databricks.sdk.service.workspace import ObjectType
-
-    try:
-        return sorted(item.path.rstrip("/").rsplit("/", 1)[1] for item in client.workspace.list(projects_folder(user))
-                      if item.object_type == ObjectType.DIRECTORY)
-    except NotFound:
-        return []
-
-
 def restore_projects():
     """`coda.py restore`: download each project the workspace holds and ~/projects lacks, as a new git
     repository with one commit (the workspace keeps files, not history). Existing folders stay untouched."""
@@ -4536,9 +4747,9 @@ def restore_projects():
         return 1
     for name in [name for name in names if holds_git_name(name)]:
         log.warning("skipped the workspace folder projects/%s: git's own files are never restored", name)
-    missing = [name for name in names if not holds_git_name(name) and not (PROJECTS / name).exists()]
+    missing = [name for name in names if not holds_git_name(name) and not (PATHS.projects / name).exists()]
     log.info("the workspace holds %d project(s) under %s; %d missing from %s", len(names),
-             projects_folder(me.user_name), len(missing), PROJECTS)
+             projects_folder(me.user_name), len(missing), PATHS.projects)
     failed = 0
     for name in missing:
         try:
@@ -4553,7 +4764,7 @@ def restore_project(client, me, host, name):
     """Download into a hidden folder, commit, then rename: a half-restored project never looks whole.
     The repository is made first, by git itself, so nothing downloaded can become its config."""
     root = f"{projects_folder(me.user_name)}/{name}"
-    staging = PROJECTS / f".{name}.restoring"
+    staging = PATHS.projects / f".{name}.restoring"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
@@ -4565,12 +4776,12 @@ def restore_project(client, me, host, name):
         git_dir = Path(git(staging, "rev-parse", "--absolute-git-dir").decode().strip())
         write_private(git_dir / SYNC_STATE, json.dumps({"commit": commit, "folder": name, "host": host,
                                                         "root": root, "files": files}) + "\n")
-        staging.rename(PROJECTS / name)
+        staging.rename(PATHS.projects / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        trust_folder(PROJECTS / name)  # the user's own project, as synced: the agents open it without asking
+        trust_folder(PATHS.projects / name)  # the user's own project, as synced: the agents open it without asking
     except ConfigError as error:
         log.warning("restored %s, but the agents will ask before they trust it: %s", name, error)
     log.info("restored %s: %d files, committed as %s", name, len(remotes), commit[:12])
@@ -4638,92 +4849,9 @@ def git_identity_set(repo):
         return False
 
 
-SETUP = Setup()  # built here: its steps include section 12's hook and restore offer
-
-
 # ===========================================================================
-# 13. Command line
+# 15. Command line
 # ===========================================================================
-
-def release_import_memory():
-    """Hand the heap that imports left behind back to the OS (glibc keeps it otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
-
-
-MAX_CONNECTIONS = 128  # open HTTP connections at once: a few tabs' sockets, polls and uploads fit many times
-
-
-def is_loopback(host):
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def make_undumpable():
-    """A second layer beside scrub_secrets_from_environment: another process of the same user
-    (a terminal's) may not read this one's memory or /proc files. Root still may."""
-    import ctypes
-
-    PR_SET_DUMPABLE = 4
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux
-
-
-def serve(host, port):
-    if not ACCESS.apps_mode and not ACCESS.token and not is_loopback(host):
-        sys.exit(f"coda: refusing to serve {host} with CODA_TOKEN empty: anyone who can reach it would get a "
-                 "shell. Set a CODA_TOKEN (or leave it unset for a generated one), or bind 127.0.0.1.")
-    scrub_secrets_from_environment()
-    make_undumpable()
-    setup_logging()
-    start_delta_logs()
-    server = WSGIServer((host, port), coda_app, handler_class=CodaHandler, log=None,
-                        error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
-
-    def on_sigterm():
-        gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
-        SESSIONS.shutdown()
-        for proxy in PROXY_SERVER:
-            proxy.stop(timeout=0.5)
-        server.stop(timeout=0.5)
-
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(on_sigterm))
-    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(on_sigterm))
-    gevent.spawn(SESSIONS.reap_forever)
-    gevent.spawn(run_proxy_forever)
-    gevent.spawn(SETUP.run_at_boot)
-    if ACCESS.apps_mode and not ACCESS.owner:
-        gevent.spawn(resolve_owner_forever)
-    if CONFIG.bootstrap_token and CONFIG.databricks_host:
-        gevent.spawn(PAT.configure_from_environment)
-    server.start()
-    ACCESS.bind(host, server.server_port)  # before the loop runs a handler: the cookie names the real port
-    release_import_memory()
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{shown}:{server.server_port}/"
-    if ACCESS.apps_mode:
-        log.info("CoDA %s serving on %s:%d (Databricks Apps mode)", __version__, host, server.server_port)
-    elif ACCESS.token and CONFIG.local_token is None:
-        print(f"CoDA {__version__}: open {url}?token={ACCESS.token}", flush=True)
-    else:
-        print(f"CoDA {__version__}: open {url}", flush=True)
-        if not ACCESS.token:
-            log.warning("CODA_TOKEN is set but empty: local access needs no token")
-    server.serve_forever()
-    log.info("stopped")
-    for shipper in DELTA_LOGS:
-        shipper.final_flush()
-
 
 def doctor():
     """`coda.py doctor`: check what CoDA set up, and say in plain words how to fix what is broken."""
@@ -4731,13 +4859,13 @@ def doctor():
 
     host, token = read_databrickscfg()
     claude = next(agent for agent in AGENTS if agent.name == "claude")
-    settings_path = CONFIG.home / claude.config_file  # it names the gateway the agents use
+    settings_path = PATHS.home / claude.config_file  # it names the gateway the agents use
 
     def workspace():
         if not host:
             raise StepFailed("~/.databrickscfg names no workspace: open CoDA in the browser and paste a token")
         try:
-            requests.get(host, timeout=10)
+            requests.get(host, timeout=DOCTOR_HTTP_SECONDS)
         except requests.RequestException as error:
             raise StepFailed(f"{host} cannot be reached ({reason(error)}): check the network or DATABRICKS_HOST") from None
         return host
@@ -4752,7 +4880,7 @@ def doctor():
 
     def rotation():
         try:
-            status = json.loads(PAT_STATUS_FILE.read_text())
+            status = json.loads(PATHS.pat_status_file.read_text())
         except (OSError, ValueError):
             raise StepFailed("the server has not reported on the token yet: paste a token in the CoDA page") from None
         expires_at = status.get("expires_at")
@@ -4804,7 +4932,7 @@ def doctor():
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
     checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
-    checks += [(f"{each.label} installed and configured", agent(each.name, CONFIG.home / each.config_file))
+    checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
 
     def run(label, check):

@@ -279,7 +279,7 @@ def load_coda(home, **env):
 def test_the_redaction_list_holds_only_tokens_that_may_be_live(workspace, tmp_path):
     local = "local-access-token-0123456789"
     coda = load_coda(tmp_path, DATABRICKS_HOST=workspace.url, CODA_TOKEN=local, CODA_SDK_RETRY_TIMEOUT="1")
-    pat, pasted = coda.Pat(), workspace.add_token()
+    pat, pasted = coda.PROCESS.pat, workspace.add_token()
     pat.token = pasted
     coda.SECRETS.add(pasted)
     for _ in range(30):

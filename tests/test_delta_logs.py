@@ -73,9 +73,8 @@ def shipping(fw, monkeypatch):
     """A handler on the "coda" logger and a shipper pointed at the fake, with a live token."""
     config = dataclasses.replace(coda.CONFIG, databricks_host=fw.url)
     monkeypatch.setattr(coda, "CONFIG", config)
-    monkeypatch.setattr(delta, "CONFIG", config)
-    monkeypatch.setattr(coda.PAT, "token", fw.add_token())
-    monkeypatch.setattr(coda.PAT, "expires_at", None)
+    monkeypatch.setattr(coda.PROCESS.pat, "token", fw.add_token())
+    monkeypatch.setattr(coda.PROCESS.pat, "expires_at", None)
     for name, value in FAST.items():
         monkeypatch.setattr(delta, name, value)
     level = coda.log.level
@@ -86,7 +85,7 @@ def shipping(fw, monkeypatch):
         handler = delta.DeltaLogHandler(bound)
         coda.log.addHandler(handler)
         made.append(handler)
-        return delta.DeltaLogShipper(handler, TABLE, WAREHOUSE)
+        return delta.DeltaLogShipper(handler, TABLE, WAREHOUSE, coda.PROCESS.pat.current_token)
 
     yield make
     for handler in made:
@@ -225,7 +224,7 @@ def test_token_shaped_strings_are_redacted_in_what_is_sent(fw, shipping, monkeyp
         coda.log.exception("mint failed")
     assert shipper.send_pending()
     sent = json.dumps(fw.sql_statements)
-    for secret in (pat, jwt, plain_secret, coda.PAT.token):
+    for secret in (pat, jwt, plain_secret, coda.PROCESS.pat.token):
         assert secret not in sent
     assert messages(fw) == ["pasted [REDACTED]", "Authorization: [REDACTED]", "the local token is [REDACTED]",
                             "mint failed (RuntimeError: the workspace refused [REDACTED])"]
@@ -234,19 +233,19 @@ def test_token_shaped_strings_are_redacted_in_what_is_sent(fw, shipping, monkeyp
 
 def test_waits_for_a_token_and_uses_the_current_one(fw, shipping, monkeypatch):
     shipper = shipping()
-    monkeypatch.setattr(coda.PAT, "token", None)
+    monkeypatch.setattr(coda.PROCESS.pat, "token", None)
     coda.log.info("before any token")
     assert shipper.send_pending() is False
     assert not fw.sql_statements and len(shipper.handler.pending) == 1
     first = fw.add_token()
-    monkeypatch.setattr(coda.PAT, "token", first)
+    monkeypatch.setattr(coda.PROCESS.pat, "token", first)
     assert shipper.send_pending()
     second = fw.add_token()
-    monkeypatch.setattr(coda.PAT, "token", second)  # a rotation: the old token is revoked
+    monkeypatch.setattr(coda.PROCESS.pat, "token", second)  # a rotation: the old token is revoked
     fw.revoke_token(first)
     coda.log.info("after the rotation")
     assert shipper.send_pending() and shipper.token == second
-    monkeypatch.setattr(coda.PAT, "expires_at", time.time() - 1)  # expired: wait for a new one
+    monkeypatch.setattr(coda.PROCESS.pat, "expires_at", time.time() - 1)  # expired: wait for a new one
     coda.log.info("token expired")
     assert shipper.send_pending() is False
     assert messages(fw) == ["before any token", "after the rotation"]
@@ -336,10 +335,10 @@ delta = coda
 for name, value in args["constants"].items():
     setattr(delta, name, value)
 coda.log.setLevel(logging.INFO)
-coda.PAT.token = args["token"]
+coda.PROCESS.pat.token = args["token"]
 handler = delta.DeltaLogHandler(args["bound"])
 coda.log.addHandler(handler)
-shipper = delta.DeltaLogShipper(handler, args["table"], args["warehouse"])
+shipper = delta.DeltaLogShipper(handler, args["table"], args["warehouse"], coda.PROCESS.pat.current_token)
 shipper.greenlet = gevent.spawn(shipper.run_forever)
 if args["scenario"] == "burst":
     for i in range(args["records"]):
@@ -432,13 +431,12 @@ def test_the_last_flush_waits_for_a_pass_under_way_and_sends_nothing_twice(fw, r
 # ---------------------------------------------------------------------------
 
 def test_start_needs_both_variables_and_a_valid_table(monkeypatch, caplog):
-    monkeypatch.setattr(delta, "DELTA_LOGS", [])
+    monkeypatch.setattr(coda.PROCESS, "delta_logs", None)
     base = {f.name: getattr(coda.CONFIG, f.name) for f in dataclasses.fields(coda.CONFIG)}
 
     def start(table, warehouse):
-        monkeypatch.setattr(delta, "CONFIG", types.SimpleNamespace(**{**base, "log_table": table,
-                                                                       "log_warehouse_id": warehouse}))
-        return delta.start_delta_logs()
+        config = types.SimpleNamespace(**{**base, "log_table": table, "log_warehouse_id": warehouse})
+        return delta.start_delta_logs(config, coda.PROCESS.pat.current_token)
 
     with caplog.at_level(logging.INFO, logger="coda"):
         assert start("", "") is None and not caplog.records
@@ -452,7 +450,7 @@ def test_start_needs_both_variables_and_a_valid_table(monkeypatch, caplog):
         shipper = start("main.ops.logs", WAREHOUSE)
     try:
         assert shipper.table == "`main`.`ops`.`logs`" and shipper.warehouse_id == WAREHOUSE
-        assert shipper.handler in coda.log.handlers and delta.DELTA_LOGS == [shipper]
+        assert shipper.handler in coda.log.handlers and coda.PROCESS.delta_logs is shipper
         assert start("main.ops.logs", WAREHOUSE) is None  # once
         logging.getLogger("urllib3").warning("not CoDA's")
         coda.log.warning("CoDA's")
