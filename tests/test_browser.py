@@ -77,6 +77,11 @@ def wait_ready(page):
     wait(page, "() => window.coda && window.coda.tabs.length > 0 && window.coda.tabs[0].sessions[0]",
          what="a first session")
     wait_text(page, "@", timeout=15)   # the shell prompt (user@host)
+    # The WebGL and image addons load once output is on screen: fetched before a test
+    # takes the cookie away or stops the server, else the page fails to load them.
+    wait(page, "() => ['addon-webgl.js', 'addon-image.js'].every((name) => "
+               "performance.getEntriesByType('resource').some((entry) => entry.name.endsWith(name)))",
+         what="the addons fetched after the first prompt")
 
 
 def split(page):

@@ -240,6 +240,8 @@ def test_every_reader_gets_the_pty_bytes_through_reconnects_switches_rejoins_and
         expected = {sid: b"".join(block(i, k) for k in range(blocks[sid])) for i, sid in enumerate(sids)}
 
         def all_printed():
+            for client in clients:   # tabs keep reading: a joined socket nobody reads pauses its PTY (paced by TCP)
+                client.pump()
             kept = {sid: attach_bytes(server, sid) for sid in sids}
             return kept if all(kept[s].endswith(expected[s]) for s in sids) else None
 
