@@ -7,8 +7,9 @@ greenlets, hosted as a Databricks App or run locally:
     python coda.py                 # http://127.0.0.1:8000/?token=...
     python coda.py --help          # flags and subcommands
 
-The wire contract is PROTOCOL.md (kept beside the project, summarised in the
-README). This module is the whole backend; its sections, in reading order:
+The wire contract is PROTOCOL.md, beside this file; the README's security
+section lists what is defended and how. This module is the whole backend; its
+sections, in reading order:
 
 Contents
   Part 1: The server. What runs inside it, so all that a reviewer of its
