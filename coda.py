@@ -922,6 +922,7 @@ class Session:
     def subscribe(self, position):
         subscriber = Subscriber(position)
         self.subscribers.add(subscriber)
+        self.update_flow()  # one that joins caught up has nothing to send: its join is what resumes a pause
         return subscriber
 
     def unsubscribe(self, subscriber):

@@ -880,6 +880,33 @@ def test_a_client_that_stops_acking_pauses_the_producer_and_ctrl_c_still_works(s
     sock.close()
 
 
+def test_a_reader_joining_at_the_end_resumes_a_session_another_reader_paused(start_coda):
+    """The pause follows the furthest reader: one that joins caught up (a new tab, a rejoin
+    at the end) lets the program go on at once, however far behind the other stays. It
+    joins with nothing to send, so its join itself must count (the soak test found it)."""
+    server = start_coda({"CODA_FLOW_HIGH": str(256 * 1024), "CODA_FLOW_LOW": str(64 * 1024)})
+    sid = server.new_session()
+    stalled = server.websocket()
+    stalled.join(sid, since=0)
+    stalled.send(type="ack", session_id=sid, offset=0)   # acking, and never again: it lags for good
+    server.type(sid, "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo GO$((40+2))\r")
+    offset = lambda: [s for s in server.get("/api/sessions").json() if s["session_id"] == sid][0]["offset"]
+    wait_for(lambda: offset() > 256 * 1024, what="the flood to reach the window")
+
+    def settled():
+        before = offset()
+        time.sleep(0.5)
+        return before if offset() == before else None
+
+    paused_at = wait_for(settled, what="the PTY to pause")
+    assert paused_at < 3_000_000
+    fresh = server.websocket()
+    joined = fresh.join(sid)   # at the end: nothing to send until the program goes on
+    fresh.collect(sid, b"GO42", ack=True, start=joined["offset"])   # the rest of the flood, then the marker
+    stalled.close()
+    fresh.close()
+
+
 def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
     flood, quiet = coda_server.new_session(), coda_server.new_session()
     sock = coda_server.websocket()
