@@ -1407,10 +1407,15 @@ ERROR_SENTENCES = {400: "The request is malformed.", 404: "Not found.", 405: "Me
                    413: "The request is too large.", 414: "The request line is too long.", 500: "Internal error."}
 
 
+def error_body(status):
+    """The JSON answer for an error Bottle or pywsgi answers itself: {"error": "<one sentence>"}."""
+    return json.dumps({"error": ERROR_SENTENCES.get(status, "The request failed.")})
+
+
 def http_error(error):
     """Bottle's own errors (no route, wrong method, a body it cannot parse) as {"error"}."""
     bottle.response.content_type = "application/json"
-    return json.dumps({"error": ERROR_SENTENCES.get(error.status_code, "The request failed.")})
+    return error_body(error.status_code)
 
 
 app.default_error_handler = http_error
@@ -1614,7 +1619,7 @@ class CodaHandler(_ws_handler.WebSocketHandler):
         if self.response_length:
             self.close_connection = True
             return
-        body = json.dumps({"error": ERROR_SENTENCES[error_code]}).encode()
+        body = error_body(error_code).encode()
         try:
             self.start_response(f"{error_code} {'Bad Request' if error_code == 400 else 'Internal Server Error'}",
                                 [("Content-Type", "application/json"), ("Connection", "close"),
@@ -1644,7 +1649,7 @@ def _is_websocket_upgrade(environ, version):
 
 
 def _raw_json_answer(status):
-    body = json.dumps({"error": ERROR_SENTENCES.get(status, "The request failed.")}).encode()
+    body = error_body(status).encode()
     head = f"HTTP/1.1 {status} Error\r\nConnection: close\r\nContent-Type: application/json\r\n"
     return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
 
