@@ -154,20 +154,26 @@ def arrived(workspace, since):
     return [(r["api"], r["status"]) for r in workspace.gateway_requests[since:]]
 
 
+def start_and_ask(terminal, workspace, agent, question):
+    """Start the agent in the terminal and, once it is ready, ask `question`: the gateway must answer it."""
+    _, api, _, command, ready = CASES[agent]
+    terminal.type_line(command)
+    terminal.wait_for(ready, timeout=60)
+    time.sleep(2)  # the prompt is drawn before it takes input
+    mark = len(workspace.gateway_requests)
+    terminal.type_line(question)
+    assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), \
+        f"{agent}: no answer to {question!r}; requests {arrived(workspace, mark)}; screen ends with {terminal.tail()!r}"
+
+
 @pytest.mark.parametrize("agent,dead_token_status", [(a, 401) for a in CASES] + [("codex", 403), ("claude", 403)])
 def test_interactive_session_survives_a_rotation(rig, agent, dead_token_status):
     coda, workspace = rig
     workspace.gateway_auth_failure_status = dead_token_status  # gateways have been seen to say either
-    _, api, _, command, ready = CASES[agent]
+    api = CASES[agent][1]
     terminal = Terminal(coda)
     try:
-        terminal.type_line(command)
-        terminal.wait_for(ready, timeout=60)
-        time.sleep(2)  # the prompt is drawn before it takes input
-        mark = len(workspace.gateway_requests)
-        terminal.type_line("first question")
-        assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), \
-            f"{agent}: no first answer; requests {arrived(workspace, mark)}; screen ends with {terminal.tail()!r}"
+        start_and_ask(terminal, workspace, agent, "first question")
 
         old = coda_tokens(workspace)
         coda.api("/api/configure-pat", {"token": coda.pasted, "replace": True})  # a forced rotation
@@ -245,7 +251,7 @@ def test_a_restored_project_is_trusted_and_a_fresh_clone_is_not(rig, restored_an
     restored, cloned = restored_and_cloned
     trusted = [Path(p) for p in trust_entries(coda.home)[agent]]
     assert not [p for p in trusted if p == cloned or p in cloned.parents], trusted
-    _, api, _, command, ready = CASES[agent]
+    command = CASES[agent][3]
     terminal = Terminal(coda, cloned)
     try:
         terminal.type_line(command)
@@ -255,12 +261,7 @@ def test_a_restored_project_is_trusted_and_a_fresh_clone_is_not(rig, restored_an
     assert restored.resolve() in trusted
     terminal = Terminal(coda, restored)
     try:
-        terminal.type_line(command)
-        terminal.wait_for(ready, timeout=60)
-        time.sleep(2)  # the prompt is drawn before it takes input
-        mark = len(workspace.gateway_requests)
-        terminal.type_line("hello from the restored project")
-        assert workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=60), terminal.tail()
+        start_and_ask(terminal, workspace, agent, "hello from the restored project")
         assert TRUST_PROMPTS[agent].replace(" ", "") not in terminal.text().replace(" ", "")
     finally:
         terminal.close()
