@@ -824,6 +824,8 @@ class Subscriber:
         self.position = position
         self.acking = False
         self.acked = gevent.event.Event()  # set at each ack: a sender held to a budget waits on it
+        self.sending = False  # its sender is inside a frame: stopping it now would cut the frame
+        self.left = False     # the reader has gone: its sender ends after the frame it is in
 
 
 class Session:
@@ -1716,7 +1718,9 @@ class TerminalSocket:
         sender, subscriber = self.senders.pop(session_id, (None, None))
         self.typed_at.pop(session_id, None)
         if sender:
-            sender.kill()
+            subscriber.left = True
+            if not subscriber.sending:  # else it ends at the frame's end: a cut frame kills the socket
+                sender.kill()
             session = PROCESS.sessions.by_id.get(session_id)
             if session:
                 session.unsubscribe(subscriber)
@@ -1757,22 +1761,34 @@ class TerminalSocket:
                     continue
                 start, data, _ = session.stream.read(offset, room)
                 if data:
-                    self.ws.send(head + start.to_bytes(8, "big") + tag + data, binary=True)
+                    if not self._send_whole(subscriber, head + start.to_bytes(8, "big") + tag + data):
+                        return
                     offset = start + len(data)
                     if not subscriber.acking:  # paced by TCP: what is sent counts as taken
                         subscriber.position = offset
                         session.update_flow()
                     continue
                 if session.stream.closed:
-                    self.send_json({"type": "session_closed", "session_id": session.id})
+                    self._send_whole(subscriber, json.dumps({"type": "session_closed", "session_id": session.id}))
                     return
                 if session.exit_code is not None and not told_exit:
                     told_exit = True
-                    self.send_json({"type": "session_exited", "session_id": session.id,
-                                    "exit_code": session.exit_code})
+                    if not self._send_whole(subscriber, json.dumps({
+                            "type": "session_exited", "session_id": session.id, "exit_code": session.exit_code})):
+                        return
                 changed.wait()
         except WebSocketError:
             pass  # the socket is gone; serve() cleans up
+
+    def _send_whole(self, subscriber, message):
+        """Send one message of a sender greenlet, which leave() never stops inside it (a frame
+        cut short would end the socket for every session on it); False once the reader has left."""
+        subscriber.sending = True
+        try:
+            self.ws.send(message, binary=isinstance(message, bytes))
+        finally:
+            subscriber.sending = False
+        return not subscriber.left
 
     def _room(self, session, subscriber, offset):
         """(bytes this session may send now, seconds until that may change). While another

@@ -907,6 +907,29 @@ def test_a_reader_joining_at_the_end_resumes_a_session_another_reader_paused(sta
     fresh.close()
 
 
+def test_leaving_or_rejoining_under_a_flood_never_cuts_a_frame(coda_server):
+    """A sender stopped while the kernel is full was stopped inside a frame: the rest of
+    the socket read as garbage ("Illegal frame") and every session on it was lost."""
+    sid = coda_server.new_session()
+    sock = coda_server.websocket(sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    sock.join(sid)
+    coda_server.type(sid, "base64 -w 200 /dev/zero\r")
+    expected = None
+    for _ in range(25):
+        time.sleep(0.05)  # the flood fills the socket: the server's sender waits inside a frame
+        sock.send(type="join_session", session_id=sid)
+        for _ in range(40):
+            item = sock.receive()   # a cut frame raises here
+            if item[0] == "event" and item[1].get("type") == "joined":
+                expected = item[1]["offset"]
+            elif item[0] == "output" and expected is not None:
+                assert item[2] == expected, "after `joined`, output starts at its offset and has no gap"
+                expected += len(item[3])
+    sock.send(type="terminal_input", session_id=sid, input="\x03")
+    sock.close()
+    coda_server.close_session(sid)
+
+
 def test_input_is_not_held_back_by_output_on_the_same_socket(coda_server):
     flood, quiet = coda_server.new_session(), coda_server.new_session()
     sock = coda_server.websocket()
