@@ -2083,7 +2083,7 @@ class ServedModels:
         log.info("served models listed: %s", "; ".join(
             f"{MODEL_API_LABELS[api]}: {len(served_for(apis, api))}" for api in MODEL_API_LABELS) if apis else "none known")
         if rotation and changed:
-            self.relisted()
+            gevent.spawn(self.relisted)  # after this listing ends: the steps it reruns wait for it
 
     def describe(self):
         """One line per API: what is served for it (the models step and doctor print these)."""
