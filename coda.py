@@ -30,12 +30,14 @@ Contents
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
                         round trip's worth on a distant link: pings time it)
-     8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
-                        log records also go to a Delta table
-     9. Agents          one config writer per CLI, driven by a table; their
-                        tracing hooks
-    10. Setup           the step list and its runner (the tracing, commit hook and
-                        restore offer steps among them)
+     8. Databricks      owner, gateway discovery, PAT lifecycle, the models the
+                        workspace serves (listed at token time and rotations);
+                        optionally the log records also go to a Delta table
+     9. Agents          one config writer per CLI, driven by a table; the model
+                        each uses (its own if served, else its row's best
+                        served); their tracing hooks
+    10. Setup           the step list and its runner (the served models, tracing,
+                        commit hook and restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
@@ -5179,6 +5181,8 @@ def doctor():
 
     def served_models():
         """What the workspace serves, per agent API (doctor's own listing, with the saved token)."""
+        if not token:
+            raise UserWarning("no token is saved yet to list them with: paste one in the CoDA page")
         PROCESS.models.apis, PROCESS.models.notice = list_served_models(workspace_client(token, host))
         if PROCESS.models.apis is None:
             raise UserWarning(PROCESS.models.notice)
@@ -5188,9 +5192,9 @@ def doctor():
             lines.append(f"      {PROCESS.models.notice}")
         return "\n".join(lines)
 
-    def model(name):
+    def model(choose):
         def check():
-            choice = model_choice(name)
+            choice = choose()
             text = f"{choice.model} \N{EM DASH} {choice.why}"
             if choice.status == "unserved":
                 raise StepFailed(text)
@@ -5205,7 +5209,10 @@ def doctor():
               ("served models", served_models)]  # the model checks below read its listing
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
-    checks += [(f"{each.label} model", model(each.name)) for each in enabled_agents() if each.model_api]
+    checks += [(f"{each.label} model", model(functools.partial(model_choice, each.name)))
+               for each in enabled_agents() if each.model_api]
+    if CONFIG.hermes_fallback_model and "hermes" not in CONFIG.agents_off:
+        checks.append(("Hermes Agent fallback model", model(hermes_fallback_choice)))
 
     def run(label, check):
         try:
