@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, wait_for
 from fake_workspace import FakeWorkspace, serving_endpoint
+from test_browser import browser, open_tab  # noqa: F401 (fixtures)
 from test_databricks import coda_env, load_coda
 
 UNSERVED = "databricks-claude-opus-9-9"  # a name no workspace serves
@@ -242,3 +243,26 @@ def test_a_rotation_lists_again_and_rewrites_the_configs_whose_model_changed(wor
     assert (tmp_path / ".codex" / "config.toml").stat().st_mtime_ns == codex_written  # its model did not change
     step = next(s for s in coda.PROCESS.setup.token if s.id == "configure-claude")
     assert step.detail.startswith("Claude Code: databricks-claude-opus-4-6 \N{EM DASH}")
+
+
+# --- the page ----------------------------------------------------------------------------
+
+def test_the_setup_card_shows_which_model_an_agent_uses_and_why(open_tab):
+    """The setup card's step detail line, with the server's answer stood in for."""
+    from test_browser import json_route, wait_ready
+
+    detail = ("Claude Code: databricks-claude-opus-4-6 \N{EM DASH} ANTHROPIC_MODEL databricks-claude-opus-4-7 is "
+              "not served here (served for Claude Code: databricks-claude-opus-4-6)")
+    answer = {"status": "running", "steps": [
+        {"id": "configure-claude", "label": "Configure Claude Code", "status": "complete", "error": None,
+         "started_at": 1, "finished_at": 2, "output": [], "detail": detail},
+        {"id": "configure-codex", "label": "Configure Codex", "status": "failed", "error": "no model\nmore",
+         "started_at": 1, "finished_at": 2, "output": [], "detail": "no model\nmore"},
+        {"id": "models", "label": "Models the workspace serves", "status": "running", "error": None,
+         "started_at": 1, "finished_at": None, "output": [], "detail": None}]}
+    _, page = open_tab(routes={"api/setup-status": json_route(answer)})
+    wait_ready(page)
+    card = page.locator(".setup-card")
+    card.wait_for()
+    assert page.locator(".step-detail").count() == 1  # a failed step's error says it once
+    assert card.locator(".step-detail").inner_text() == detail
