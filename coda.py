@@ -2005,11 +2005,10 @@ def endpoint_apis(endpoint):
         return frozenset() if task in TASKS_NOT_FOR_AGENTS or (task is None and not models) else None
     apis = {"chat"}
     for model in models:
-        provider = getattr(model, "provider", None)
-        if provider is not None:  # an external model
-            apis.update([EXTERNAL_PROVIDER_APIS[provider.value]] if provider.value in EXTERNAL_PROVIDER_APIS else [])
-        words = " ".join(filter(None, (model.name, getattr(model, "display_name", None)))).lower()
-        apis.update(api for pattern, api in MODEL_MAKER_APIS if re.search(pattern, words.replace(" ", "-")))
+        provider = getattr(model, "provider", None)  # an external model's
+        apis.add(EXTERNAL_PROVIDER_APIS.get(provider.value if provider else None, "chat"))
+        words = "-".join(filter(None, (model.name, getattr(model, "display_name", None)))).lower().replace(" ", "-")
+        apis.update(api for pattern, api in MODEL_MAKER_APIS if re.search(pattern, words))
     return frozenset(apis)
 
 
@@ -5205,14 +5204,14 @@ def doctor():
 
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
-    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check),
-              ("served models", served_models)]  # the model checks below read its listing
+    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
-    checks += [(f"{each.label} model", model(functools.partial(model_choice, each.name)))
-               for each in enabled_agents() if each.model_api]
+    model_checks = [("served models", served_models)]  # the ones after it read its listing
+    model_checks += [(f"{each.label} model", model(functools.partial(model_choice, each.name)))
+                     for each in enabled_agents() if each.model_api]
     if CONFIG.hermes_fallback_model and "hermes" not in CONFIG.agents_off:
-        checks.append(("Hermes Agent fallback model", model(hermes_fallback_choice)))
+        model_checks.append(("Hermes Agent fallback model", model(hermes_fallback_choice)))
 
     def run(label, check):
         try:
@@ -5225,14 +5224,20 @@ def doctor():
             print(f"FAIL  {label}: {error if isinstance(error, StepFailed) else reason(error)}")
             return False
 
-    failed = 0
+    failed, passed = 0, 0
     for position, (label, check) in enumerate(chain):
         if not run(label, check):
             failed += 1
             for later, _ in chain[position + 1:]:
                 print(f"skip  {later}: needs the check above")
             break
+        passed += 1
     failed += sum(not run(label, check) for label, check in checks)
+    for label, check in model_checks:  # they need the workspace and the token (the chain's first two)
+        if passed >= 2:
+            failed += not run(label, check)
+        else:
+            print(f"skip  {label}: needs a reachable workspace and a valid token (see above)")
     print("all good" if not failed else f"{failed} problem(s) found")
     return 1 if failed else 0
 
