@@ -2676,6 +2676,7 @@ def configured_models():
 # every agent keeps its own. A choice's status: "served", "replaced" (a warning: its own is not
 # served), "unserved" (nothing served fits) or "unknown".
 ModelChoice = collections.namedtuple("ModelChoice", ["model", "why", "status"])
+MODELS_NAMED = 6  # the alternatives a warning names, best first
 
 
 def choose_model(variable, own, api, preferences, who, avoid=()):
@@ -2688,14 +2689,14 @@ def choose_model(variable, own, api, preferences, who, avoid=()):
         return ModelChoice(own, f"{variable} {own} is served with an API CoDA does not know; kept as set", "served")
     if api in (apis.get(own) or ()):
         return ModelChoice(own, f"{variable} {own} is served here", "served")
-    fitting = served_for(apis, api)
+    fitting = served_for(apis, api)  # the row's list first, then the rest by name (newer-looking first)
     ranked = [name for name in (*preferences, *sorted(fitting, reverse=True)) if name in fitting]
     ranked = [name for name in dict.fromkeys(ranked) if name not in avoid]
     if not ranked:
         return ModelChoice(own, f"the workspace serves no model for the {MODEL_API_LABELS[api]} API {who} "
                                 f"needs; {variable} {own} kept", "unserved")
-    return ModelChoice(ranked[0], f"{variable} {own} is not served here (served for {who}: {', '.join(ranked)})",
-                       "replaced")
+    served = ", ".join(ranked[:MODELS_NAMED]) + (", ..." if len(ranked) > MODELS_NAMED else "")
+    return ModelChoice(ranked[0], f"{variable} {own} is not served here (served for {who}: {served})", "replaced")
 
 
 def model_choice(name):
@@ -3188,10 +3189,12 @@ def agent_config_step(agent):
         PROCESS.models.wait()  # the listing this token started: the model is chosen from it
         choice, fallback = step.models = model_choices(agent.name)
         step.detail = describe_choice(agent.label, choice)
+        said = [(step.detail, choice)]
         if fallback:
-            step.output.append(describe_choice("Hermes Agent's fallback", fallback))
-        for line, each in ((step.detail, choice), (step.output[-1] if fallback else None, fallback)):
-            if each and each.status == "replaced":
+            said.append((describe_choice("Hermes Agent's fallback", fallback), fallback))
+            step.output.append(said[-1][0])
+        for line, each in said:
+            if each.status == "replaced":
                 log.warning("%s", line)  # a model the user set is not served: said, never silent
         try:
             agent_function(agent.writer)(AgentContext())
