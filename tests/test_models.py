@@ -13,7 +13,7 @@ import gevent
 import pytest
 
 from conftest import ROOT, wait_for
-from fake_workspace import FakeWorkspace, serving_endpoint
+from fake_workspace import OTHER_SERVING_ENDPOINTS, FakeWorkspace, serving_endpoint
 from test_browser import browser, open_tab  # noqa: F401 (fixtures)
 from test_databricks import coda_env, load_coda
 
@@ -107,8 +107,7 @@ def test_a_listing_that_tells_nothing_is_one_sentence_and_the_configured_models_
         workspace.serving_endpoints_status = 403
     else:
         workspace.serving_endpoints = {"empty": [], "unknown only": [serving_endpoint("telepathy", task="llm/v9/think")],
-                                       "no chat model": [serving_endpoint(**e) for e in
-                                                         __import__("fake_workspace").OTHER_SERVING_ENDPOINTS]}[bad]
+                                       "no chat model": [serving_endpoint(**e) for e in OTHER_SERVING_ENDPOINTS]}[bad]
     choices, notice, _ = choices_after_listing(workspace, tmp_path, ANTHROPIC_MODEL=UNSERVED)
     assert notice.startswith(sentence) and notice.endswith("so the agents keep their configured models.")
     assert notice.count(". ") == 0  # one sentence
