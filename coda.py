@@ -30,12 +30,14 @@ Contents
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
                         round trip's worth on a distant link: pings time it)
-     8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
-                        log records also go to a Delta table
-     9. Agents          one config writer per CLI, driven by a table; their
-                        tracing hooks
-    10. Setup           the step list and its runner (the tracing, commit hook and
-                        restore offer steps among them)
+     8. Databricks      owner, gateway discovery, PAT lifecycle, the models the
+                        workspace serves (listed at token time and rotations);
+                        optionally the log records also go to a Delta table
+     9. Agents          one config writer per CLI, driven by a table; the model
+                        each uses (its own if served, else its row's best
+                        served); their tracing hooks
+    10. Setup           the step list and its runner (the served models, tracing,
+                        commit hook and restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
@@ -72,23 +74,38 @@ Agent = collections.namedtuple("Agent", [
     "environment",     # a section 9 function giving the variables its terminals need, or None
     "tracer",          # the section 13 function recording a turn (`coda.py trace NAME`), or None
     "switch",          # the environment variable that leaves it out when false (default true), or None
-], defaults=(None, None, None))
+    "model_api",       # the API its model calls speak (a GATEWAY_PATHS key, section 8), or None: its model is not checked
+    "models",          # the models it may use, best (newest) first: the choice when its own is not served (section 9)
+], defaults=(None, None, None, None, ()))
 AGENT_ROWS = (
     Agent("claude", "Claude Code", "npm", "@anthropic-ai/claude-code", "CLAUDE_CODE_VERSION",
           "ANTHROPIC_MODEL", "databricks-claude-opus-4-7", ".claude/settings.json", "configure_claude",
-          tracer="trace_claude"),
+          tracer="trace_claude", model_api="anthropic",
+          models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
+                  "databricks-claude-opus-4-5", "databricks-claude-sonnet-4-5", "databricks-claude-opus-4-1",
+                  "databricks-claude-sonnet-4", "databricks-claude-haiku-4-5")),
     Agent("codex", "Codex", "npm", "@openai/codex", "CODEX_VERSION",
           "CODEX_MODEL", "databricks-gpt-5-5", ".codex/config.toml", "configure_codex",
-          tracer="trace_codex"),
+          tracer="trace_codex", model_api="responses",
+          models=("databricks-gpt-5-5", "databricks-gpt-5-4", "databricks-gpt-5-2", "databricks-gpt-5-1",
+                  "databricks-gpt-5", "databricks-gpt-5-mini")),
     Agent("gemini", "Gemini CLI", "npm", "@google/gemini-cli", "GEMINI_CLI_VERSION",
           "GEMINI_MODEL", "databricks-gemini-2-5-pro", ".gemini/settings.json", "configure_gemini",
-          environment="gemini_environment", tracer="trace_gemini"),
+          environment="gemini_environment", tracer="trace_gemini", model_api="gemini",
+          models=("databricks-gemini-3-1-pro", "databricks-gemini-3-pro", "databricks-gemini-2-5-pro",
+                  "databricks-gemini-3-flash", "databricks-gemini-2-5-flash")),
     Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # shares Hermes' HERMES_MODEL
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
-          environment="opencode_environment"),
+          environment="opencode_environment", model_api="chat",  # any chat model; Claude first
+          models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
+                  "databricks-claude-sonnet-4-5", "databricks-gpt-5-5", "databricks-gemini-3-pro",
+                  "databricks-gemini-2-5-pro")),
     Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".hermes/config.yaml", "configure_hermes",
-          switch="ENABLE_HERMES"),
+          switch="ENABLE_HERMES", model_api="chat",  # any chat model; Claude first
+          models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
+                  "databricks-claude-sonnet-4-5", "databricks-gpt-5-5", "databricks-gemini-3-pro",
+                  "databricks-gemini-2-5-pro")),
 )
 
 if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
@@ -406,6 +423,7 @@ class Process:
     sessions = None      # Sessions (5): the terminals; at shutdown it tells every socket
     sockets = None       # set of TerminalSocket (7): every open WebSocket
     gateway = None       # Gateway (8): where the agents' model calls go
+    models = None        # ServedModels (8): what the workspace serves; model_choice (9) picks from it
     pat = None           # Pat (8): the token; it tells the gateway, ~/.databrickscfg and setup
     delta_logs = None    # DeltaLogShipper (8), once serve starts it: app logs, sent with pat's token
     setup = None         # Setup (10): the steps; their token steps run whenever pat has a new token
@@ -1976,6 +1994,120 @@ def _answers(url, token):
 
 
 
+# The models the workspace serves (GET /api/2.0/serving-endpoints), and which agent API each speaks.
+# Databricks serves every chat model (task llm/v1/chat) through Chat Completions; a Claude model also
+# through the Anthropic Messages API, a GPT-5 model through the Responses API and a Gemini model
+# through the Gemini API. So an endpoint's task says whether it chats, and its served model's maker
+# (a foundation model's name, or an external model's provider) which native API it adds. Embedding,
+# completion, agent and custom-model endpoints are not for the coding agents; a model endpoint with a
+# task CoDA does not know is "an unknown API": left out of the choice, and said so.
+MODEL_API_LABELS = {"anthropic": "Anthropic Messages", "responses": "OpenAI Responses", "gemini": "Gemini",
+                    "chat": "Chat Completions"}
+MODEL_MAKER_APIS = ((r"claude", "anthropic"), (r"gpt-(?!oss)", "responses"), (r"gemini", "gemini"))
+EXTERNAL_PROVIDER_APIS = {"anthropic": "anthropic", "openai": "responses", "google-cloud-vertex-ai": "gemini"}
+TASKS_NOT_FOR_AGENTS = ("llm/v1/embeddings", "llm/v1/completions", "agent/v1/chat", "agent/v2/chat",
+                        "agent/v1/responses")
+MODELS_REFRESH_SECONDS = 300     # a listing is reused this long: a rotation within it lists nothing
+KEEP_CONFIGURED = "so the agents keep their configured models"
+
+
+def endpoint_apis(endpoint):
+    """The agent APIs a listed endpoint speaks (a frozenset; empty: not a chat model), or None: an API CoDA does not know."""
+    entities = (endpoint.config.served_entities if endpoint.config else None) or []
+    models = [entity.foundation_model or entity.external_model for entity in entities
+              if entity.foundation_model or entity.external_model]
+    task = endpoint.task or next((entity.external_model.task for entity in entities if entity.external_model), None)
+    if task != "llm/v1/chat":
+        return frozenset() if task in TASKS_NOT_FOR_AGENTS or (task is None and not models) else None
+    apis = {"chat"}
+    for model in models:
+        provider = getattr(model, "provider", None)  # an external model's
+        apis.add(EXTERNAL_PROVIDER_APIS.get(provider.value if provider else None, "chat"))
+        words = "-".join(filter(None, (model.name, getattr(model, "display_name", None)))).lower().replace(" ", "-")
+        apis.update(api for pattern, api in MODEL_MAKER_APIS if re.search(pattern, words))
+    return frozenset(apis)
+
+
+def read_served_models(endpoints):
+    """(apis, notice) from a listing: {endpoint: the agent APIs it speaks, or None for an API CoDA does
+    not know} when it names a chat model, else None (the agents then keep their configured models);
+    and one sentence on bad input."""
+    apis = {endpoint.name: endpoint_apis(endpoint) for endpoint in endpoints}
+    apis = {name: spoken for name, spoken in apis.items() if spoken is None or spoken}
+    unknown = [name for name, spoken in apis.items() if spoken is None]
+    named = ", ".join(f"{name} (task {next(e.task for e in endpoints if e.name == name) or 'none'})"
+                      for name in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    if not endpoints:
+        return None, f"The workspace lists no serving endpoints, {KEEP_CONFIGURED}."
+    if not apis:
+        return None, f"The workspace lists {len(endpoints)} serving endpoint(s) but no chat model, {KEEP_CONFIGURED}."
+    if len(unknown) == len(apis):
+        return None, f"The workspace names only endpoints with an API CoDA does not know ({named}), {KEEP_CONFIGURED}."
+    if unknown:
+        return apis, (f"The workspace names {len(unknown)} endpoint(s) with an API CoDA does not know ({named}); "
+                      "they are left out of the choice (an agent set to one keeps it).")
+    return apis, None
+
+
+def list_served_models(client):
+    """read_served_models of the workspace's listing, as `client` sees it; a failure is a notice too."""
+    try:
+        return read_served_models(list(client.serving_endpoints.list()))
+    except Exception as error:
+        if is_refusal(error):
+            return None, f"The workspace refused to list its serving endpoints ({reason(error)}), {KEEP_CONFIGURED}."
+        return None, f"Could not list the workspace's serving endpoints ({reason(error)}), {KEEP_CONFIGURED}."
+
+
+def served_for(apis, api):
+    """The models in a listing that speak `api`, by name."""
+    return sorted(name for name, spoken in (apis or {}).items() if spoken and api in spoken)
+
+
+class ServedModels:
+    """What the workspace serves, listed with the current token at token time and at rotations (at
+    most every MODELS_REFRESH_SECONDS), each listing in a greenlet of its own."""
+
+    def __init__(self, relisted):
+        self.relisted = relisted  # () -> None: a rotation's listing changed what is served
+        self.apis = None          # endpoint name -> the agent APIs it speaks; None: not known
+        self.notice = "No token has been configured yet, " + KEEP_CONFIGURED + "."  # one sentence, or None
+        self.listed_at = None
+        self.listing = None       # the greenlet of the latest listing
+
+    def refresh(self, token, rotation=False):
+        """List again (a rotation: only once the last listing is stale); the agents' steps wait for it."""
+        fresh = self.listed_at is not None and time.time() - self.listed_at < MODELS_REFRESH_SECONDS
+        if rotation and (fresh or (self.listing and not self.listing.dead)):
+            return
+        self.listing = gevent.spawn(self._list, token, rotation)
+
+    def wait(self):
+        if self.listing is not None:
+            self.listing.join(timeout=CONFIG.sdk_http_timeout + CONFIG.sdk_retry_timeout)
+
+    def _list(self, token, rotation):
+        apis, notice = list_served_models(workspace_client(token))
+        if gevent.getcurrent() is not self.listing:
+            return  # a newer listing (a new token) was started meanwhile
+        if apis is None and self.apis is not None and notice.startswith("Could not"):
+            log.warning("%s (the last listing stays in use)", notice)  # an outage at a rotation
+            return
+        changed = (apis, notice) != (self.apis, self.notice)
+        self.apis, self.notice, self.listed_at = apis, notice, time.time()
+        if notice and changed:
+            log.warning("%s", notice)
+        log.info("served models listed: %s", "; ".join(
+            f"{MODEL_API_LABELS[api]}: {len(served_for(apis, api))}" for api in MODEL_API_LABELS) if apis else "none known")
+        if rotation and changed:
+            gevent.spawn(self.relisted)  # after this listing ends: the steps it reruns wait for it
+
+    def describe(self):
+        """One line per API: what is served for it (the models step and doctor print these)."""
+        return [f"{MODEL_API_LABELS[api]}: {', '.join(served_for(self.apis, api)) or 'none'}"
+                for api in MODEL_API_LABELS] if self.apis is not None else []
+
+
 class Pat:
     """The token CoDA works with: validated, exchanged for a short-lived one, rotated, the old one revoked.
 
@@ -1987,8 +2119,9 @@ class Pat:
     is retried while the token is valid, and said in `error` meanwhile.
     """
 
-    def __init__(self, gateway, save_token, token_configured):
+    def __init__(self, gateway, models, save_token, token_configured):
         self.gateway = gateway                    # told the token, to discover where model calls go
+        self.models = models                      # told each token, to list the served models (ServedModels)
         self.save_token = save_token              # (token) -> None: each minted token, for the CLI and SDK
         self.token_configured = token_configured  # () -> None: after each pasted token
         self.token = None          # the current token: a minted one, or the pasted one until a mint succeeds
@@ -2054,6 +2187,7 @@ class Pat:
                 self.report(None)
             except Exception as error:
                 self.report(f"Could not mint a short-lived token ({reason(error)}); using the pasted token meanwhile.")
+            self.models.refresh(self.token)
         self.token_configured()
         if self.rotor is None or self.rotor.dead:
             self.rotor = gevent.spawn(self._rotate_forever)
@@ -2109,6 +2243,7 @@ class Pat:
                     self._mint()
                     failures = 0
                     self.report(None)
+                    self.models.refresh(self.token, rotation=True)
                 except Exception as error:
                     failures += 1
                     if self._ends_token(error):
@@ -2544,8 +2679,79 @@ def model_limits(name):
 
 def configured_models():
     """Every model CoDA names to an agent (an undeclared one makes OpenCode pick another provider's)."""
-    chosen = (*CONFIG.models.values(), CONFIG.hermes_fallback_model)
+    fallback = hermes_fallback_choice()
+    chosen = (*CONFIG.models.values(), *(model_choice(agent.name).model for agent in AGENTS),
+              fallback.model if fallback else "")
     return list(dict.fromkeys(name for name in (*MODEL_LIMITS, *chosen) if name))
+
+
+# Which model each agent uses (PROCESS.models, section 8, knows what is served): its own (its row's
+# model_variable, else the row's default) when the workspace serves it for the agent's API; else the
+# first of the row's `models` served for it, else any served for it; else its own, and its setup
+# step fails saying so. While what is served is not known (no listing yet, a 403, an empty listing)
+# every agent keeps its own. A choice's status: "served", "replaced" (a warning: its own is not
+# served), "unserved" (nothing served fits) or "unknown".
+ModelChoice = collections.namedtuple("ModelChoice", ["model", "why", "status"])
+MODELS_NAMED = 6  # the alternatives a warning names, best first
+
+
+def choose_model(variable, own, api, preferences, who, avoid=()):
+    apis = PROCESS.models.apis
+    if api is None:
+        return ModelChoice(own, f"{variable} (its API is not checked)", "served")
+    if apis is None:
+        return ModelChoice(own, f"{variable} as set: what the workspace serves is not known", "unknown")
+    if own in apis and apis[own] is None:
+        return ModelChoice(own, f"{variable} {own} is served with an API CoDA does not know; kept as set", "served")
+    if api in (apis.get(own) or ()):
+        return ModelChoice(own, f"{variable} {own} is served here", "served")
+    fitting = served_for(apis, api)  # the row's list first, then the rest by name (newer-looking first)
+    ranked = [name for name in (*preferences, *sorted(fitting, reverse=True)) if name in fitting]
+    ranked = [name for name in dict.fromkeys(ranked) if name not in avoid]
+    if not ranked:
+        return ModelChoice(own, f"the workspace serves no model for the {MODEL_API_LABELS[api]} API {who} "
+                                f"needs; {variable} {own} kept", "unserved")
+    served = ", ".join(ranked[:MODELS_NAMED]) + (", ..." if len(ranked) > MODELS_NAMED else "")
+    return ModelChoice(ranked[0], f"{variable} {own} is not served here (served for {who}: {served})", "replaced")
+
+
+def model_choice(name):
+    """(model, why, status): the model agent `name` uses, and why (see above)."""
+    agent = next(agent for agent in AGENTS if agent.name == name)
+    return choose_model(agent.model_variable, CONFIG.models[name], agent.model_api, agent.models, agent.label)
+
+
+def hermes_fallback_choice():
+    """HERMES_FALLBACK_MODEL picked like a model, never Hermes' own; None when it is not set."""
+    if not CONFIG.hermes_fallback_model:
+        return None
+    hermes = next(agent for agent in AGENTS if agent.name == "hermes")
+    return choose_model("HERMES_FALLBACK_MODEL", CONFIG.hermes_fallback_model, hermes.model_api, hermes.models,
+                        "Hermes Agent's fallback", avoid={model_choice("hermes").model})
+
+
+def model_choices(name):
+    """The agent's ModelChoice and, for Hermes Agent, its fallback's (else None): what its config is written with."""
+    return model_choice(name), hermes_fallback_choice() if name == "hermes" else None
+
+
+def describe_choice(label, choice):
+    return f"{label}: {choice.model} \N{EM DASH} {choice.why}"
+
+
+# Claude Code's smaller models: the first one served, else its own model; while what is served
+# is not known, the last (long-served) one.
+CLAUDE_SMALLER_MODELS = {
+    "ANTHROPIC_DEFAULT_SONNET_MODEL": ("databricks-claude-sonnet-4-6", "databricks-claude-sonnet-4-5"),
+    "ANTHROPIC_DEFAULT_HAIKU_MODEL": ("databricks-claude-haiku-4-5",),
+}
+
+
+def claude_smaller_model(names, own):
+    apis = PROCESS.models.apis
+    if apis is None:
+        return names[-1]
+    return next((name for name in names if "anthropic" in (apis.get(name) or ())), own)
 
 
 class AgentContext:
@@ -2575,10 +2781,9 @@ def configure_claude(ctx):
     """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
     def settings(data):
         env = nested(data, "env")
-        model = CONFIG.models["claude"]
+        model = model_choice("claude").model
         env.update(ANTHROPIC_BASE_URL=ctx.gateway("anthropic"), ANTHROPIC_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model,
-                   ANTHROPIC_DEFAULT_SONNET_MODEL="databricks-claude-sonnet-4-5",
-                   ANTHROPIC_DEFAULT_HAIKU_MODEL="databricks-claude-haiku-4-5",
+                   **{key: claude_smaller_model(names, model) for key, names in CLAUDE_SMALLER_MODELS.items()},
                    ANTHROPIC_CUSTOM_HEADERS="x-databricks-use-coding-agent-mode: true",
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1",
                    CLAUDE_CODE_API_KEY_HELPER_TTL_MS="60000")
@@ -2603,7 +2808,7 @@ def configure_claude(ctx):
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
     def settings(data):
-        model = CONFIG.models["codex"]
+        model = model_choice("codex").model
         data.update(model=model, model_provider="databricks", web_search="disabled",
                     model_context_window=model_limits(model)[0])
         command, *args = ctx.token_command
@@ -2622,7 +2827,7 @@ def configure_gemini(ctx):
     """Gemini CLI: through the local proxy, which adds the current token to every call."""
     def settings(data):
         nested(data, "security", "auth")["selectedType"] = "gemini-api-key"
-        nested(data, "model")["name"] = CONFIG.models["gemini"]
+        nested(data, "model")["name"] = model_choice("gemini").model
         nested(data, "privacy")["usageStatisticsEnabled"] = False
         gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
@@ -2649,7 +2854,7 @@ def opencode_environment(ctx):
 
 def configure_opencode(ctx):
     """OpenCode: an OpenAI-compatible provider at the local proxy (which also repairs its requests)."""
-    model = CONFIG.models["opencode"]
+    model = model_choice("opencode").model
 
     def settings(data):
         data["$schema"] = "https://opencode.ai/config.json"
@@ -2677,13 +2882,13 @@ def configure_opencode(ctx):
 def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
-    model = CONFIG.models["hermes"]
+    model, fallback = model_choice("hermes").model, hermes_fallback_choice()
     config = {"model": {**provider, "default": model, "context_length": model_limits(model)[0]},
               "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
               "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
-    if CONFIG.hermes_fallback_model:
-        config["fallback_model"] = {**provider, "model": CONFIG.hermes_fallback_model,
-                                    "context_length": model_limits(CONFIG.hermes_fallback_model)[0]}
+    if fallback:
+        config["fallback_model"] = {**provider, "model": fallback.model,
+                                    "context_length": model_limits(fallback.model)[0]}
     write_owned(ctx.home / ".hermes" / "config.yaml", json.dumps(config, indent=2) + "\n")  # JSON is YAML
     write_owned(ctx.projects / "HERMES.md", AGENT_INSTRUCTIONS, "<!--")
 
@@ -2877,14 +3082,17 @@ class Step:
         self.id, self.label, self.run, self.kind, self.timeout = step_id, label, run, kind, timeout
         self.status, self.error, self.started_at, self.finished_at = "pending", None, None, None
         self.output = collections.deque(maxlen=20)  # the tail of what it printed
+        self.detail = None  # one line the page shows under the step, whatever its status (an agent's model)
 
     def describe(self):
         return {"id": self.id, "label": self.label, "status": self.status, "error": self.error,
-                "started_at": self.started_at, "finished_at": self.finished_at, "output": list(self.output)}
+                "started_at": self.started_at, "finished_at": self.finished_at, "output": list(self.output),
+                "detail": self.detail}
 
     def execute(self):
         """Run once, recording state, duration and a one-line error; never raises."""
         self.status, self.error, self.started_at, self.finished_at = "running", None, time.time(), None
+        self.detail = None
         try:
             with gevent.Timeout(self.timeout, StepFailed(f"timed out after {self.timeout} s")):
                 self.run(self)
@@ -2994,11 +3202,35 @@ def agent_config_step(agent):
     def run(step):
         # settled first: a writer that needs the proxy fails if the port is not ours
         PROCESS.proxy_port.ours(wait=PROXY_SETTLE_SECONDS)
+        PROCESS.models.wait()  # the listing this token started: the model is chosen from it
+        choice, fallback = step.models = model_choices(agent.name)
+        step.detail = describe_choice(agent.label, choice)
+        said = [(step.detail, choice)]
+        if fallback:
+            said.append((describe_choice("Hermes Agent's fallback", fallback), fallback))
+            step.output.append(said[-1][0])
+        for line, each in said:
+            if each.status == "replaced":
+                log.warning("%s", line)  # a model the user set is not served: said, never silent
         try:
             agent_function(agent.writer)(AgentContext())
         except ConfigError as error:
             raise StepFailed(str(error)) from None
-    return Step(f"configure-{agent.name}", f"Configure {agent.label}", run, "token", timeout=60)
+        if choice.status == "unserved":  # written with its own model all the same; the others go on
+            raise StepFailed(step.detail)
+    step = Step(f"configure-{agent.name}", f"Configure {agent.label}", run, "token", timeout=60)
+    step.models = None  # the model_choices its config was last written with
+    return step
+
+
+def list_models_step(step):
+    """Setup step (token): what the workspace serves for each agent API, or the one sentence on why
+    that is not known (the agents then keep their configured models)."""
+    PROCESS.models.wait()
+    step.output.extend(PROCESS.models.describe())
+    served = PROCESS.models.apis
+    step.detail = PROCESS.models.notice or ", ".join(
+        f"{len(served_for(served, api))} for {MODEL_API_LABELS[api]}" for api in MODEL_API_LABELS) + " served"
 
 
 def configure_databricks(step):
@@ -3237,7 +3469,8 @@ class Setup:
                          for agent in enabled_agents()]
         self.parallel.append(Step("skills", "Agent skills", install_skills, "install", timeout=600))
         self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
-                           configure_databricks, "token", timeout=60)]
+                           configure_databricks, "token", timeout=60),
+                      Step("models", "Models the workspace serves", list_models_step, "token", timeout=120)]
         self.token += [agent_config_step(agent) for agent in enabled_agents()]
         if CONFIG.mlflow_tracing:
             self.token.append(Step("tracing", "MLflow tracing", prepare_tracing, "token", timeout=180))
@@ -3271,6 +3504,16 @@ class Setup:
     def run_token_steps(self):
         """Write every agent's configuration for the current token, all at once (each its own files)."""
         gevent.joinall([gevent.spawn(step.execute) for step in self.token])
+
+    def rewrite_changed_models(self):
+        """A rotation's listing changed what is served: rewrite (merging, as ever) the configs of the
+        agents whose chosen model is not the one their config was written with."""
+        steps = [step for step in self.token if step.id == "models"]
+        steps += [step for step in self.token if getattr(step, "models", None) and step.status != "running"
+                  and step.models != model_choices(step.id.removeprefix("configure-"))]
+        for step in steps[1:]:
+            log.info("the served models changed: rewriting %s", step.label)
+        gevent.joinall([gevent.spawn(step.execute) for step in steps])
 
 
 @api("/api/setup-status", "GET")
@@ -3972,7 +4215,9 @@ def wire(config):
                                 on_shutdown=functools.partial(tell_every_socket, {"type": "shutting_down"}))
     PROCESS.gateway = Gateway()
     PROCESS.setup = Setup()
-    PROCESS.pat = Pat(PROCESS.gateway, save_token=write_databrickscfg, token_configured=PROCESS.setup.run_token_steps)
+    PROCESS.models = ServedModels(relisted=PROCESS.setup.rewrite_changed_models)
+    PROCESS.pat = Pat(PROCESS.gateway, PROCESS.models, save_token=write_databrickscfg,
+                      token_configured=PROCESS.setup.run_token_steps)
     PROCESS.proxy_port = ProxyPort()
 
 
@@ -4952,28 +5197,66 @@ def doctor():
             return version
         return check
 
+    def served_models():
+        """What the workspace serves, per agent API (doctor's own listing, with the saved token)."""
+        if not token:
+            raise UserWarning("no token is saved yet to list them with: paste one in the CoDA page")
+        PROCESS.models.apis, PROCESS.models.notice = list_served_models(workspace_client(token, host))
+        if PROCESS.models.apis is None:
+            raise UserWarning(PROCESS.models.notice)
+        lines = [f"{len([s for s in PROCESS.models.apis.values() if s])} chat model(s)"]
+        lines += [f"      {line}" for line in PROCESS.models.describe()]
+        if PROCESS.models.notice:
+            lines.append(f"      {PROCESS.models.notice}")
+        return "\n".join(lines)
+
+    def model(choose):
+        def check():
+            choice = choose()
+            text = f"{choice.model} \N{EM DASH} {choice.why}"
+            if choice.status == "unserved":
+                raise StepFailed(text)
+            if choice.status != "served":
+                raise UserWarning(text)
+            return text
+        return check
+
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
     checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
+    model_checks = [("served models", served_models)]  # the ones after it read its listing
+    model_checks += [(f"{each.label} model", model(functools.partial(model_choice, each.name)))
+                     for each in enabled_agents() if each.model_api]
+    if CONFIG.hermes_fallback_model and "hermes" not in CONFIG.agents_off:
+        model_checks.append(("Hermes Agent fallback model", model(hermes_fallback_choice)))
 
     def run(label, check):
         try:
             print(f"ok    {label}: {check()}")
             return True
+        except UserWarning as warning:  # worth knowing, but the agent works
+            print(f"warn  {label}: {warning}")
+            return True
         except Exception as error:
             print(f"FAIL  {label}: {error if isinstance(error, StepFailed) else reason(error)}")
             return False
 
-    failed = 0
+    failed, passed = 0, 0
     for position, (label, check) in enumerate(chain):
         if not run(label, check):
             failed += 1
             for later, _ in chain[position + 1:]:
                 print(f"skip  {later}: needs the check above")
             break
+        passed += 1
     failed += sum(not run(label, check) for label, check in checks)
+    for label, check in model_checks:  # they need the workspace and the token (the chain's first two)
+        if passed >= 2:
+            failed += not run(label, check)
+        else:
+            print(f"skip  {label}: needs a reachable workspace and a valid token (see above)")
     print("all good" if not failed else f"{failed} problem(s) found")
     return 1 if failed else 0
 

@@ -1240,6 +1240,8 @@ async function watchSetup() {
         el('span', { class: 'step-label', text: s.label || s.id }),
         el('span', { class: 'step-time', text: duration(s) }));
       if (s.error) li.append(el('div', { class: 'step-error', text: String(s.error).split('\n')[0] }));
+      // Models from the workspace: which model an agent uses and why (the step's detail line)
+      else if (s.detail) li.append(el('div', { class: 'step-detail', text: String(s.detail).split('\n')[0] }));
       list.append(li);
     }
     const hide = el('button', { class: 'icon', text: '\u2715', title: 'Hide', 'aria-label': 'Hide setup progress' });

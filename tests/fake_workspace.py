@@ -56,7 +56,12 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   answer PENDING, then RUNNING to that many polls: a warehouse starting;
   ``POST .../cancel`` ends them CANCELED),
   ``sql_failure`` ((error_code, message): statements answer state FAILED,
-  as a warehouse does on an SQL error).
+  as a warehouse does on an SQL error), ``serving_endpoints`` (what ``GET
+  /api/2.0/serving-endpoints`` lists: by default a pay-per-token chat endpoint
+  per model plus an embeddings and a custom model; ``[]`` lists none; build
+  others with ``serving_endpoint(name, task, display_name, provider,
+  entity_name)``, e.g. an unknown ``task``), ``serving_endpoints_status``
+  (e.g. 403: the listing is refused).
 * inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
   path, query (key= redacted), base, api "anthropic"|"responses"|"chat"|
   "gemini"|"models"|"probe"|..., model, token, token_id, token_live, auth_via,
@@ -101,6 +106,12 @@ DEFAULT_MODELS = [
     "databricks-gemini-2-5-pro",
     "databricks-gemini-2-5-flash",
 ]
+# What GET /api/2.0/serving-endpoints lists besides a pay-per-token endpoint per model: an
+# embeddings model and a custom (MLflow) model, as a real workspace has them; neither is for agents.
+OTHER_SERVING_ENDPOINTS = [
+    {"name": "databricks-gte-large-en", "task": "llm/v1/embeddings", "display_name": "GTE Large (En)"},
+    {"name": "churn-model", "task": None, "entity_name": "main.ml.churn", "entity_version": "3"},
+]
 # Tool names the fake prefers when a request asks it (via USE_TOOL) to call a
 # shell tool, in order; otherwise any tool with a required "command" property.
 SHELL_TOOL_NAMES = [
@@ -137,6 +148,37 @@ class ApiError(Exception):
         self.status = status
         self.error_code = error_code
         self.message = message
+
+
+def serving_endpoint(name, task="llm/v1/chat", display_name=None, provider=None, entity_name=None,
+                     entity_version=None):
+    """One endpoint as GET /api/2.0/serving-endpoints lists it: a pay-per-token foundation model
+    (the default), an external model (``provider``, e.g. "anthropic"), or a custom model
+    (``entity_name``). ``task`` may be anything, e.g. an unknown one."""
+    entity = {"name": name}
+    if entity_name:
+        entity.update(entity_name=entity_name, entity_version=entity_version or "1")
+        kind = "CUSTOM_MODEL"
+    elif provider:
+        entity["external_model"] = {"provider": provider, "name": display_name or name, "task": task}
+        kind = "EXTERNAL_MODEL"
+    else:
+        entity["foundation_model"] = {"name": name, "display_name": display_name or name,
+                                      "docs": "https://docs.databricks.com/machine-learning/foundation-model-apis",
+                                      "description": f"{display_name or name}, served by Databricks."}
+        kind = "FOUNDATION_MODEL_API"
+    endpoint = {"name": name, "id": secrets.token_hex(16), "creator": "", "creation_timestamp": 1735689600000,
+                "last_updated_timestamp": 1735689600000, "endpoint_type": kind,
+                "state": {"ready": "READY", "config_update": "NOT_UPDATING"},
+                "config": {"served_entities": [entity]}, "permission_level": "CAN_QUERY", "route_optimized": False}
+    if task is not None:
+        endpoint["task"] = task
+    return endpoint
+
+
+def default_serving_endpoints(models):
+    """A realistic listing: each model's pay-per-token chat endpoint, then OTHER_SERVING_ENDPOINTS."""
+    return [serving_endpoint(m) for m in models] + [serving_endpoint(**e) for e in OTHER_SERVING_ENDPOINTS]
 
 
 def _now_ms():
@@ -217,6 +259,8 @@ class FakeWorkspace:
         self.failing_models = {}            # model name -> HTTP status its calls get
         self.sql_running_polls = 0          # polls a statement answers PENDING/RUNNING before SUCCEEDED
         self.sql_failure = None             # (error_code, message): statements end FAILED with it
+        self.serving_endpoints = default_serving_endpoints(self.models)  # what the listing answers; [] = none
+        self.serving_endpoints_status = None  # e.g. 403: the listing is refused (PERMISSION_DENIED)
 
         # Inspection (read from a test; guarded by self.lock while mutated).
         self.lock = threading.RLock()
@@ -1014,6 +1058,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._auth()
             self._apply_fault("workspace/" + m.group(1))
             return self._workspace_files(m.group(1), method, qs)
+        if path == "/api/2.0/serving-endpoints" and method == "GET":
+            self._auth()
+            self._apply_fault("serving-endpoints")
+            return self._serving_endpoints()
         if path == "/api/2.0/sql/statements" and method == "POST":
             rec = self._auth()
             self._apply_fault("sql/statements")
@@ -1027,6 +1075,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._auth()
             return self._sql_cancel(m.group(1))
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
+
+    def _serving_endpoints(self):
+        """GET /api/2.0/serving-endpoints: the ``serving_endpoints`` knob, or its refusal."""
+        status = self.fake.serving_endpoints_status
+        if status:
+            raise ApiError(status, "PERMISSION_DENIED" if status == 403 else "INVALID_STATE",
+                           "User does not have permission to list serving endpoints.")
+        with self.fake.lock:
+            endpoints = [dict(e) for e in self.fake.serving_endpoints]
+        return self._send(200, {"endpoints": endpoints} if endpoints else {})
 
     def _sql_execute(self, rec, body):
         """POST /api/2.0/sql/statements: a bad request is 400; an SQL error is 200 with state FAILED."""

@@ -15,7 +15,7 @@ import pytest
 
 from agent_table import AGENT_ROWS, BY_NAME
 from conftest import ROOT, Coda
-from fake_workspace import FakeWorkspace
+from fake_workspace import FakeWorkspace, serving_endpoint
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
 pytestmark = pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(),
@@ -272,6 +272,7 @@ def test_opencode_keeps_a_model_coda_has_no_row_for(rig, tmp_path):
     (undeclared, it once fell back to a Google model and failed for want of a Google API key)."""
     _, workspace = rig
     model = "databricks-claude-opus-9-9"
+    workspace.serving_endpoints.append(serving_endpoint(model))  # the workspace serves it (else CoDA picks another)
     env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
            "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "", "PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}",
            "HERMES_MODEL": model, "ENABLE_HERMES": "0"}
