@@ -543,6 +543,7 @@ def test_session_picker_lists_and_kills(open_tab, coda_server):
     wait(page, "(id) => window.coda.tabs.some((t) => t.sessions.includes(id))", other, what="attached in a tab")
     page.keyboard.press("Control+Shift+S")
     page.locator("#sessions-kill-all").click()
+    page.locator("#sessions-modal .confirm-yes").click()  # kill-all asks first
     wait(page, "() => document.querySelector('#sessions-empty') && !document.querySelector('#sessions-empty').hidden",
          what="no sessions left")
     assert coda_server.get("/api/sessions").json() == []
