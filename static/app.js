@@ -954,7 +954,7 @@ async function closePane(pane) {
   if (!pane) return;
   const tab = pane.tab;
   if (tab.panes.length === 1) { closeTab(tab); return; }
-  const choice = await askBeforeClosing([pane]);
+  const choice = await askBeforeClosing([pane], 'pane');
   if (choice === 'cancel' || !tab.panes.includes(pane)) return;
   pane.dispose(choice === 'keep');
   tab.panes = tab.panes.filter((p) => p !== pane);
@@ -965,7 +965,7 @@ async function closePane(pane) {
 }
 
 async function closeTab(tab) {
-  const choice = await askBeforeClosing(tab.panes);
+  const choice = await askBeforeClosing(tab.panes, 'tab');
   if (choice === 'cancel' || !tabs.includes(tab)) return;
   for (const p of tab.panes) p.dispose(choice === 'keep');
   tab.el.remove();
@@ -1627,7 +1627,6 @@ async function showWelcome(pane) {
   const readyLine = el('p', { class: 'welcome-ready' }, ready.length ? 'Ready: ' : 'No agent is ready yet.');
   for (const a of ready) readyLine.append(el('button', { text: a.label, onclick: () => launch(a) }), ' ');
   card.append(readyLine);
-  let next;
   if (missing.length) {
     const install = el('button', { id: 'install-agents', text: 'Install them into ~/.local' });
     install.addEventListener('click', async () => {
@@ -1637,13 +1636,19 @@ async function showWelcome(pane) {
       install.textContent = 'Installing\u2026 (progress in the setup card)';
       watchSetup();
     });
-    next = el('p', { class: 'welcome-missing' },
-      `This machine lacks ${missing.map((a) => a.label).join(', ')}. `, install);
-  } else if (app.status === 200 && app.data.workspace_host && !app.data.pat_configured) {
-    next = el('p', { text: 'Next: paste a Databricks token in the card below, so the agents can reach the models.' });
+    card.append(el('p', { class: 'welcome-missing' },
+      `This machine lacks ${missing.map((a) => a.label).join(', ')}. `, install));
+  }
+  const launcher = el('button', { text: 'Start an agent\u2026', onclick: openLauncher });
+  let next;
+  if (app.status === 200 && app.data.workspace_host && !app.data.pat_configured) {
+    next = el('p', { text: 'Next: paste a Databricks token (in the token card, or from the status bar\u2019s details), ' +
+      'so the agents can reach the models.' });
+  } else if (ready.length) {
+    next = el('p', {}, 'Next: type ', el('code', { text: ready[0].name }), ' in this shell, or ', launcher, ' (Alt+Shift+A).');
   } else {
-    next = el('p', {}, 'Next: type an agent\u2019s name (', el('code', { text: (ready[0] || { name: 'claude' }).name }),
-      ') in this shell, or ', el('button', { text: 'Start an agent\u2026', onclick: openLauncher }), ` (${'Alt+Shift+A'}).`);
+    next = el('p', {}, missing.length ? 'Next: install them, or see what each agent needs: ' : 'Next: see what each agent needs: ',
+      launcher, ' (Alt+Shift+A).');
   }
   card.append(next);
   pane.el.append(card);
@@ -1679,7 +1684,7 @@ const statusBar = {
     const now = Date.now() / 1000;
     const app = this.app || {}, pat = this.pat || {};
     const user = pat.user || app.owner || (app.apps_mode ? 'owner unknown' : 'local user');
-    let token = 'no token';
+    let token = app.workspace_host ? 'no token' : 'no workspace';
     if (pat.configured) {
       token = pat.valid === false ? 'token invalid' : (pat.expires_at ? `token ${since(pat.expires_at - now)} left` : 'token set');
       token += app.last_rotation ? ` \u00b7 rotated ${since(now - epochSeconds(app.last_rotation))} ago` : ' \u00b7 not rotated yet';
@@ -1735,16 +1740,16 @@ const statusBar = {
     const input = $('#replace-token-input'), message = $('#replace-token-message');
     const token = input.value.trim();
     if (!token) { message.textContent = 'Paste the new token first.'; return; }
-    message.className = 'pat-message';
+    message.className = 'replace-message';
     message.textContent = 'Checking\u2026';
     const { status, data } = await api('POST', 'api/configure-pat', { token, replace: true });
     if (status === 200) {
       input.value = '';
-      message.className = 'pat-message ok';
+      message.className = 'replace-message ok';
       message.textContent = `Token replaced: signed in as ${data.user || 'you'}.`;
       this.refresh();
     } else {
-      message.className = 'pat-message error';
+      message.className = 'replace-message error';
       message.textContent = data.error || 'That token did not work.';
     }
   },
@@ -1754,6 +1759,7 @@ const statusBar = {
     $('#replace-token').addEventListener('submit', (ev) => this.replaceToken(ev));
     $('#replace-token-input').addEventListener('keydown', (ev) => ev.stopPropagation());
     this.refresh();
+    this.measure();
     setInterval(() => this.refresh(), 15000);
     setInterval(() => this.measure(), 5000);
   },
@@ -1767,13 +1773,13 @@ let pendingClose = null;   // resolves the open close question
 
 // 'end' to close and end the sessions, 'keep' to detach them, 'cancel'. Asks
 // only when a pane's session runs something other than its idle shell.
-async function askBeforeClosing(panes) {
+async function askBeforeClosing(panes, what) {
   const live = panes.filter((p) => p.sessionId && !p.exited);
   if (!live.length) return 'end';
   const list = await listSessions();
   const busy = (list || []).filter((s) => s.busy && !s.exited && live.some((p) => p.sessionId === s.session_id));
   if (!busy.length) return 'end';
-  $('#close-title').textContent = panes.length > 1 ? 'Close this tab?' : 'Close this pane?';
+  $('#close-title').textContent = `Close this ${what}?`;
   $('#close-text').textContent = busy.map((s) => `${s.label} is running ${s.process}` + (s.cwd ? ` in ${s.cwd}` : '') + '.').join(' ') +
     ` Keep it running to reattach it later from Sessions (${IS_MAC ? 'Cmd' : 'Ctrl'}+Shift+S), or end it.`;
   if (pendingClose) pendingClose('cancel');

@@ -402,7 +402,7 @@ def test_phone_has_extra_keys_and_every_control_in_reach(browser, start_coda, tm
         for selector in ("#font-select", "#font-up", "#theme-select", "#launch-btn", "#help-btn"):
             assert page.locator(selector).is_visible(), selector
         # Arrows move the cursor; a latched Ctrl makes the next key a control key.
-        page.tap(".xterm-screen")
+        page.tap(".xterm-screen", position={"x": 40, "y": 20})
         page.keyboard.type("echo abc")
         bar.get_by_role("button", name="Arrow left").tap()
         bar.get_by_role("button", name="Arrow left").tap()
@@ -418,7 +418,7 @@ def test_phone_has_extra_keys_and_every_control_in_reach(browser, start_coda, tm
         page.keyboard.type("echo after-$((3*3))\n")
         wait_text(page, "after-9")
         shot(page, "phone")
-        page.get_by_role("button", name="Start an agent").tap()
+        page.get_by_role("button", name="Start an agent", exact=True).tap()
         page.wait_for_selector("#launcher-modal:not([hidden])")
         assert page.locator(".launcher-entry").first.is_visible()
         assert not problems, problems
