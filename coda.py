@@ -20,12 +20,15 @@ Contents
                         the running server's objects
      2. Logging         one logger; a filter redacts anything token-shaped
      3. Access          who may pass: local token or Databricks owner, Origin/Host
+                        (a browser refused at / gets a small HTML page, section 6)
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
                         a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
-                        (every error too, however malformed the request)
+                        (every error too, however malformed the request); a new
+                        session may start an agent from the table in a folder
+                        of ~/projects, both checked here
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
@@ -35,7 +38,8 @@ Contents
      9. Agents          one config writer per CLI, driven by a table; their
                         tracing hooks
     10. Setup           the step list and its runner (the tracing, commit hook and
-                        restore offer steps among them)
+                        restore offer steps among them); which agents are ready,
+                        and installing the missing ones on request
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
@@ -3360,15 +3364,18 @@ def setup_status():
 def list_agents():
     """The shell, then every agent row, each with whether it is ready (and if not, why and what to do);
     and which missing agents the page may offer to install (locally, with CODA_INSTALL=0)."""
-    shell = {"name": "shell", "label": "Shell", "ready": True, "reason": None, "action": None, "model": None}
+    shell = {"name": "shell", "label": "Shell", "ready": True, "reason": None, "action": None, "model": None,
+             "installed": True, "enabled": True}
     return {"agents": [shell, *(agent_readiness(agent) for agent in AGENT_ROWS)], "install_offer": install_offer()}
 
 
 def agent_readiness(agent):
-    """{"name","label","ready","reason","action","model"}: ready means installed, configured and with a token."""
+    """{"name","label","ready","reason","action","model","installed","enabled"}: ready means installed,
+    configured and with a token (one without a token still starts: it may sign itself in)."""
     reason, action = agent_problem(agent)
     return {"name": agent.name, "label": agent.label, "ready": reason is None, "reason": reason, "action": action,
-            "model": CONFIG.models[agent.name]}
+            "model": CONFIG.models[agent.name], "installed": is_installed(agent.name),
+            "enabled": agent.name not in CONFIG.agents_off}
 
 
 def agent_problem(agent):
