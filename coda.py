@@ -1322,7 +1322,8 @@ def project_path(name):
     if not name:
         return None
     root = PATHS.projects.resolve()
-    if "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
+    if "/" in name or "\\" in name or name.startswith(".") or not name.isprintable() \
+            or len(name.encode()) > 255:  # a longer name is no folder (and would fail the lookup itself)
         raise ApiError(400, "The field 'project' must name a folder in ~/projects.")
     path = (PATHS.projects / name).resolve()
     if path.parent != root or not path.is_dir():
