@@ -20,12 +20,15 @@ Contents
                         the running server's objects
      2. Logging         one logger; a filter redacts anything token-shaped
      3. Access          who may pass: local token or Databricks owner, Origin/Host
+                        (a browser refused at / gets a small HTML page, section 6)
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
                         a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown
      6. HTTP API        thin routes: validate, call the manager, answer JSON
-                        (every error too, however malformed the request)
+                        (every error too, however malformed the request); a new
+                        session may start an agent from the table in a folder
+                        of ~/projects, both checked here
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
@@ -37,7 +40,8 @@ Contents
                         each uses (its own if served, else its row's best
                         served); their tracing hooks
     10. Setup           the step list and its runner (the served models, tracing,
-                        commit hook and restore offer steps among them)
+                        commit hook and restore offer steps among them); which
+                        agents are ready, and installing the missing ones on request
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
@@ -171,6 +175,7 @@ import errno
 import fcntl
 import functools
 import hmac
+import html
 import importlib
 import io
 import ipaddress
@@ -849,7 +854,7 @@ class Subscriber:
 class Session:
     """A shell on a PTY: its process group, its output stream and its reader."""
 
-    def __init__(self, config, label, cols, rows, env):
+    def __init__(self, config, label, cols, rows, env, cwd=None, command=None):
         self.config = config
         self.id = secrets.token_hex(8)
         self.label = label
@@ -871,7 +876,7 @@ class Session:
         master, slave = os.openpty()
         try:
             _set_winsize(master, cols, rows)
-            self.pid = spawn_on_terminal([config.shell], env, projects, slave)
+            self.pid = spawn_on_terminal([config.shell], env, cwd or projects, slave)
         except BaseException:
             os.close(master)
             raise
@@ -885,6 +890,8 @@ class Session:
         self._reader = gevent.spawn(self._pump)
         self._writer = gevent.spawn(self._write_forever)
         gevent.spawn(self._await_exit)
+        if command:  # typed, not exec'd: when the agent ends, its shell is still there
+            self.write(command.encode() + b"\r")
 
     # -- output ------------------------------------------------------------
     def _pump(self):
@@ -1003,12 +1010,27 @@ class Session:
         except (OSError, TypeError):
             return Path(self.config.shell).name
 
+    def busy(self):
+        """Whether a program other than the shell holds the terminal (closing its pane would end it)."""
+        try:
+            return self.exit_code is None and os.tcgetpgrp(self.fd) != self.pid
+        except (OSError, TypeError):
+            return False
+
+    def directory(self):
+        """The foreground program's working directory, as ~/...; None when it cannot be read."""
+        try:
+            path = Path(os.readlink(f"/proc/{os.tcgetpgrp(self.fd)}/cwd"))
+        except (OSError, TypeError):
+            return None
+        return "~/" + str(path.relative_to(PATHS.home)) if path.is_relative_to(PATHS.home) else str(path)
+
     def describe(self):
         now = time.time()
         return {"session_id": self.id, "label": self.label, "created_at": self.created_at,
                 "last_activity": self.last_activity, "idle_seconds": round(now - self.last_activity, 1),
                 "process": self.process_name(), "offset": self.stream.end,
-                "exited": self.exit_code is not None}
+                "exited": self.exit_code is not None, "busy": self.busy(), "cwd": self.directory()}
 
     # -- close -------------------------------------------------------------
     def close(self):
@@ -1047,7 +1069,7 @@ class Sessions:
         self.starting = 0
         self.shutting_down = gevent.event.Event()
 
-    def create(self, label, cols, rows):
+    def create(self, label, cols, rows, cwd=None, command=None):
         if self.shutting_down.is_set():
             raise ApiError(503, "CoDA is shutting down.")
         cap = self.config.max_sessions
@@ -1056,7 +1078,8 @@ class Sessions:
                                 "or raise MAX_CONCURRENT_SESSIONS.")
         self.starting += 1
         try:
-            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment())
+            session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment(),
+                              cwd, command)
         finally:
             self.starting -= 1
         self.by_id[session.id] = session
@@ -1289,8 +1312,55 @@ def create_session(body):
     label = clean_label(field(body, "label", str, ""))
     cols = field(body, "cols", int, 80, 1, 1000)
     rows = field(body, "rows", int, 24, 1, 1000)
-    session = PROCESS.sessions.create(label, cols, rows)
+    command = launch_command(field(body, "agent", str, "shell"))
+    cwd = project_path(field(body, "project", str, ""))
+    session = PROCESS.sessions.create(label, cols, rows, cwd, command)
     return {"session_id": session.id, "label": session.label, "created_at": session.created_at}
+
+
+# -- The launcher: what a new tab may start, and where ------------------------------------------
+# A session starts a shell; with "agent" it types that agent's command into it, and with "project"
+# it starts in that folder of ~/projects. Both are checked here: only names from the agent table
+# (no other command reaches the shell this way), only a folder directly in ~/projects that stays
+# inside it once its symbolic links are resolved.
+
+def launch_command(name):
+    """The command a new session types for `name` ("shell": none); ApiError(400) for any other name."""
+    if name == "shell":
+        return None
+    agent = next((a for a in AGENT_ROWS if a.name == name), None)
+    if agent is None:
+        names = ", ".join(["shell", *(a.name for a in AGENT_ROWS)])
+        raise ApiError(400, f"The field 'agent' must be one of {names}.")
+    if agent.name in CONFIG.agents_off:
+        raise ApiError(400, f"{agent.label} is switched off ({agent.switch}=false).")
+    return agent.name
+
+
+def project_path(name):
+    """~/projects/NAME for a project folder ("": ~/projects itself); ApiError(400) for anything else."""
+    if not name:
+        return None
+    root = PATHS.projects.resolve()
+    if "/" in name or "\\" in name or name.startswith(".") or not name.isprintable() \
+            or len(name.encode()) > 255:  # a longer name is no folder (and would fail the lookup itself)
+        raise ApiError(400, "The field 'project' must name a folder in ~/projects.")
+    path = (PATHS.projects / name).resolve()
+    if path.parent != root or not path.is_dir():
+        raise ApiError(400, f"~/projects/{name} is not a folder in ~/projects.")
+    return path
+
+
+@api("/api/projects", "GET")
+def list_projects():
+    """The folders a new tab may start in: ~/projects' own folders (hidden ones and links out left out)."""
+    root = PATHS.projects.resolve()
+    names = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.resolve().parent == root
+                   and p.is_dir()) if root.is_dir() else []
+    return {"root": "~/projects", "projects": names[:MAX_LISTED_PROJECTS]}
+
+
+MAX_LISTED_PROJECTS = 500  # folders /api/projects lists
 
 
 @api("/api/session/attach")
@@ -1462,6 +1532,8 @@ def coda_app(environ, start_response):
 def _admit(environ, start):
     if environ.get("PATH_INFO") != "/health":
         reason = PROCESS.access.denied(environ)
+        if reason and environ.get("PATH_INFO") == "/" and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return _refusal_page(start, reason)  # a person at a browser, not a client of the API
         if reason:
             return _plain_json(start, "403 Forbidden", {"error": reason})
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
@@ -1481,6 +1553,30 @@ def local_path(path):
     if not path.startswith("/") or path.startswith("//") or "\\" in path:
         return "/"
     return urllib.parse.quote(path.encode("latin-1", "replace"), safe="/!$&'()*+,;=:@-._~")
+
+
+REFUSAL_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CoDA: sign in</title></head>
+<body style="font: 16px/1.5 system-ui, sans-serif; max-width: 36em; margin: 3em auto; padding: 0 1em">
+<h1>CoDA needs its access token</h1>
+<p>{reason}</p>
+<p>{how}</p>
+</body></html>
+"""
+LOCAL_TOKEN_HOW = ("CoDA printed the address to open, with its token, when it started: look for the line "
+                   "<code>http://127.0.0.1:PORT/?token=&hellip;</code> in the terminal (or log) where "
+                   "<code>python coda.py</code> runs, and open that address. With <code>CODA_TOKEN</code> "
+                   "set, the token is that value.")
+
+
+def _refusal_page(start, reason):
+    """A small HTML page for a browser refused at `/`: why, and where the address with the token is."""
+    how = LOCAL_TOKEN_HOW if not PROCESS.access.apps_mode else "Open this app from the Databricks workspace, signed in as its owner."
+    body = REFUSAL_PAGE.format(reason=html.escape(reason), how=how).encode()
+    start("403 Forbidden", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [body]
 
 
 def _plain_json(start, status, payload, exc_info=None):
@@ -2288,7 +2384,8 @@ def pat_status():
 def app_state():
     return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
             "pat_configured": PROCESS.pat.token is not None, "last_rotation": PROCESS.pat.last_rotation,
-            "gateway": PROCESS.gateway.describe()}
+            "gateway": PROCESS.gateway.describe(), "max_sessions": CONFIG.max_sessions,
+            "apps_mode": PROCESS.access.apps_mode}
 
 
 @api("/api/configure-pat")
@@ -3519,6 +3616,73 @@ class Setup:
 @api("/api/setup-status", "GET")
 def setup_status():
     return {"status": PROCESS.setup.overall(), "steps": [step.describe() for step in PROCESS.setup.steps]}
+
+
+# -- The agents the launcher offers: ready or not, why, and what to do ------------------------------
+
+@api("/api/agents", "GET")
+def list_agents():
+    """The shell, then every agent row, each with whether it is ready (and if not, why and what to do);
+    and which missing agents the page may offer to install (locally, with CODA_INSTALL=0)."""
+    shell = {"name": "shell", "label": "Shell", "ready": True, "reason": None, "action": None, "model": None,
+             "model_why": None, "installed": True, "enabled": True}
+    return {"agents": [shell, *(agent_readiness(agent) for agent in AGENT_ROWS)], "install_offer": install_offer()}
+
+
+def agent_readiness(agent):
+    """{"name","label","ready","reason","action","model","model_why","installed","enabled"}: ready means installed,
+    configured and with a token (one without a token still starts: it may sign itself in)."""
+    reason, action = agent_problem(agent)
+    model = model_choice(agent.name)
+    return {"name": agent.name, "label": agent.label, "ready": reason is None, "reason": reason, "action": action,
+            "model": model.model, "model_why": model.why, "installed": is_installed(agent.name),
+            "enabled": agent.name not in CONFIG.agents_off}
+
+
+def agent_problem(agent):
+    """(reason, what to do) for an agent that is not ready, (None, None) for one that is."""
+    steps = {step.id: step for step in PROCESS.setup.steps}
+    install, configure = steps.get(agent.name), steps.get(f"configure-{agent.name}")
+    if agent.name in CONFIG.agents_off:
+        return "switched off", f"Set {agent.switch}=true in CoDA's environment and restart it."
+    if not is_installed(agent.name):
+        if install and install.status == "failed":
+            return f"setup failed: {install.error}", "Read the setup card; restarting CoDA tries the install again."
+        if install and install.status in ("pending", "running") and (CONFIG.install or install.started_at):
+            return "being installed", "Wait for setup to finish."
+        if not CONFIG.install:
+            return "not installed", "Install it into ~/.local from the first pane (\"Install agents\")."
+        return "not installed", "Restart CoDA to run its install step again."
+    if configure and configure.status == "failed":
+        return f"setup failed: {configure.error}", "Replace the token from the status bar to write its configuration again."
+    if PROCESS.pat.token is None:
+        if CONFIG.databricks_host:
+            return "no token yet", "Paste a Databricks token in the first pane."
+        return "no token yet", "Set DATABRICKS_HOST and paste a Databricks token, or sign the agent in yourself."
+    return None, None
+
+
+def is_installed(binary):
+    return shutil.which(binary, path=shell_environment(CONFIG, {})["PATH"]) is not None
+
+
+def install_offer():
+    """The enabled agents the page may install into ~/.local: only where setup does not (CODA_INSTALL=0)."""
+    if CONFIG.install:
+        return []
+    return [agent.name for agent in enabled_agents() if not is_installed(agent.name)]
+
+
+@api("/api/setup/install-agents")
+def install_agents(body):
+    """Run the skipped install steps of the missing agents (install/agents.sh into ~/.local), in the
+    background: their progress is /api/setup-status's, like any step's."""
+    missing = set(install_offer())
+    steps = [step for step in PROCESS.setup.parallel if step.id in missing and step.status != "running"]
+    for step in steps:
+        step.status, step.error = "pending", None
+        gevent.spawn(step.execute)
+    return {"status": "started", "agents": [step.id for step in steps]}
 
 
 # ===========================================================================

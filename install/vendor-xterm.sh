@@ -15,6 +15,14 @@ PACKAGES=(
   "@xterm/addon-unicode11@0.9.0"
   "@xterm/addon-webgl@0.19.0"
 )
+# The terminal fonts the page offers, so each one renders wherever the page is opened:
+# the latin subset, regular and bold, with each package's stylesheet and licence.
+FONTS=(
+  "@fontsource/jetbrains-mono@5.3.0"
+  "@fontsource/fira-code@5.3.0"
+  "@fontsource/cascadia-code@5.3.0"
+  "@fontsource/source-code-pro@5.3.0"
+)
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 lib="$here/static/lib"
@@ -55,6 +63,26 @@ for spec in "${PACKAGES[@]}"; do
   echo "| \`$name\` | $version | $licence | $files, $short/LICENSE |" >> "$work/VERSIONS.md"
 done
 
+for spec in "${FONTS[@]}"; do
+  name="${spec%@*}"              # @fontsource/fira-code
+  short="${name#@fontsource/}"   # fira-code
+  mkdir -p "$work/fonts/$short"
+  tarball="$(cd "$work" && npm pack --silent "$spec" | tail -n 1)"
+  tar -xzf "$work/$tarball" -C "$work/fonts/$short" --strip-components=1
+  pkg="$work/fonts/$short"
+  version="$(node -p "require('$pkg/package.json').version")"
+  licence="$(node -p "require('$pkg/package.json').license")"
+  mkdir -p "$lib/fonts/$short/files"
+  files=""
+  for weight in 400 700; do
+    cp "$pkg/latin-$weight.css" "$lib/fonts/$short/"
+    cp "$pkg/files/$short-latin-$weight-normal.woff2" "$pkg/files/$short-latin-$weight-normal.woff" "$lib/fonts/$short/files/"
+    files="$files fonts/$short/latin-$weight.css,"
+  done
+  cp "$pkg/LICENSE" "$lib/fonts/$short/"
+  echo "| \`$name\` | $version | $licence |$files fonts/$short/files/ (woff2, woff), fonts/$short/LICENSE |" >> "$work/VERSIONS.md"
+done
+
 cat >> "$work/VERSIONS.md" <<'NOTE'
 
 `@xterm/addon-clipboard` bundles its dependency `js-base64` (BSD-3-Clause)
@@ -64,6 +92,10 @@ inside `addon-clipboard.js`.
 `script-src 'self'` blocks unless it also allows `'wasm-unsafe-eval'`; iTerm
 inline images do not need it. `app.js` reads the page's CSP and turns Sixel on
 only where WebAssembly is allowed.
+
+The `@fontsource` packages are the fonts' own files under the SIL Open Font
+License 1.1 (each LICENSE beside them); only the latin subset, regular and
+bold, is copied. The page lists exactly these fonts and the system's monospace.
 NOTE
 
 cp "$work/VERSIONS.md" "$lib/VERSIONS.md"

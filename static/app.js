@@ -90,8 +90,8 @@ for (const [name, dark, background, foreground, cursor, selection, colours] of T
   THEMES[name] = { name, dark, theme };
 }
 
-// Every family falls back to the system monospace font when not installed;
-// nothing is fetched from anywhere.
+// Each family is vendored in static/lib/fonts (served by CoDA itself, nothing
+// fetched from elsewhere), so every name listed renders.
 const SYSTEM_MONO = 'ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", "Liberation Mono", monospace';
 const FONTS = {
   'System default': SYSTEM_MONO,
@@ -152,6 +152,7 @@ function applyFont(name, size) {
     pane.term.options.fontSize = prefs.fontSize;
     pane.fit();
   }
+  loadFontThenRefit(prefs.font);
 }
 
 // ---------------------------------------------------------------------------
@@ -626,7 +627,7 @@ class Pane {
     term.onData((data) => {
       if (!this.sessionId || this.exited) return;
       outputScheduler.typedAt = performance.now();
-      transport.input(this, data);
+      transport.input(this, extraKeys.modify(data));
     });
     term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
     term.onResize(({ cols, rows }) => this.sendSize(cols, rows));
@@ -672,9 +673,10 @@ class Pane {
   }
 
   // A new session on the server, with the splash.
-  async create(label) {
+  async create(label, launch) {
     this.fit();
-    const { status, data } = await api('POST', 'api/session', { label, cols: this.term.cols, rows: this.term.rows });
+    const { status, data } = await api('POST', 'api/session', { label, cols: this.term.cols, rows: this.term.rows,
+      agent: launch ? launch.agent : undefined, project: launch && launch.project ? launch.project : undefined });
     if (status !== 200 || !data.session_id) {
       this.showCreateError(status, data.error);
       return false;
@@ -822,12 +824,12 @@ class Pane {
     for (const c of this.el.querySelectorAll(`[data-card="${name}"]`)) c.remove();
   }
 
-  // Closing a pane ends its session: the session cap is small, and a closed
-  // pane that kept a shell alive would be invisible until the picker.
-  dispose() {
+  // Closing a pane ends its session (the session cap is small), unless the
+  // user chose to keep it running (keep): then it is only left, for the picker.
+  dispose(keep) {
     if (this.sessionId && !this.exited) {
       transport.leave(this);
-      api('POST', 'api/session/close', { session_id: this.sessionId }).then(() => refreshBadge());
+      if (!keep) api('POST', 'api/session/close', { session_id: this.sessionId }).then(() => refreshBadge());
     }
     this.resizeObserver.disconnect();
     this.term.dispose();
@@ -884,7 +886,7 @@ function makeTab(name) {
   tab.el = el('div', { class: 'tab-view' });
   tab.tabEl = el('button', { class: 'tab', role: 'tab' });
   tab.tabEl.append(el('span', { class: 'tab-name', text: name }),
-    el('span', { class: 'tab-close', title: 'Close tab', text: '\u00d7', onclick: (ev) => { ev.stopPropagation(); closeTab(tab); } }));
+    el('span', { class: 'tab-close', title: 'Close tab', 'aria-label': 'Close tab', text: '\u00d7', onclick: (ev) => { ev.stopPropagation(); closeTab(tab); } }));
   // Clicking the shown tab again does nothing: a double-click to rename
   // must not have the terminal steal focus from the name field.
   tab.tabEl.addEventListener('click', () => { if (activeTab !== tab) showTab(tab); });
@@ -901,13 +903,13 @@ function shellName() {
   for (let n = 1; ; n += 1) if (!used.has('Shell ' + n)) return 'Shell ' + n;
 }
 
-async function newTab(sessionId, replayUntil) {
+async function newTab(sessionId, replayUntil, launch) {
   if (tabs.length >= MAX_TABS) { toast(`At most ${MAX_TABS} tabs.`, 'error'); return null; }
-  const tab = makeTab(shellName());
+  const tab = makeTab(launch ? launch.label : shellName());
   showTab(tab);
   const pane = addPane(tab);
   if (sessionId) pane.bind(sessionId, 0, replayUntil);
-  else await pane.create(tab.name);
+  else await pane.create(tab.name, launch);
   saveLayout();
   pane.term.focus();
   return tab;
@@ -947,12 +949,14 @@ async function splitPane() {
   pane.term.focus();
 }
 
-function closePane(pane) {
+async function closePane(pane) {
   pane = pane || activePane();
   if (!pane) return;
   const tab = pane.tab;
   if (tab.panes.length === 1) { closeTab(tab); return; }
-  pane.dispose();
+  const choice = await askBeforeClosing([pane], 'pane');
+  if (choice === 'cancel' || !tab.panes.includes(pane)) return;
+  pane.dispose(choice === 'keep');
   tab.panes = tab.panes.filter((p) => p !== pane);
   tab.focused = tab.panes[0];
   layoutTab(tab);
@@ -960,8 +964,10 @@ function closePane(pane) {
   saveLayout();
 }
 
-function closeTab(tab) {
-  for (const p of tab.panes) p.dispose();
+async function closeTab(tab) {
+  const choice = await askBeforeClosing(tab.panes, 'tab');
+  if (choice === 'cancel' || !tabs.includes(tab)) return;
+  for (const p of tab.panes) p.dispose(choice === 'keep');
   tab.el.remove();
   tab.tabEl.remove();
   const i = tabs.indexOf(tab);
@@ -1168,15 +1174,16 @@ async function renderSessions() {
       },
     });
     const kill = el('button', {
-      class: 'danger', text: 'Kill',
-      onclick: async () => {
+      class: 'danger', text: 'Kill', 'aria-label': `Kill ${s.label || s.session_id}`,
+      onclick: () => confirmInline(kill, `End ${s.label || 'it'}?`, async () => {
         await api('POST', 'api/session/close', { session_id: s.session_id });
         renderSessions();
-      },
+      }),
     });
     body.append(el('tr', {},
       el('td', { text: s.label || s.session_id }),
-      el('td', { text: s.exited ? 'exited' : (s.process || '') }),
+      el('td', { text: s.exited ? 'exited' : (s.process || '') + (s.busy ? ' (running)' : '') }),
+      el('td', { text: s.cwd || '' }),
       el('td', { text: since(now - epochSeconds(s.created_at)) }),
       el('td', { text: since(s.idle_seconds || 0) }),
       el('td', { class: 'actions' }, attach, kill)));
@@ -1187,8 +1194,24 @@ async function renderSessions() {
 
 async function killAll() {
   const sessions = (await listSessions()) || [];
-  await Promise.all(sessions.map((s) => api('POST', 'api/session/close', { session_id: s.session_id })));
-  renderSessions();
+  const n = sessions.filter((s) => !s.exited).length;
+  confirmInline($('#sessions-kill-all'), `End all ${n} session${n === 1 ? '' : 's'}?`, async () => {
+    await Promise.all(sessions.map((s) => api('POST', 'api/session/close', { session_id: s.session_id })));
+    renderSessions();
+  });
+}
+
+// Workbench: a kill asks first, in place: the button gives way to the question,
+// a confirming button (focused) and Cancel.
+function confirmInline(button, question, action) {
+  const yes = el('button', { class: 'danger confirm-yes', text: 'End it', 'aria-label': question + ' Confirm' });
+  const no = el('button', { text: 'Cancel' });
+  const box = el('span', { class: 'confirm', role: 'group', 'aria-label': question }, el('span', { text: question + ' ' }), yes, no);
+  button.hidden = true;
+  button.after(box);
+  yes.addEventListener('click', () => { box.remove(); button.hidden = false; action(); });
+  no.addEventListener('click', () => { box.remove(); button.hidden = false; button.focus(); });
+  yes.focus();
 }
 
 function openModal(sel) {
@@ -1198,6 +1221,7 @@ function openModal(sel) {
 }
 
 function closeModal() {
+  if (pendingClose) { answerClose('cancel'); return; }
   $('#modal-backdrop').hidden = true;
   const p = activePane();
   if (p) p.term.focus();
@@ -1367,6 +1391,7 @@ let voice = null;
 
 function startVoice() {
   if (!Recognition) { toast('This browser has no speech recognition.', 'error'); return; }
+  if (!voiceEnabled()) { toast('Voice input is off: turn it on in the help (Ctrl+/).', 'error'); return; }
   if (voice) { stopVoice(false); return; }
   const rec = new Recognition();
   rec.continuous = true;
@@ -1381,7 +1406,7 @@ function startVoice() {
     voice.text = finalText + interim;
     $('#voice-text').textContent = voice.text;
   };
-  rec.onerror = (ev) => { toast('Voice input: ' + ev.error, 'error'); stopVoice(false); };
+  rec.onerror = (ev) => { toast(voiceErrorSentence(ev.error), 'error'); stopVoice(false); };
   rec.start();
 }
 
@@ -1464,8 +1489,9 @@ function wireUploads() {
 const SHORTCUTS = [
   { keys: 'Mod+Shift+T', mod: true, shift: true, code: 'KeyT', desc: 'New tab', run: () => newTab() },
   { keys: 'Alt+Shift+T', alt: true, shift: true, code: 'KeyT', desc: 'New tab', run: () => newTab() },
-  { keys: 'Mod+Shift+W', mod: true, shift: true, code: 'KeyW', desc: 'Close pane (ends its session)', run: () => closePane() },
-  { keys: 'Alt+Shift+W', alt: true, shift: true, code: 'KeyW', desc: 'Close pane (ends its session)', run: () => closePane() },
+  { keys: 'Alt+Shift+A', alt: true, shift: true, code: 'KeyA', desc: 'Start an agent', run: () => openLauncher() },
+  { keys: 'Mod+Shift+W', mod: true, shift: true, code: 'KeyW', desc: 'Close pane (asks if a program runs in it)', run: () => closePane() },
+  { keys: 'Alt+Shift+W', alt: true, shift: true, code: 'KeyW', desc: 'Close pane (asks if a program runs in it)', run: () => closePane() },
   { keys: 'Mod+Shift+[', mod: true, shift: true, code: 'BracketLeft', desc: 'Previous tab', run: () => cycleTab(-1) },
   { keys: 'Mod+Shift+]', mod: true, shift: true, code: 'BracketRight', desc: 'Next tab', run: () => cycleTab(1) },
   ...[1, 2, 3, 4, 5, 6, 7, 8, 9].map((n) => ({
@@ -1491,7 +1517,7 @@ function findShortcut(ev) {
   const other = IS_MAC ? ev.ctrlKey : ev.metaKey;
   if (other) return null;
   return SHORTCUTS.find((s) => s.code === ev.code && !!s.mod === mod && !!s.alt === ev.altKey &&
-    !!s.shift === ev.shiftKey && (!s.voice || Recognition)) || null;
+    !!s.shift === ev.shiftKey && (!s.voice || voiceEnabled())) || null;
 }
 
 // Window capture phase: runs before xterm's own key handling, so a key we
@@ -1530,10 +1556,370 @@ function openHelp() {
   const body = $('#help-table tbody');
   body.textContent = '';
   const mod = IS_MAC ? 'Cmd' : 'Ctrl';
-  const rows = SHORTCUTS.filter((s) => !s.hidden && (!s.voice || Recognition)).map((s) => [s.keys.replace('Mod', mod).replace(`${mod}+Shift+1`, `${mod}+Shift+1\u20269`), s.desc]);
+  const rows = SHORTCUTS.filter((s) => !s.hidden && (!s.voice || voiceEnabled())).map((s) => [s.keys.replace('Mod', mod).replace(`${mod}+Shift+1`, `${mod}+Shift+1\u20269`), s.desc]);
   rows.push(['Ctrl+C', 'Copy when text is selected, else interrupt'], ['Ctrl+Shift+C / V', 'Copy / paste']);
   for (const [k, d] of rows) body.append(el('tr', {}, el('td', {}, el('kbd', { text: k })), el('td', { text: d })));
   openModal('#help-modal');
+}
+
+// ---------------------------------------------------------------------------
+// Workbench: the launcher (agents from the server's table, a project folder)
+// ---------------------------------------------------------------------------
+
+let agentsCache = null;   // the last /api/agents answer
+async function fetchAgents() {
+  const { status, data } = await api('GET', 'api/agents');
+  if (status === 200 && Array.isArray(data.agents)) agentsCache = data;
+  return agentsCache;
+}
+
+// An agent starts when it is installed and switched on; without a token it
+// may still sign itself in, so it starts with its reason shown.
+function startable(agent) { return agent.installed && agent.enabled; }
+
+async function openLauncher() {
+  openModal('#launcher-modal');
+  const [agents, projects] = await Promise.all([fetchAgents(), api('GET', 'api/projects')]);
+  const select = $('#launcher-project');
+  const chosen = select.value;
+  select.textContent = '';
+  select.append(el('option', { value: '', text: '~/projects' }));
+  for (const name of (projects.status === 200 && projects.data.projects) || []) {
+    select.append(el('option', { value: name, text: '~/projects/' + name }));
+  }
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  const list = $('#launcher-list');
+  list.textContent = '';
+  for (const agent of (agents && agents.agents) || []) {
+    const id = 'agent-state-' + agent.name;
+    const state = agent.ready ? 'Ready' + (agent.model ? ' \u00b7 ' + agent.model : '')
+      : `Not ready: ${agent.reason}. ${agent.action || ''}`;
+    const why = agent.model_why ? ` (${agent.model_why})` : '';  // which model, and why that one
+    const start = el('button', { class: 'launch', text: agent.label, 'data-agent': agent.name, 'aria-describedby': id,
+      onclick: () => launch(agent) });
+    start.disabled = !startable(agent);
+    list.append(el('li', { class: 'launcher-entry ' + (agent.ready ? 'ready' : 'not-ready') }, start,
+      el('span', { id, class: 'launcher-state', text: state + why })));
+  }
+  const first = list.querySelector('button:not(:disabled)');
+  if (first) first.focus();
+}
+
+async function launch(agent) {
+  const project = $('#launcher-project').value;
+  closeModal();
+  await newTab(null, undefined, { agent: agent.name, project, label: agent.label + (project ? ' \u00b7 ' + project : '') });
+}
+
+// ---------------------------------------------------------------------------
+// Workbench: the first pane greets (what CoDA is, ready agents, next step)
+// ---------------------------------------------------------------------------
+
+async function showWelcome(pane) {
+  if (store.get('welcomeDismissed', false)) return;
+  const [agents, app] = await Promise.all([fetchAgents(), api('GET', 'api/app-state')]);
+  if (!agents || !pane.el.isConnected) return;
+  const ready = agents.agents.filter((a) => a.ready && a.name !== 'shell');
+  const missing = agents.agents.filter((a) => (agents.install_offer || []).includes(a.name));
+  const card = el('section', { class: 'card welcome-card', 'data-card': 'welcome', 'aria-labelledby': 'welcome-title' });
+  const hide = el('button', { class: 'icon', text: '\u2715', title: 'Hide', 'aria-label': 'Hide the welcome' });
+  hide.addEventListener('click', () => { store.set('welcomeDismissed', true); card.remove(); pane.term.focus(); });
+  card.append(el('div', { class: 'card-title' }, el('span', { id: 'welcome-title', text: 'Welcome to CoDA' }), hide),
+    el('p', { text: 'Coding agents in real terminals in your browser: each tab is a shell on this machine ' +
+      'that keeps running when the page closes.' }));
+  const readyLine = el('p', { class: 'welcome-ready' }, ready.length ? 'Ready: ' : 'No agent is ready yet.');
+  for (const a of ready) readyLine.append(el('button', { text: a.label, onclick: () => launch(a) }), ' ');
+  card.append(readyLine);
+  if (missing.length) {
+    const install = el('button', { id: 'install-agents', text: 'Install them into ~/.local' });
+    install.addEventListener('click', async () => {
+      install.disabled = true;
+      const { status, data } = await api('POST', 'api/setup/install-agents', {});
+      if (status !== 200) { install.disabled = false; toast(data.error || 'The install did not start.', 'error'); return; }
+      install.textContent = 'Installing\u2026 (progress in the setup card)';
+      watchSetup();
+    });
+    card.append(el('p', { class: 'welcome-missing' },
+      `This machine lacks ${missing.map((a) => a.label).join(', ')}. `, install));
+  }
+  const launcher = el('button', { text: 'Start an agent\u2026', onclick: openLauncher });
+  let next;
+  if (app.status === 200 && app.data.workspace_host && !app.data.pat_configured) {
+    next = el('p', { text: 'Next: paste a Databricks token (in the token card, or from the status bar\u2019s details), ' +
+      'so the agents can reach the models.' });
+  } else if (ready.length) {
+    next = el('p', {}, 'Next: type ', el('code', { text: ready[0].name }), ' in this shell, or ', launcher, ' (Alt+Shift+A).');
+  } else {
+    next = el('p', {}, missing.length ? 'Next: install them, or see what each agent needs: ' : 'Next: see what each agent needs: ',
+      launcher, ' (Alt+Shift+A).');
+  }
+  card.append(next);
+  pane.el.append(card);
+}
+
+// ---------------------------------------------------------------------------
+// Workbench: the status bar (user, token, gateway, setup, sessions, transport)
+// ---------------------------------------------------------------------------
+
+const statusBar = {
+  app: null, pat: null, setup: null, sessions: null, rtt: null,
+
+  async refresh() {
+    const [app, pat, setup, sessions] = await Promise.all([api('GET', 'api/app-state'), api('GET', 'api/pat-status'),
+      api('GET', 'api/setup-status'), listSessions()]);
+    if (app.status === 200) this.app = app.data;
+    if (pat.status === 200) this.pat = pat.data;
+    if (setup.status === 200) this.setup = setup.data;
+    if (sessions) this.sessions = sessions;
+    if (this.app) applyVoiceSetting(this.app.apps_mode);
+    this.render();
+  },
+
+  // One small request, timed: the round trip the page sees over HTTP.
+  async measure() {
+    const started = performance.now();
+    const { status } = await api('GET', 'api/version');
+    if (status === 200) this.rtt = Math.round(performance.now() - started);
+    this.render();
+  },
+
+  fields() {
+    const now = Date.now() / 1000;
+    const app = this.app || {}, pat = this.pat || {};
+    const user = pat.user || app.owner || (app.apps_mode ? 'owner unknown' : 'local user');
+    let token = app.workspace_host ? 'no token' : 'no workspace';
+    if (pat.configured) {
+      token = pat.valid === false ? 'token invalid' : (pat.expires_at ? `token ${since(pat.expires_at - now)} left` : 'token set');
+      token += app.last_rotation ? ` \u00b7 rotated ${since(now - epochSeconds(app.last_rotation))} ago` : ' \u00b7 not rotated yet';
+    }
+    const origin = app.gateway && app.gateway.origin;
+    const gateway = origin ? 'gateway ' + origin.replace(/^https?:\/\//, '') : 'no gateway';
+    const setup = 'setup ' + (this.setup ? (STATE_WORDS[this.setup.status] || this.setup.status) : '\u2026');
+    const live = (this.sessions || []).filter((s) => !s.exited).length;
+    const sessions = `${live}/${app.max_sessions || '?'} sessions`;
+    const mode = { ws: 'WebSocket', poll: 'HTTP polling', connecting: 'connecting', auth: 'signed out' }[transport.mode] || transport.mode;
+    const transportText = mode + (this.rtt !== null ? ` \u00b7 ${this.rtt} ms` : '');
+    return { user, token, gateway, setup, sessions, transport: transportText };
+  },
+
+  render() {
+    const f = this.fields();
+    for (const key of Object.keys(f)) $('#st-' + key).textContent = f[key];
+    const problem = (this.pat && this.pat.error) || (this.setup && this.setup.status === 'failed');
+    $('#statusbar').classList.toggle('warn', !!problem);
+    if (!$('#status-modal').hidden) this.renderDetails();
+  },
+
+  renderDetails() {
+    const f = this.fields(), app = this.app || {}, pat = this.pat || {};
+    const rows = [
+      ['Signed in', f.user],
+      ['Token', f.token + (pat.expires_at ? ` (until ${new Date(pat.expires_at * 1000).toLocaleTimeString()})` : '')],
+      ['Workspace', app.workspace_host || 'none (DATABRICKS_HOST is not set)'],
+      ['Gateway', (app.gateway && app.gateway.origin ? app.gateway.origin + ' \u2014 ' : '') + ((app.gateway && app.gateway.reason) || '')],
+      ['Setup', f.setup.replace(/^setup /, '') + (this.setup ? ` (${this.setup.steps.filter((s) => s.status === 'failed').length} failed)` : '')],
+      ['Sessions', f.sessions],
+      ['Transport', f.transport + ' (round trip of a small request)'],
+    ];
+    if (pat.error) rows.push(['Problem', pat.error]);
+    const body = $('#status-table tbody');
+    body.textContent = '';
+    for (const [k, v] of rows) body.append(el('tr', {}, el('th', { text: k, scope: 'row' }), el('td', { text: v })));
+    const canReplace = !!app.workspace_host;
+    $('#replace-token').hidden = !canReplace;
+    if (!canReplace) $('#replace-token-message').textContent = 'No Databricks workspace is configured, so there is no token to replace.';
+  },
+
+  async open() {
+    openModal('#status-modal');
+    $('#replace-token-message').textContent = '';
+    this.renderDetails();
+    $('#status-modal .modal-close').focus();
+    await this.refresh();
+  },
+
+  async replaceToken(ev) {
+    ev.preventDefault();
+    const input = $('#replace-token-input'), message = $('#replace-token-message');
+    const token = input.value.trim();
+    if (!token) { message.textContent = 'Paste the new token first.'; return; }
+    message.className = 'replace-message';
+    message.textContent = 'Checking\u2026';
+    const { status, data } = await api('POST', 'api/configure-pat', { token, replace: true });
+    if (status === 200) {
+      input.value = '';
+      message.className = 'replace-message ok';
+      message.textContent = `Token replaced: signed in as ${data.user || 'you'}.`;
+      this.refresh();
+    } else {
+      message.className = 'replace-message error';
+      message.textContent = data.error || 'That token did not work.';
+    }
+  },
+
+  start() {
+    $('#status-btn').addEventListener('click', () => this.open());
+    $('#replace-token').addEventListener('submit', (ev) => this.replaceToken(ev));
+    $('#replace-token-input').addEventListener('keydown', (ev) => ev.stopPropagation());
+    this.refresh();
+    this.measure();
+    setInterval(() => this.refresh(), 15000);
+    setInterval(() => this.measure(), 5000);
+  },
+};
+
+// ---------------------------------------------------------------------------
+// Workbench: closing is safe (a busy session is kept, ended, or not closed)
+// ---------------------------------------------------------------------------
+
+let pendingClose = null;   // resolves the open close question
+
+// 'end' to close and end the sessions, 'keep' to detach them, 'cancel'. Asks
+// only when a pane's session runs something other than its idle shell.
+async function askBeforeClosing(panes, what) {
+  const live = panes.filter((p) => p.sessionId && !p.exited);
+  if (!live.length) return 'end';
+  const list = await listSessions();
+  const busy = (list || []).filter((s) => s.busy && !s.exited && live.some((p) => p.sessionId === s.session_id));
+  if (!busy.length) return 'end';
+  $('#close-title').textContent = `Close this ${what}?`;
+  $('#close-text').textContent = busy.map((s) => `${s.label} is running ${s.process}` + (s.cwd ? ` in ${s.cwd}` : '') + '.').join(' ') +
+    ` Keep it running to reattach it later from Sessions (${IS_MAC ? 'Cmd' : 'Ctrl'}+Shift+S), or end it.`;
+  if (pendingClose) pendingClose('cancel');
+  openModal('#close-modal');
+  $('#close-keep').focus();
+  return new Promise((resolve) => { pendingClose = resolve; });
+}
+
+function answerClose(choice) {
+  const resolve = pendingClose;
+  pendingClose = null;
+  $('#modal-backdrop').hidden = true;
+  if (resolve) resolve(choice);
+  if (choice === 'cancel') { const p = activePane(); if (p) p.term.focus(); }
+}
+
+// ---------------------------------------------------------------------------
+// Workbench: extra keys for touch and narrow screens
+// ---------------------------------------------------------------------------
+
+const extraKeys = {
+  ctrl: false,
+  alt: false,
+  SEQUENCES: { esc: '\x1b', tab: '\t' },
+  ARROWS: { up: 'A', down: 'B', right: 'C', left: 'D' },
+
+  wanted() {
+    return window.matchMedia('(pointer: coarse)').matches || window.innerWidth < 760;
+  },
+
+  update() {
+    const show = this.wanted();
+    if ($('#extra-keys').hidden === show) {
+      $('#extra-keys').hidden = !show;
+      for (const p of allPanes()) p.fit();
+    }
+  },
+
+  // What the terminal sends next, with a latched Ctrl or Alt applied once.
+  modify(data) {
+    if (!this.ctrl && !this.alt) return data;
+    let out = data;
+    if (this.ctrl && data.length === 1) {
+      const code = data.toUpperCase().charCodeAt(0);
+      if (code >= 64 && code <= 95) out = String.fromCharCode(code - 64);
+      else if (data === ' ') out = '\x00';
+    }
+    if (this.alt) out = '\x1b' + out;
+    this.latch('ctrl', false);
+    this.latch('alt', false);
+    return out;
+  },
+
+  latch(name, on) {
+    this[name] = on;
+    const b = $(`#extra-keys [data-key="${name}"]`);
+    b.setAttribute('aria-pressed', String(on));
+    b.classList.toggle('on', on);
+  },
+
+  async press(key) {
+    const pane = activePane();
+    if (!pane || !pane.sessionId || pane.exited) return;
+    if (key === 'ctrl' || key === 'alt') { this.latch(key, !this[key]); pane.term.focus(); return; }
+    if (key === 'paste') {
+      let text = '';
+      try { text = await navigator.clipboard.readText(); } catch (_) {
+        toast('The browser did not allow reading the clipboard: long-press the terminal and choose Paste.', 'error');
+        return;
+      }
+      if (text) pane.term.paste(text);
+      pane.term.focus();
+      return;
+    }
+    let seq = this.SEQUENCES[key];
+    if (this.ARROWS[key]) seq = (pane.term.modes.applicationCursorKeysMode ? '\x1bO' : '\x1b[') + this.ARROWS[key];
+    transport.input(pane, this.modify(seq));
+    pane.term.focus();
+  },
+
+  start() {
+    const bar = $('#extra-keys');
+    // A tap must not take the focus (and the on-screen keyboard) from the terminal.
+    bar.addEventListener('pointerdown', (ev) => { if (ev.target.closest('button')) ev.preventDefault(); });
+    bar.addEventListener('click', (ev) => {
+      const b = ev.target.closest('button[data-key]');
+      if (b) this.press(b.dataset.key);
+    });
+    window.addEventListener('resize', () => this.update());
+    this.update();
+  },
+};
+
+// ---------------------------------------------------------------------------
+// Workbench: fonts that render, and voice input as a setting
+// ---------------------------------------------------------------------------
+
+// The fonts are vendored (static/lib/fonts): load the chosen one before xterm
+// measures its cells, then measure again.
+function loadFontThenRefit(name) {
+  if (name === 'System default' || !document.fonts) return;
+  const family = FONTS[name].split(',')[0];
+  Promise.all([document.fonts.load(`${prefs.fontSize}px ${family}`), document.fonts.load(`bold ${prefs.fontSize}px ${family}`)])
+    .then(() => {
+      if (prefs.font !== name) return;
+      for (const pane of allPanes()) {
+        pane.term.options.fontFamily = SYSTEM_MONO;   // a change of family re-measures the cells
+        pane.term.options.fontFamily = FONTS[name];
+        pane.fit();
+      }
+    })
+    .catch(() => toast(`The font ${name} could not be loaded; the system font is shown.`, 'error'));
+}
+
+// Voice input: on by default locally, off by default in Databricks Apps (the
+// browser's recogniser may send the audio to its vendor); the help has the switch.
+let voiceDefault = true;
+function voiceEnabled() { return !!Recognition && store.get('voice', voiceDefault) === true; }
+
+function applyVoiceSetting(appsMode) {
+  if (appsMode !== undefined) voiceDefault = !appsMode;
+  $('#voice-btn').hidden = !voiceEnabled();
+  $('#voice-setting').checked = voiceEnabled();
+  $('#voice-privacy').hidden = $('#voice-setting').parentElement.hidden = !Recognition;
+}
+
+const VOICE_ERRORS = {
+  'not-allowed': 'The browser was not allowed to use the microphone: allow it in the site\u2019s settings and try again.',
+  'service-not-allowed': 'The browser\u2019s speech recognition service is not allowed here.',
+  'no-speech': 'No speech was heard: try again, closer to the microphone.',
+  'audio-capture': 'No microphone was found: connect one and try again.',
+  'network': 'Speech recognition could not reach its service over the network.',
+  'language-not-supported': 'Speech recognition does not support this browser\u2019s language.',
+  'aborted': 'Voice input was stopped.',
+};
+function voiceErrorSentence(code) {
+  return VOICE_ERRORS[code] || `Voice input stopped with an error (${code}).`;
 }
 
 // ---------------------------------------------------------------------------
@@ -1542,6 +1928,7 @@ function openHelp() {
 
 function updateStatus() {
   document.documentElement.dataset.transport = transport.mode;
+  statusBar.render();
 }
 
 function wireChrome() {
@@ -1566,6 +1953,14 @@ function wireChrome() {
   const voiceBtn = $('#voice-btn');
   voiceBtn.hidden = !Recognition;
   voiceBtn.addEventListener('click', startVoice);
+  // Workbench controls
+  $('#launch-btn').addEventListener('click', openLauncher);
+  $('#close-keep').addEventListener('click', () => answerClose('keep'));
+  $('#close-end').addEventListener('click', () => answerClose('end'));
+  $('#close-cancel').addEventListener('click', () => answerClose('cancel'));
+  $('#voice-setting').addEventListener('change', (ev) => { store.set('voice', ev.target.checked); applyVoiceSetting(); openHelp(); });
+  applyVoiceSetting();
+  extraKeys.start();
 
   const input = $('#search-input');
   input.addEventListener('input', () => runSearch(true, true));
@@ -1612,7 +2007,8 @@ async function boot() {
   if (version.status === 200) serverVersion = version.data.version || '';
   if (transport.mode === 'auth') return;
   transport.start();
-  if (!(await restoreLayout(live || []))) await newTab();
+  if (!(await restoreLayout(live || []))) { await newTab(); if (firstPane()) showWelcome(firstPane()); }
+  statusBar.start();
   loadExtrasAfterFirstOutput();
   refreshBadge();
   watchSetup();

@@ -282,6 +282,7 @@ def test_closing_a_pane_mid_flood_raises_no_error(open_tab, coda_server):
         page.keyboard.type("yes\n")
         wait(page, "() => window.coda.paneText(0, 1).includes('y\\ny\\ny\\ny')", what="the flood")
         page.keyboard.press("Alt+Shift+W")
+        page.locator("#close-end").click()  # `yes` runs in it: closing asks first
         wait(page, "() => window.coda.tabs[0].sessions.length === 1", what="the pane closed")
         coda_server.post("/api/session/close", {"session_id": flooding})
     page.wait_for_timeout(300)  # frames after the last close
@@ -543,6 +544,7 @@ def test_session_picker_lists_and_kills(open_tab, coda_server):
     wait(page, "(id) => window.coda.tabs.some((t) => t.sessions.includes(id))", other, what="attached in a tab")
     page.keyboard.press("Control+Shift+S")
     page.locator("#sessions-kill-all").click()
+    page.locator("#sessions-modal .confirm-yes").click()  # kill-all asks first
     wait(page, "() => document.querySelector('#sessions-empty') && !document.querySelector('#sessions-empty').hidden",
          what="no sessions left")
     assert coda_server.get("/api/sessions").json() == []

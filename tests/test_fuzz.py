@@ -67,7 +67,9 @@ def body_for(fields, server):
               "label": st.one_of(st.text(max_size=200), JSON),
               "input": st.one_of(st.text(max_size=50), st.just("\ud800"), st.just("\udcff"), JSON),
               "token": st.one_of(st.just(FAKE_PAT), st.text(max_size=20), JSON),
-              "replace": st.one_of(st.booleans(), JSON)}
+              "replace": st.one_of(st.booleans(), JSON),
+              "agent": st.one_of(st.sampled_from(["shell", "claude", "hermes", "nope"]), st.text(max_size=300), JSON),
+              "project": st.one_of(st.sampled_from(["", ".", "..", "../x", "a/b", "\u00e9" * 200]), st.text(max_size=300), JSON)}
     chosen = st.fixed_dictionaries({}, optional={name: values[name] for name in fields})
     return st.tuples(chosen, st.dictionaries(st.text(max_size=8), JSON, max_size=2)).map(lambda t: {**t[1], **t[0]})
 
@@ -118,7 +120,7 @@ def test_json_routes_survive_hostile_bodies(server, http, path):
 
 def test_session_creation_survives_hostile_bodies(server, http):
     @settings(FUZZ, max_examples=60)
-    @given(body=body_for(("label", "cols", "rows"), server))
+    @given(body=body_for(("label", "cols", "rows", "agent", "project"), server))
     def run(body):
         data = check_answer(http.post(server.url + "/api/session", data=json.dumps(body, allow_nan=True), timeout=40))
         if "session_id" in data:

@@ -405,7 +405,8 @@ def test_create_list_label_and_close(coda_server):
     sid = coda_server.api("/api/session", {"label": "build", "cols": 100, "rows": 30})["session_id"]
     [entry] = [s for s in coda_server.get("/api/sessions").json() if s["session_id"] == sid]
     assert entry["label"] == "build" and entry["exited"] is False
-    assert set(entry) == {"session_id", "label", "created_at", "last_activity", "idle_seconds", "process", "offset", "exited"}
+    assert set(entry) == {"session_id", "label", "created_at", "last_activity", "idle_seconds", "process", "offset", "exited",
+                          "busy", "cwd"}
     coda_server.api("/api/session/label", {"session_id": sid, "label": "tests\x1b[31m\x07 " + "x" * 200})
     [entry] = [s for s in coda_server.get("/api/sessions").json() if s["session_id"] == sid]
     assert entry["label"].startswith("tests[31m ") and len(entry["label"]) == 100
