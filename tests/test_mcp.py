@@ -3,13 +3,14 @@ entries in each agent's own format, merged with the user's own) and the local pr
 route, which adds the live token; the third-party servers and their switch."""
 
 import json
+import os
 import tomllib
 
 import pytest
 import requests
 
 import coda
-from conftest import wait_for
+from conftest import Coda, wait_for
 from fake_workspace import FakeWorkspace
 
 GENIE = "01ef0123456789abcdef0123456789ab"
@@ -140,3 +141,131 @@ def test_without_the_proxy_port_no_managed_server_is_written(home, monkeypatch):
     step = coda.mcp_step()
     step.execute()
     assert step.status == "failed" and "held by another program" in step.error
+
+
+# The local proxy's /mcp route and the real agent CLIs, against the fake workspace.
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    from test_agents import AGENTS, seed_trust
+
+    workspace = FakeWorkspace().start()
+    home = tmp_path_factory.mktemp("mcp-home")
+    seed_trust(home)
+    env = {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+           "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "",  # no internet here
+           "PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}", **MANAGED,
+           "PAT_ROTATION_INTERVAL": "3600", "PAT_TOKEN_LIFETIME": "7200"}
+    server = Coda(home, env)
+    server.pasted = workspace.add_token(comment="pasted by the user")
+    server.api("/api/configure-pat", {"token": server.pasted})
+    wait_for(lambda: step_status(server, "mcp") in ("complete", "failed"), timeout=60, what="the MCP step")
+    yield server, workspace
+    server.stop()
+    workspace.stop()
+
+
+def step_status(server, step_id):
+    steps = server.get("/api/setup-status").json()["steps"]
+    return next(step["status"] for step in steps if step["id"] == step_id)
+
+
+def coda_tokens(workspace):
+    return {t.value for t in workspace.live_tokens(comment_contains="CoDA")}
+
+
+def rotate(server, workspace):
+    """A forced rotation: CoDA mints a new token and the old one is revoked."""
+    old = coda_tokens(workspace)
+    server.api("/api/configure-pat", {"token": server.pasted, "replace": True})
+    wait_for(lambda: not any(workspace.find_token(value).live() for value in old), timeout=30,
+             what="the old CoDA token to be revoked")
+    return old
+
+
+class McpClient:
+    """Streamable HTTP as an MCP client speaks it, to the local proxy's /mcp route."""
+
+    def __init__(self, server, path):
+        self.url = f"http://127.0.0.1:{server.proxy_port}/mcp{path}"
+        self.key = (server.home / ".coda" / "proxy-key").read_text().strip()
+        self.session = None
+        self.next_id = 1
+
+    def send(self, method, params=None, notification=False, http="POST"):
+        headers = {"Authorization": f"Bearer {self.key}", "Accept": "application/json, text/event-stream",
+                   "MCP-Protocol-Version": "2025-06-18"}
+        if self.session:
+            headers["Mcp-Session-Id"] = self.session
+        message = {"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})}
+        if not notification:
+            message["id"], self.next_id = self.next_id, self.next_id + 1
+        answer = requests.request(http, self.url, json=message if http == "POST" else None, headers=headers,
+                                  timeout=20)
+        self.session = answer.headers.get("Mcp-Session-Id", self.session)
+        return answer
+
+    def call(self, method, params=None):
+        """The JSON-RPC result, from a JSON or an SSE answer."""
+        answer = self.send(method, params)
+        assert answer.status_code == 200, (answer.status_code, answer.text)
+        if answer.headers["Content-Type"].startswith("text/event-stream"):
+            data = [line[5:].strip() for line in answer.text.splitlines() if line.startswith("data:")]
+            return "sse", json.loads(data[-1])["result"]
+        return "json", answer.json()["result"]
+
+
+def test_the_proxy_speaks_streamable_http_with_the_live_token_across_a_rotation(rig):
+    server, workspace = rig
+    assert step_status(server, "mcp") == "complete"
+    mark = len(workspace.mcp_requests)
+    client = McpClient(server, "/sql")
+    kind, result = client.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                              "clientInfo": {"name": "test", "version": "1"}})
+    assert kind == "json" and client.session and result["capabilities"]["tools"] is not None
+    assert client.send("notifications/initialized", notification=True).status_code == 202
+    assert client.call("tools/list")[1]["tools"][0]["name"] == "execute_sql"
+    kind, result = client.call("tools/call", {"name": "execute_sql", "arguments": {"query": "SELECT 1"}})
+    assert kind == "sse" and "FAKE-TOOL-MCP-RESULT from /sql: SELECT 1" in result["content"][0]["text"]
+    assert client.send("", http="GET").status_code == 405  # no server stream: the client goes on without
+    before = workspace.mcp_requests[mark:]
+    assert all(r["token"] in coda_tokens(workspace) and r["token_live"] for r in before)
+    assert all(r["session"] == client.session for r in before[1:])  # the session id passed both ways
+
+    old = rotate(server, workspace)
+    mark = len(workspace.mcp_requests)
+    kind, result = client.call("tools/call", {"name": "execute_sql", "arguments": {"query": "SELECT 2"}})
+    assert "SELECT 2" in result["content"][0]["text"]  # the same session, now with the new token
+    assert client.send("", http="DELETE").status_code == 200
+    after = workspace.mcp_requests[mark:]
+    assert len(after) == 2 and all(r["token"] in coda_tokens(workspace) and r["token"] not in old for r in after)
+
+
+@pytest.mark.parametrize("path", ["/genie/" + GENIE, "/functions/main/tools", "/vector-search/main/docs/pages_index"])
+def test_every_managed_server_answers_through_the_proxy(rig, path):
+    server, workspace = rig
+    client = McpClient(server, path)
+    client.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                               "clientInfo": {"name": "test", "version": "1"}})
+    assert client.call("tools/list")[1]["tools"][0]["name"] == "lookup"
+    assert workspace.mcp_requests[-1]["server"] == path
+
+
+@pytest.mark.parametrize("path", ["/mcp/../api/2.0/token/create", "/mcp/%2e%2e/api/2.0/token/list",
+                                  "/mcp/sql/..%2f..%2ftoken%2flist", "/mcp//sql", "/mcp/sql%252f..", "/mcpx/sql"])
+def test_hostile_mcp_paths_get_an_error_and_nothing_leaves(rig, path):
+    server, workspace = rig
+    key = (server.home / ".coda" / "proxy-key").read_text().strip()
+    mark = len(workspace.requests)
+    answer = requests.post(f"http://127.0.0.1:{server.proxy_port}{path}", json={}, timeout=10,
+                           headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 404 and "error" in answer.json()
+    assert workspace.requests[mark:] == []
+
+
+def test_the_mcp_route_needs_the_proxy_key(rig):
+    server, workspace = rig
+    mark = len(workspace.requests)
+    answer = requests.post(f"http://127.0.0.1:{server.proxy_port}/mcp/sql", json={}, timeout=10,
+                           headers={"Authorization": f"Bearer {server.pasted}"})
+    assert answer.status_code == 401 and workspace.requests[mark:] == []
