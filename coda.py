@@ -86,7 +86,7 @@ AGENT_ROWS = (
     Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # shares Hermes' HERMES_MODEL
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
           environment="opencode_environment"),
-    Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
+    Agent("hermes", "Hermes Agent", "pypi", "hermes-agent[mcp]", "HERMES_AGENT_VERSION",  # [mcp]: its MCP client
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".hermes/config.yaml", "configure_hermes",
           switch="ENABLE_HERMES"),
 )

@@ -676,24 +676,40 @@ def _pick_mcp_tool(tools):
 class Turn:
     """What the last message of a request asks for."""
 
-    def __init__(self, user_text="", tool_result=None, tools=(), schema=None):
+    def __init__(self, user_text="", tool_result=None, tools=(), schema=None, deferred=(), history=""):
+        self.deferred = list(deferred)  # tools named in the request but not loaded (Claude Code's ToolSearch)
+        self.history = history          # the request's conversation as JSON text
         self.user_text = user_text
         self.tool_result = tool_result  # text of the tool result ending the request, or None
         self.tools = list(tools)        # (name, schema)
         self.schema = schema            # structured output requested
 
+    def _mcp_step(self):
+        """The next call towards the MCP tool: the tool itself when offered and it has not
+        answered yet; when it is only named as deferred, a ToolSearch for it (Claude Code then
+        offers it). None once it has answered, or after a tool result that led nowhere."""
+        if FAKE_MCP_RESULT in (self.tool_result or "") or FAKE_MCP_RESULT in self.history:
+            return None
+        picked = _pick_mcp_tool(self.tools)
+        if picked and f'"name": "{picked[0].rpartition("/")[2]}"' in self.history:
+            return None  # called once already (and it failed): no second try
+        if picked:
+            return "tool", picked[0], {**(_sample_from_schema(picked[1]) or {}), "query": "SELECT 1 AS fake"}
+        named = [name for name in self.deferred if name.endswith(FAKE_MCP_TOOL)]
+        if self.tool_result is None and named and any(name == "ToolSearch" for name, _ in self.tools):
+            return "tool", "ToolSearch", {"query": f"select:{named[0]}"}
+        return None if self.tool_result is not None else ("text", "FAKE-REPLY: no MCP tool was offered")
+
     def decide(self, api, command):
         """("text", str) or ("tool", name, args)."""
         if self.schema is not None:
             return "text", json.dumps(_sample_from_schema(self.schema))
+        asked = "USE_MCP" in self.user_text or (self.tool_result is not None and "USE_MCP" in self.history)
+        mcp = self._mcp_step() if asked else None
+        if mcp:
+            return mcp
         if self.tool_result is not None:
             return "text", f"FAKE-REPLY-{api} tool said: {_result_line(self.tool_result)}"
-        if "USE_MCP" in self.user_text:
-            picked = _pick_mcp_tool(self.tools)
-            if picked:
-                args = _sample_from_schema(picked[1]) or {}
-                return "tool", picked[0], {**args, "query": "SELECT 1 AS fake"}
-            return "text", f"FAKE-REPLY-{api}: no MCP tool was offered"
         if "USE_TOOL" in self.user_text:
             picked = _pick_shell_tool(self.tools)
             asked = re.search(r"USE_TOOL\[([^\]\n]+)\]", self.user_text)
@@ -720,7 +736,8 @@ def _turn_anthropic(body):
              if isinstance(t, dict) and "name" in t and "input_schema" in t]
     fmt = (body.get("output_format") or {})
     schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
-    return Turn(user_text, tool_result, tools, schema)
+    history = json.dumps(msgs)
+    return Turn(user_text, tool_result, tools, schema, re.findall(r"mcp__[A-Za-z0-9_-]+", history), history)
 
 
 def _turn_responses(body):
@@ -747,9 +764,12 @@ def _turn_responses(body):
     for t in body.get("tools") or []:
         if t.get("type") == "function" and "name" in t:
             tools.append((t["name"], t.get("parameters")))
+        elif t.get("type") == "namespace":  # Codex groups each MCP server's tools so: "namespace/name"
+            tools += [(f"{t.get('name')}/{inner['name']}", inner.get("parameters")) for inner in t.get("tools") or []
+                      if isinstance(inner, dict) and inner.get("type") == "function" and "name" in inner]
     fmt = ((body.get("text") or {}).get("format") or {})
     schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(items))
 
 
 def _turn_chat(body):
@@ -766,7 +786,7 @@ def _turn_chat(body):
     fmt = body.get("response_format") or {}
     schema = ((fmt.get("json_schema") or {}).get("schema")
               if fmt.get("type") == "json_schema" else None)
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(msgs))
 
 
 def _turn_gemini(body):
@@ -787,7 +807,7 @@ def _turn_gemini(body):
             tools.append((fd.get("name"), fd.get("parametersJsonSchema") or fd.get("parameters")))
     cfg = body.get("generationConfig") or {}
     schema = cfg.get("responseJsonSchema") or cfg.get("responseSchema")
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(contents))
 
 
 # --------------------------------------------------------------------------
@@ -1546,9 +1566,11 @@ class _Handler(BaseHTTPRequestHandler):
                  "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": 49}
         if decision[0] == "tool":
+            namespace, _, name = decision[1].rpartition("/")
             item = {"type": "function_call", "id": "fc_fake" + secrets.token_hex(8),
-                    "call_id": "call_fake" + secrets.token_hex(8), "name": decision[1],
-                    "arguments": json.dumps(decision[2]), "status": "completed"}
+                    "call_id": "call_fake" + secrets.token_hex(8), "name": name,
+                    "arguments": json.dumps(decision[2]), "status": "completed",
+                    **({"namespace": namespace} if namespace else {})}
         else:
             item = {"type": "message", "id": "msg_fake" + secrets.token_hex(8),
                     "status": "completed", "role": "assistant",

@@ -4,7 +4,9 @@ route, which adds the live token; the third-party servers and their switch."""
 
 import json
 import os
+import re
 import tomllib
+from pathlib import Path
 
 import pytest
 import requests
@@ -269,3 +271,73 @@ def test_the_mcp_route_needs_the_proxy_key(rig):
     answer = requests.post(f"http://127.0.0.1:{server.proxy_port}/mcp/sql", json={}, timeout=10,
                            headers={"Authorization": f"Bearer {server.pasted}"})
     assert answer.status_code == 401 and workspace.requests[mark:] == []
+
+
+# agent: the one-shot asking for the MCP tool (allowed where the CLI asks first: a one-shot cannot
+# answer), and the API its model calls go to.
+MCP_ONE_SHOTS = {
+    "claude": ("claude --allowedTools=mcp__databricks-sql__execute_sql -p", "anthropic"),
+    "codex": ("codex exec --skip-git-repo-check -c mcp_servers.databricks-sql.default_tools_approval_mode=approve",
+              "responses"),
+    "gemini": ("gemini --approval-mode yolo -p", "gemini"),
+    "opencode": ("opencode run", "chat"),
+    "hermes": ("hermes -z", "chat"),
+}
+
+
+def offered_tools(workspace, since):
+    """The tool names each model call since `since` offered, for a failure message."""
+    from fake_workspace import _turn_anthropic, _turn_chat, _turn_gemini, _turn_responses
+
+    turns = {"anthropic": _turn_anthropic, "responses": _turn_responses, "chat": _turn_chat, "gemini": _turn_gemini}
+    return [[name for name, _ in turns[r["api"]](r["body"]).tools] for r in workspace.gateway_requests[since:]
+            if r["api"] in turns]
+
+
+def ask_for_the_mcp_tool(server, workspace, agent, label):
+    """The agent's one-shot in a CoDA terminal calls the SQL server's tool and quotes its result;
+    returns the fake's record of that tools/call."""
+    from test_agents import Terminal
+
+    command, api = MCP_ONE_SHOTS[agent]
+    terminal = Terminal(server)
+    try:
+        mark, gateway_mark = len(workspace.mcp_requests), len(workspace.gateway_requests)
+        terminal.type_line(f"{command} 'please USE_MCP {label}'; echo END-$((6*7))-{label}-$?")
+        terminal.wait_for(f"END-42-{label}-", timeout=120)  # the line typed says $((6*7)), not 42
+        calls = [r for r in workspace.mcp_requests[mark:] if r["rpc"] == "tools/call"]
+        assert calls, (f"{agent} called no MCP tool; MCP requests {[(r['method'], r['rpc'], r['status']) for r in workspace.mcp_requests[mark:]]}; "
+                       f"offered tools {offered_tools(workspace, gateway_mark)}; screen ends with {terminal.tail()!r}")
+        said = re.search(f"FAKE-REPLY-{api} tool said: [^\r\n]*FAKE-TOOL-MCP-RESULT from /sql", terminal.text())
+        assert said, terminal.tail()  # the model got the tool's result (Hermes prefixes it with "result: ")
+        return calls[0], workspace.mcp_requests[mark:]
+    finally:
+        terminal.close()
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("CODA_TEST_AGENTS", "/nonexistent")) / "bin" / "claude").exists(),
+                    reason="the agent CLIs are installed by tests/run.sh")
+@pytest.mark.parametrize("agent", list(MCP_ONE_SHOTS))
+def test_each_agent_calls_a_managed_mcp_tool_with_the_live_token_before_and_after_a_rotation(rig, agent):
+    server, workspace = rig
+    call, requests_made = ask_for_the_mcp_tool(server, workspace, agent, f"{agent}-before")
+    assert call["server"] == "/sql" and call["tool"] == "execute_sql" and call["status"] == 200
+    assert all(r["token_live"] and r["token"] in coda_tokens(workspace) for r in requests_made)
+    old = rotate(server, workspace)
+    call, requests_made = ask_for_the_mcp_tool(server, workspace, agent, f"{agent}-after")
+    assert call["status"] == 200 and all(r["token"] not in old and r["token_live"] for r in requests_made)
+
+
+def test_no_file_under_home_holds_a_workspace_token(rig):
+    """After every agent above ran (so their own files are there too): no config, cache or log holds
+    any token the workspace knows (pasted or minted), but ~/.databrickscfg, which is for the CLI
+    and SDK and holds the current one by design."""
+    server, workspace = rig
+    values = {t.value.encode() for t in workspace.tokens}
+    assert len(values) >= 3  # the pasted one and at least two minted (a rotation ran)
+    holding = []
+    for path in server.home.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path != server.home / ".databrickscfg":
+            data = path.read_bytes()
+            holding += [str(path.relative_to(server.home)) for value in values if value in data]
+    assert holding == []
