@@ -33,11 +33,14 @@ Contents
      8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
                         log records also go to a Delta table
      9. Agents          one config writer per CLI, driven by a table; their
+                        MCP servers (the workspace's managed ones at the proxy,
+                        the third-party ones marked as leaving it); their
                         tracing hooks
-    10. Setup           the step list and its runner (the tracing, commit hook and
-                        restore offer steps among them)
-    11. Local proxy     token-injecting, request-repairing proxy for agents;
-                        they are pointed at it only once it holds its port
+    10. Setup           the step list and its runner (the tracing, commit hook,
+                        MCP and restore offer steps among them)
+    11. Local proxy     token-injecting, request-repairing proxy for agents' model
+                        calls and for the workspace's managed MCP servers (/mcp);
+                        agents are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
                         one block (PROCESS, section 1, is their map); then
                         `python coda.py` starts the server, and shuts it down

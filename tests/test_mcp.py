@@ -5,6 +5,8 @@ route, which adds the live token; the third-party servers and their switch."""
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import requests
 
 import coda
-from conftest import Coda, wait_for
+from conftest import ROOT, Coda, wait_for
 from fake_workspace import FakeWorkspace
 
 GENIE = "01ef0123456789abcdef0123456789ab"
@@ -143,6 +145,26 @@ def test_without_the_proxy_port_no_managed_server_is_written(home, monkeypatch):
     step = coda.mcp_step()
     step.execute()
     assert step.status == "failed" and "held by another program" in step.error
+
+
+def doctor_lines(home, **env):
+    """What `coda.py doctor` says of the MCP servers (its check and the lines under it)."""
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("CODA_", "DATABRICKS_"))}
+    done = subprocess.run([sys.executable, str(ROOT / "coda.py"), "doctor"], capture_output=True, text=True,
+                          timeout=120, env={**outside, "HOME": str(home), **env})
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "MCP servers" in line)
+    return [lines[start]] + [line.strip() for line in lines[start + 1:] if line.startswith("        ")]
+
+
+def test_doctor_says_which_servers_leave_the_workspace_and_names_a_malformed_value(tmp_path):
+    lines = doctor_lines(tmp_path, **MANAGED)
+    assert lines[0].startswith("ok    MCP servers: 4 in the workspace, 2 leaving it"), lines
+    assert "databricks-sql: in the workspace (/api/2.0/mcp/sql, with the user's current token)" in lines
+    assert any(line.startswith("deepwiki: LEAVES THE WORKSPACE (https://mcp.deepwiki.com/mcp") for line in lines)
+    assert doctor_lines(tmp_path, CODA_MCP_THIRD_PARTY="0")[0] == "ok    MCP servers: 1 in the workspace, 0 leaving it"
+    failed = doctor_lines(tmp_path, CODA_MCP_VECTOR_SEARCH="main")[0]
+    assert failed.startswith("FAIL  MCP servers: CODA_MCP_VECTOR_SEARCH: 'main' is not catalog.schema"), failed
 
 
 # The local proxy's /mcp route and the real agent CLIs, against the fake workspace.
