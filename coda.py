@@ -2187,7 +2187,7 @@ def pat_status():
 def app_state():
     return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
             "pat_configured": PROCESS.pat.token is not None, "last_rotation": PROCESS.pat.last_rotation,
-            "gateway": PROCESS.gateway.describe()}
+            "gateway": PROCESS.gateway.describe(), "mcp_servers": mcp_server_list()}
 
 
 @api("/api/configure-pat")
@@ -2794,11 +2794,21 @@ def merge_mcp(servers, ctx, shape):
     servers.update({name: shape(url, headers) for name, url, headers in ctx.mcp_servers()})
 
 
-def describe_mcp_servers():
-    """One line per MCP server the agents get, saying where its calls go."""
-    lines = [f"{name}: in the workspace ({MANAGED_MCP_ROOT}{path}, with the user's current token)"
+def mcp_server_list():
+    """The MCP servers the agents get, for /api/app-state: a third-party one by its host alone (its
+    URL may carry a key, as Exa's ?exaApiKey= does)."""
+    return ([{"name": name, "leaves_workspace": False, "path": MANAGED_MCP_ROOT + path}
              for name, path in CONFIG.managed_mcp]
-    lines += [f"{name}: LEAVES THE WORKSPACE ({url}; CODA_MCP_THIRD_PARTY=0 drops it)" for name, url in CONFIG.mcp_servers]
+            + [{"name": name, "leaves_workspace": True, "host": urllib.parse.urlsplit(url).hostname or "?"}
+               for name, url in CONFIG.mcp_servers])
+
+
+def describe_mcp_servers():
+    """One line per MCP server the agents get, saying where its calls go (setup's step and doctor)."""
+    lines = [f"{server['name']}: LEAVES THE WORKSPACE (to {server['host']}; CODA_MCP_THIRD_PARTY=0 drops it)"
+             if server["leaves_workspace"] else
+             f"{server['name']}: in the workspace ({server['path']}, with the user's current token)"
+             for server in mcp_server_list()]
     return lines or ["none"]
 AGENTS = AGENT_ROWS  # the rows at the top of the file; a row names its functions, found here by name
 

@@ -161,7 +161,7 @@ def test_doctor_says_which_servers_leave_the_workspace_and_names_a_malformed_val
     lines = doctor_lines(tmp_path, **MANAGED)
     assert lines[0].startswith("ok    MCP servers: 4 in the workspace, 2 leaving it"), lines
     assert "databricks-sql: in the workspace (/api/2.0/mcp/sql, with the user's current token)" in lines
-    assert any(line.startswith("deepwiki: LEAVES THE WORKSPACE (https://mcp.deepwiki.com/mcp") for line in lines)
+    assert "deepwiki: LEAVES THE WORKSPACE (to mcp.deepwiki.com; CODA_MCP_THIRD_PARTY=0 drops it)" in lines
     assert doctor_lines(tmp_path, CODA_MCP_THIRD_PARTY="0")[0] == "ok    MCP servers: 1 in the workspace, 0 leaving it"
     failed = doctor_lines(tmp_path, CODA_MCP_VECTOR_SEARCH="main")[0]
     assert failed.startswith("FAIL  MCP servers: CODA_MCP_VECTOR_SEARCH: 'main' is not catalog.schema"), failed
@@ -363,3 +363,43 @@ def test_no_file_under_home_holds_a_workspace_token(rig):
             data = path.read_bytes()
             holding += [str(path.relative_to(server.home)) for value in values if value in data]
     assert holding == []
+
+
+def test_the_page_names_the_servers_that_leave_the_workspace_and_never_their_url(start_coda, tmp_path):
+    """/api/app-state lists every MCP server; a third-party one by its host alone, since its URL may
+    carry a key (Exa's ?exaApiKey=): neither it nor setup's step shows the URL. The page's card
+    names them, and stays hidden once hidden."""
+    from test_browser import CHROMIUM, Tab, wait, wait_ready
+    from playwright import sync_api
+
+    workspace = FakeWorkspace().start()
+    try:
+        server = start_coda({"DATABRICKS_HOST": workspace.url, "EXA_MCP_URL": "https://mcp.exa.ai/mcp?exaApiKey=key-123",
+                             "DEEPWIKI_MCP_URL": ""})
+        state = server.get("/api/app-state").json()
+        assert state["mcp_servers"] == [
+            {"name": "databricks-sql", "leaves_workspace": False, "path": "/api/2.0/mcp/sql"},
+            {"name": "exa", "leaves_workspace": True, "host": "mcp.exa.ai"}]
+        server.api("/api/configure-pat", {"token": workspace.add_token(comment="pasted by the user")})
+        wait_for(lambda: step_status(server, "mcp") == "complete", timeout=60, what="the MCP step")
+        setup = server.get("/api/setup-status").text
+        assert "key-123" not in setup and "exa leave the workspace" in setup
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM)
+            tab = Tab(browser, server)
+            page = tab.open()
+            wait_ready(page)
+            wait(page, "() => !!document.querySelector('[data-card=\"mcp\"]')", what="the MCP card")
+            card = page.locator('[data-card="mcp"]').inner_text()
+            assert "exa (mcp.exa.ai)" in card and "leave your Databricks workspace" in card and "key-123" not in card
+            page.locator('[data-card="mcp"] button').click()
+            page = tab.reload(page)
+            wait_ready(page)
+            wait(page, "() => performance.getEntriesByType('resource').filter((e) => e.name.endsWith('api/app-state'))"
+                       ".length >= 2", what="the page's app-state reads (the token's and the MCP card's)")
+            assert page.locator('[data-card="mcp"]').count() == 0  # hidden for this same list
+            tab.close()
+            browser.close()
+            assert not tab.problems, tab.problems
+    finally:
+        workspace.stop()
