@@ -2810,6 +2810,8 @@ def describe_mcp_servers():
              f"{server['name']}: in the workspace ({server['path']}, with the user's current token)"
              for server in mcp_server_list()]
     return lines or ["none"]
+
+
 AGENTS = AGENT_ROWS  # the rows at the top of the file; a row names its functions, found here by name
 
 
@@ -3080,8 +3082,8 @@ def agent_config_step(agent):
 
 
 def mcp_step():
-    """The MCP servers the agents get. Its label says which leave the workspace (the page shows it);
-    it fails, naming each, on a malformed setting, or when the managed servers cannot be given
+    """The MCP servers the agents get. Its label says which leave the workspace (as the page's own
+    card and doctor do); it fails, naming each, on a malformed setting, or when the managed servers cannot be given
     (the local proxy, which adds the token, is not this CoDA's)."""
     leaving = [name for name, _ in CONFIG.mcp_servers]
     label = "MCP servers" + (f" ({', '.join(leaving)} leave the workspace)" if leaving else "")
