@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import requests
@@ -16,6 +15,7 @@ import requests
 import coda
 from conftest import ROOT, Coda, wait_for
 from fake_workspace import FakeWorkspace
+from test_agents import AGENTS, Terminal, seed_trust
 
 GENIE = "01ef0123456789abcdef0123456789ab"
 MANAGED = {"CODA_MCP_GENIE_SPACES": GENIE, "CODA_MCP_UC_FUNCTIONS": "main.tools",
@@ -171,8 +171,6 @@ def test_doctor_says_which_servers_leave_the_workspace_and_names_a_malformed_val
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    from test_agents import AGENTS, seed_trust
-
     workspace = FakeWorkspace().start()
     home = tmp_path_factory.mktemp("mcp-home")
     seed_trust(home)
@@ -319,8 +317,6 @@ def offered_tools(workspace, since):
 def ask_for_the_mcp_tool(server, workspace, agent, label):
     """The agent's one-shot in a CoDA terminal calls the SQL server's tool and quotes its result;
     returns the fake's record of that tools/call."""
-    from test_agents import Terminal
-
     command, api = MCP_ONE_SHOTS[agent]
     terminal = Terminal(server)
     try:
@@ -337,8 +333,7 @@ def ask_for_the_mcp_tool(server, workspace, agent, label):
         terminal.close()
 
 
-@pytest.mark.skipif(not (Path(os.environ.get("CODA_TEST_AGENTS", "/nonexistent")) / "bin" / "claude").exists(),
-                    reason="the agent CLIs are installed by tests/run.sh")
+@pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
 @pytest.mark.parametrize("agent", list(MCP_ONE_SHOTS))
 def test_each_agent_calls_a_managed_mcp_tool_with_the_live_token_before_and_after_a_rotation(rig, agent):
     server, workspace = rig
