@@ -38,12 +38,16 @@ Contents
                         optionally the log records also go to a Delta table
      9. Agents          one config writer per CLI, driven by a table; the model
                         each uses (its own if served, else its row's best
-                        served); their tracing hooks
+                        served); their MCP servers (the workspace's managed ones
+                        at the proxy, the third-party ones marked as leaving it);
+                        their tracing hooks
     10. Setup           the step list and its runner (the served models, tracing,
-                        commit hook and restore offer steps among them); which
-                        agents are ready, and installing the missing ones on request
-    11. Local proxy     token-injecting, request-repairing proxy for agents;
-                        they are pointed at it only once it holds its port
+                        commit hook, MCP and restore offer steps among them);
+                        which agents are ready, and installing the missing ones
+                        on request
+    11. Local proxy     token-injecting, request-repairing proxy for agents' model
+                        calls and for the workspace's managed MCP servers (/mcp);
+                        agents are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
                         one block (PROCESS, section 1, is their map); then
                         `python coda.py` starts the server, and shuts it down
@@ -104,7 +108,7 @@ AGENT_ROWS = (
           models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
                   "databricks-claude-sonnet-4-5", "databricks-gpt-5-5", "databricks-gemini-3-pro",
                   "databricks-gemini-2-5-pro")),
-    Agent("hermes", "Hermes Agent", "pypi", "hermes-agent", "HERMES_AGENT_VERSION",
+    Agent("hermes", "Hermes Agent", "pypi", "hermes-agent[mcp]", "HERMES_AGENT_VERSION",  # [mcp]: its MCP client
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".hermes/config.yaml", "configure_hermes",
           switch="ENABLE_HERMES", model_api="chat",  # any chat model; Claude first
           models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
@@ -262,6 +266,45 @@ def _env_flag(env, name, default):
     return default if not raw else raw not in ("0", "false", "no", "off")
 
 
+# Databricks managed MCP servers, as Databricks documents their URLs: the workspace serves each
+# under MANAGED_MCP_ROOT, and the local proxy (section 11) serves the same paths under
+# MCP_PROXY_PREFIX, adding the current token. The one table of them: a row per setting, saying
+# what one listed value is, the shape of each dot-separated part, how many parts it may have, and
+# the server's name and path (the parts joined by "-" and "/"). Databricks SQL has no value.
+MANAGED_MCP_ROOT = "/api/2.0/mcp"
+MCP_PROXY_PREFIX = "/mcp"
+MANAGED_MCP_NAME = "databricks-"  # every managed server's name starts so
+UC_NAME = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,254}"  # a Unity Catalog name CoDA accepts unquoted
+MANAGED_MCP = (
+    # (setting, what a value is, shape of a part, parts allowed, name prefix, path prefix)
+    ("CODA_MCP_SQL", None, None, (), "databricks-sql", "/sql"),
+    ("CODA_MCP_GENIE_SPACES", "a Genie space id (32 hexadecimal digits)", r"[0-9a-fA-F]{32}", (1,),
+     "databricks-genie", "/genie"),
+    ("CODA_MCP_UC_FUNCTIONS", "catalog.schema or catalog.schema.function", UC_NAME, (2, 3),
+     "databricks-functions", "/functions"),
+    ("CODA_MCP_VECTOR_SEARCH", "catalog.schema or catalog.schema.index", UC_NAME, (2, 3),
+     "databricks-vector-search", "/vector-search"),
+)
+
+
+def _env_managed_mcp(env):
+    """((name, path under MANAGED_MCP_ROOT), ...) from the MANAGED_MCP settings, and a sentence for
+    each malformed value (which is left out: no agent gets a broken entry)."""
+    servers, errors = {}, []
+    for setting, what, shape, counts, name, path in MANAGED_MCP:
+        if not counts:  # on or off
+            if _env_flag(env, setting, True):
+                servers[name] = path
+            continue
+        for value in filter(None, (part.strip() for part in env.get(setting, "").split(","))):
+            parts = value.split(".")
+            if len(parts) not in counts or not all(re.fullmatch(shape, part) for part in parts):
+                errors.append(f"{setting}: {value!r} is not {what}; it was left out")
+                continue
+            servers["-".join((name, *parts))] = "/".join((path, *parts))
+    return tuple(servers.items()), tuple(errors)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     port: int                  # DATABRICKS_APP_PORT, else PORT, else 8000
@@ -298,7 +341,11 @@ class Config:
     hermes_fallback_model: str # HERMES_FALLBACK_MODEL: Hermes' fallback model (default none)
     agents_off: frozenset      # names of the agents whose switch is false: ENABLE_HERMES (default true)
     disable_auto_memory: str   # CLAUDE_CODE_DISABLE_AUTO_MEMORY: passed to Claude Code when set
-    mcp_servers: tuple         # DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes), TEAM_MEMORY_MCP_URL
+    mcp_servers: tuple         # third-party MCP servers, (name, URL): DEEPWIKI_MCP_URL, EXA_MCP_URL (empty removes),
+                               # TEAM_MEMORY_MCP_URL; CODA_MCP_THIRD_PARTY=0 drops them all (default 1)
+    managed_mcp: tuple         # Databricks managed MCP servers, (name, path): CODA_MCP_SQL (default 1),
+                               # CODA_MCP_GENIE_SPACES, CODA_MCP_UC_FUNCTIONS, CODA_MCP_VECTOR_SEARCH (MANAGED_MCP)
+    mcp_errors: tuple          # a sentence per malformed value among those (setup's MCP step fails with them)
     proxy_port: int            # CODA_PROXY_PORT: the local agent proxy on 127.0.0.1 (default 4000)
     proxy_timeout: float       # CODA_PROXY_TIMEOUT: seconds the proxy waits for the gateway's next byte (default 600)
     # Tracing (the setup step in section 10, the hooks' side in section 13)
@@ -325,6 +372,7 @@ class Config:
         if low >= high:
             CONFIG_WARNINGS.append("CODA_FLOW_LOW must be below CODA_FLOW_HIGH; using 128 KiB and 512 KiB")
             low, high = 128 * KIB, 512 * KIB
+        managed_mcp, mcp_errors = _env_managed_mcp(env)
         return cls(
             port=port,
             host=env.get("CODA_HOST", "").strip() or ("0.0.0.0" if app_name else "127.0.0.1"),
@@ -359,7 +407,10 @@ class Config:
             mcp_servers=tuple((name, url) for name, url in (
                 ("deepwiki", env.get("DEEPWIKI_MCP_URL", "https://mcp.deepwiki.com/mcp").strip()),
                 ("exa", env.get("EXA_MCP_URL", "https://mcp.exa.ai/mcp").strip()),
-                ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip())) if url),
+                ("team-memory", env.get("TEAM_MEMORY_MCP_URL", "").strip()))
+                if url and _env_flag(env, "CODA_MCP_THIRD_PARTY", True)),
+            managed_mcp=managed_mcp,
+            mcp_errors=mcp_errors,
             proxy_port=_env_int(env, "CODA_PROXY_PORT", 4000),
             proxy_timeout=_env_seconds(env, "CODA_PROXY_TIMEOUT", 600.0),
             mlflow_tracing=_env_flag(env, "MLFLOW_TRACING_ENABLED", False),
@@ -2385,7 +2436,7 @@ def app_state():
     return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
             "pat_configured": PROCESS.pat.token is not None, "last_rotation": PROCESS.pat.last_rotation,
             "gateway": PROCESS.gateway.describe(), "max_sessions": CONFIG.max_sessions,
-            "apps_mode": PROCESS.access.apps_mode}
+            "apps_mode": PROCESS.access.apps_mode, "mcp_servers": mcp_server_list()}
 
 
 @api("/api/configure-pat")
@@ -2873,6 +2924,17 @@ class AgentContext:
         PROCESS.proxy_port.require()
         return f"http://127.0.0.1:{CONFIG.proxy_port}" + GATEWAY_PATHS[api][0]
 
+    def mcp_servers(self):
+        """Every MCP server the agents get, as (name, URL, headers): the managed ones at the local
+        proxy with its key (never a workspace token), only while the port is this CoDA's; then
+        the third-party ones, which leave the workspace."""
+        managed = []
+        if PROCESS.proxy_port.ours():
+            key = {"Authorization": f"Bearer {self.proxy_key}"}
+            managed = [(name, f"http://127.0.0.1:{CONFIG.proxy_port}{MCP_PROXY_PREFIX}{path}", key)
+                       for name, path in CONFIG.managed_mcp]
+        return managed + [(name, url, {}) for name, url in CONFIG.mcp_servers]
+
 
 def configure_claude(ctx):
     """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
@@ -2892,10 +2954,7 @@ def configure_claude(ctx):
     def state(data):
         data["hasCompletedOnboarding"] = True
         forget_old_trust(data.get("projects"), str(ctx.projects), "hasTrustDialogAccepted", True)
-        servers = nested(data, "mcpServers")
-        for name in MCP_NAMES:
-            servers.pop(name, None)
-        servers.update({name: {"type": "http", "url": url} for name, url in CONFIG.mcp_servers})
+        merge_mcp(nested(data, "mcpServers"), ctx, lambda url, headers: {"type": "http", "url": url, "headers": headers})
 
     merge_json(ctx.home / ".claude" / "settings.json", settings)
     merge_json(ctx.home / ".claude.json", state)
@@ -2913,6 +2972,7 @@ def configure_codex(ctx):
             "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
             "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
         nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
+        merge_mcp(nested(data, "mcp_servers"), ctx, lambda url, headers: {"url": url, "http_headers": headers})
         forget_old_trust(data.get("projects"), str(ctx.projects), "trust_level", "trusted")
         codex_notify(data)
 
@@ -2928,6 +2988,7 @@ def configure_gemini(ctx):
         nested(data, "privacy")["usageStatisticsEnabled"] = False
         gemini_trace_hook(data)
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
+        merge_mcp(nested(data, "mcpServers"), ctx, lambda url, headers: {"httpUrl": url, "headers": headers})
 
     def trusted_folders(data):
         for folder in (str(ctx.projects), str(ctx.home)):
@@ -2965,10 +3026,8 @@ def configure_opencode(ctx):
         # Only the providers named here load: no fallback to one CoDA did not set up (a user's own stay).
         enabled = data.get("enabled_providers") if isinstance(data.get("enabled_providers"), list) else []
         data["enabled_providers"] = list(dict.fromkeys([*enabled, "databricks"]))
-        servers = nested(data, "mcp")
-        for name in MCP_NAMES:
-            servers.pop(name, None)
-        servers.update({name: {"type": "remote", "url": url, "enabled": True} for name, url in CONFIG.mcp_servers})
+        merge_mcp(nested(data, "mcp"), ctx,
+                  lambda url, headers: {"type": "remote", "url": url, "enabled": True, "headers": headers})
 
     merge_json(ctx.home / ".config" / "opencode" / "opencode.json", settings)
     merge_json(ctx.home / ".local" / "share" / "opencode" / "auth.json",
@@ -2981,7 +3040,7 @@ def configure_hermes(ctx):
     provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
     model, fallback = model_choice("hermes").model, hermes_fallback_choice()
     config = {"model": {**provider, "default": model, "context_length": model_limits(model)[0]},
-              "mcp_servers": {name: {"url": url} for name, url in CONFIG.mcp_servers},
+              "mcp_servers": {name: {"url": url, "headers": headers} for name, url, headers in ctx.mcp_servers()},
               "skills": {"external_dirs": [str(ctx.home / ".claude" / "skills")]}}
     if fallback:
         config["fallback_model"] = {**provider, "model": fallback.model,
@@ -3033,7 +3092,45 @@ def write_databrickscfg(token):
     write_private(path, text.getvalue())
 
 
-MCP_NAMES = ("deepwiki", "exa", "team-memory")
+MCP_NAMES = ("deepwiki", "exa", "team-memory")  # the third-party servers CoDA writes (section 1)
+CODA_MCP_URL = re.compile(r"http://127\.0\.0\.1:[0-9]+" + re.escape(MCP_PROXY_PREFIX) + "/")
+
+
+def is_coda_mcp_entry(name, entry):
+    """An MCP entry CoDA wrote: a third-party one by its name, a managed one by its name and its
+    URL at a local proxy (a user's own databricks-* server elsewhere is theirs)."""
+    if name in MCP_NAMES:
+        return True
+    urls = [entry.get(key) for key in ("url", "httpUrl")] if isinstance(entry, dict) else []
+    return name.startswith(MANAGED_MCP_NAME) and any(isinstance(u, str) and CODA_MCP_URL.match(u) for u in urls)
+
+
+def merge_mcp(servers, ctx, shape):
+    """An agent's map of MCP servers with CoDA's old entries replaced by its current ones (in the
+    agent's format: shape(url, headers)); the user's own entries stay."""
+    for name in [name for name, entry in servers.items() if is_coda_mcp_entry(name, entry)]:
+        del servers[name]
+    servers.update({name: shape(url, headers) for name, url, headers in ctx.mcp_servers()})
+
+
+def mcp_server_list():
+    """The MCP servers the agents get, for /api/app-state: a third-party one by its host alone (its
+    URL may carry a key, as Exa's ?exaApiKey= does)."""
+    return ([{"name": name, "leaves_workspace": False, "path": MANAGED_MCP_ROOT + path}
+             for name, path in CONFIG.managed_mcp]
+            + [{"name": name, "leaves_workspace": True, "host": urllib.parse.urlsplit(url).hostname or "?"}
+               for name, url in CONFIG.mcp_servers])
+
+
+def describe_mcp_servers():
+    """One line per MCP server the agents get, saying where its calls go (setup's step and doctor)."""
+    lines = [f"{server['name']}: LEAVES THE WORKSPACE (to {server['host']}; CODA_MCP_THIRD_PARTY=0 drops it)"
+             if server["leaves_workspace"] else
+             f"{server['name']}: in the workspace ({server['path']}, with the user's current token)"
+             for server in mcp_server_list()]
+    return lines or ["none"]
+
+
 AGENTS = AGENT_ROWS  # the rows at the top of the file; a row names its functions, found here by name
 
 
@@ -3330,6 +3427,23 @@ def list_models_step(step):
         f"{len(served_for(served, api))} for {MODEL_API_LABELS[api]}" for api in MODEL_API_LABELS) + " served"
 
 
+def mcp_step():
+    """The MCP servers the agents get. Its label says which leave the workspace (as the page's own
+    card and doctor do); it fails, naming each, on a malformed setting, or when the managed servers cannot be given
+    (the local proxy, which adds the token, is not this CoDA's)."""
+    leaving = [name for name, _ in CONFIG.mcp_servers]
+    label = "MCP servers" + (f" ({', '.join(leaving)} leave the workspace)" if leaving else "")
+
+    def run(step):
+        step.output.extend(describe_mcp_servers())
+        problems = list(CONFIG.mcp_errors)
+        if CONFIG.managed_mcp and not PROCESS.proxy_port.ours(wait=PROXY_SETTLE_SECONDS):
+            problems.append(f"the Databricks MCP servers were not given to the agents: {PROCESS.proxy_port.error}")
+        if problems:
+            raise StepFailed("; ".join(problems))
+    return Step("mcp", label, run, "token", timeout=60)
+
+
 def configure_databricks(step):
     """~/.databrickscfg for the CLI and SDK, and git's identity from SCIM Me when the user has none."""
     write_databrickscfg(PROCESS.pat.token)
@@ -3569,6 +3683,7 @@ class Setup:
                            configure_databricks, "token", timeout=60),
                       Step("models", "Models the workspace serves", list_models_step, "token", timeout=120)]
         self.token += [agent_config_step(agent) for agent in enabled_agents()]
+        self.token.append(mcp_step())
         if CONFIG.mlflow_tracing:
             self.token.append(Step("tracing", "MLflow tracing", prepare_tracing, "token", timeout=180))
         self.token.append(Step("restore-offer", "Projects saved in the workspace", offer_restore, "token", timeout=60))
@@ -4170,6 +4285,11 @@ def _render(event):
 # memory (Gemini CLI, OpenCode, Hermes) hold only the proxy's key, so a
 # rotation never strands them.
 PROXY_ROUTES = {paths[0]: api for api, paths in GATEWAY_PATHS.items()}
+# The Databricks managed MCP servers (section 1's MANAGED_MCP): MCP_PROXY_PREFIX + path goes to the
+# workspace's MANAGED_MCP_ROOT + path. Streamable HTTP passes as any other call: every method
+# (POST answered with JSON or SSE, GET's SSE stream, DELETE ending a session), Mcp-Session-Id
+# both ways, each chunk sent as it arrives.
+PROXY_ROUTES[MCP_PROXY_PREFIX] = "mcp"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length", "authorization", "x-api-key",
               "x-goog-api-key", "accept-encoding", "content-encoding"}
@@ -4211,7 +4331,7 @@ def proxy_app(environ, start_response):
     if prefix is None:
         return _plain_json(start_response, "404 Not Found",
                            {"error": "No such route on the CoDA proxy (it forwards only plain paths under its routes)."})
-    base = PROCESS.gateway.base(PROXY_ROUTES[prefix])
+    base = proxy_base(PROXY_ROUTES[prefix])
     if not base or not PROCESS.pat.valid():
         return _plain_json(start_response, "503 Service Unavailable",
                            {"error": "CoDA has no valid Databricks token: paste one in the CoDA page."})
@@ -4226,6 +4346,13 @@ def proxy_app(environ, start_response):
     if is_chat_completions(path):
         body, repair = _repaired_chat_body(body), ChatStreamRepair()
     return _forward(environ["REQUEST_METHOD"], url, _upstream_headers(environ), body, start_response, repair)
+
+
+def proxy_base(api):
+    """Where a proxy route's calls go: the workspace's MCP root, or the gateway's base for the API."""
+    if api == "mcp":
+        return CONFIG.databricks_host and CONFIG.databricks_host + MANAGED_MCP_ROOT
+    return PROCESS.gateway.base(api)
 
 
 def _repaired_chat_body(body):
@@ -5385,9 +5512,17 @@ def doctor():
             return text
         return check
 
+    def mcp():
+        if CONFIG.mcp_errors:
+            raise StepFailed("; ".join(CONFIG.mcp_errors))
+        leaving = len(CONFIG.mcp_servers)
+        return (f"{len(CONFIG.managed_mcp)} in the workspace, {leaving} leaving it"
+                + "".join(f"\n        {line}" for line in describe_mcp_servers()))
+
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
-    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
+    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check),
+              ("MCP servers", mcp)]
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
     model_checks = [("served models", served_models)]  # the ones after it read its listing

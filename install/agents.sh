@@ -110,7 +110,18 @@ install_pypi_agent() {
     python="${HERMES_PYTHON:-python3}"
     have=""
     if [ -x "$venv/bin/python" ]; then
-        have="$("$venv/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$pkg" 2>/dev/null || true)"
+        # the distribution's version, and each extra's packages there too (a row may name extras: pkg[mcp])
+        have="$("$venv/bin/python" - "$pkg" 2>/dev/null <<'PY' || true
+import importlib.metadata as m, re, sys
+name, _, extras = sys.argv[1].rstrip("]").partition("[")
+wanted = {e.strip() for e in extras.split(",") if e.strip()}
+needed = [re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0] for r in m.requires(name) or []
+          if any(re.search(rf"extra == ['\"]{e}['\"]", r) for e in wanted)]
+for requirement in needed:
+    m.version(requirement)  # raises when an extra's package is missing: install again
+print(m.version(name))
+PY
+)"
     fi
     if [ "$have" != "$version" ]; then
         command -v "$python" >/dev/null || die "$name" "$python not found"

@@ -1293,6 +1293,26 @@ async function watchToken() {
   setInterval(() => checkToken(app.data.workspace_host), 60000);
 }
 
+// ---- MCP servers outside the workspace ----
+// With a workspace, a card names the MCP servers the agents get that leave it
+// (the third-party ones), until it is hidden for that same list.
+async function noteThirdPartyMcp() {
+  const app = await api('GET', 'api/app-state');
+  const pane = firstPane();
+  if (app.status !== 200 || !app.data.workspace_host || !pane) return;
+  const servers = Array.isArray(app.data.mcp_servers) ? app.data.mcp_servers : [];
+  const leaving = servers.filter((s) => s && s.leaves_workspace);
+  const list = leaving.map((s) => `${s.name}@${s.host}`).join(' ');
+  if (!leaving.length || store.get('mcpNoticeHidden', '') === list) return;
+  const hide = el('button', { class: 'icon', text: '\u2715', title: 'Hide', 'aria-label': 'Hide the MCP servers notice' });
+  const card = el('div', { class: 'card mcp-card', 'data-card': 'mcp' },
+    el('div', { class: 'card-title' }, el('span', { text: 'MCP servers outside the workspace' }), hide),
+    el('ul', {}, ...leaving.map((s) => el('li', { text: `${s.name} (${s.host})` }))),
+    el('p', { text: 'The agents\u2019 tool calls to these leave your Databricks workspace. CODA_MCP_THIRD_PARTY=0 drops them.' }));
+  hide.addEventListener('click', () => { store.set('mcpNoticeHidden', list); card.remove(); });
+  pane.el.append(card);
+}
+
 async function checkToken(workspaceHost) {
   const pane = firstPane();
   if (!pane || pane.el.querySelector('[data-card="pat"]')) return;
@@ -2013,6 +2033,7 @@ async function boot() {
   refreshBadge();
   watchSetup();
   watchToken();
+  noteThirdPartyMcp();
   // Keep sessions from the idle reaper while the page is open, and the
   // badge honest about sessions started elsewhere.
   setInterval(() => transport.heartbeat(), 30000);

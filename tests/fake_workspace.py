@@ -118,6 +118,13 @@ SHELL_TOOL_NAMES = [
     "Bash", "bash", "shell", "shell_command", "exec_command", "local_shell",
     "run_shell_command", "terminal", "execute_command", "run_command",
 ]
+# The managed MCP servers (Databricks SQL, Genie, UC functions, vector search) live under this
+# path; the fake offers each one tool: Databricks SQL's is FAKE_MCP_TOOL, which a prompt asking for
+# USE_MCP makes the fake gateway call (its result quotes FAKE_MCP_RESULT).
+MCP_ROOT = "/api/2.0/mcp"
+FAKE_MCP_TOOL = "execute_sql"
+FAKE_MCP_RESULT = "FAKE-TOOL-MCP-RESULT"
+MCP_PROTOCOL = "2025-06-18"
 # Gateway-host prefixes (the workspace-id gateway origin).
 GATEWAY_HOST_PREFIXES = ["/anthropic", "/openai/v1", "/gemini", "/mlflow/v1"]
 # Base paths answering a plain GET/HEAD (reachability probes); other unknown
@@ -261,6 +268,7 @@ class FakeWorkspace:
         self.sql_failure = None             # (error_code, message): statements end FAILED with it
         self.serving_endpoints = default_serving_endpoints(self.models)  # what the listing answers; [] = none
         self.serving_endpoints_status = None  # e.g. 403: the listing is refused (PERMISSION_DENIED)
+        self.mcp_answer = "auto"            # MCP POST answers: "json", "sse", or "auto" (SSE for tools/call)
 
         # Inspection (read from a test; guarded by self.lock while mutated).
         self.lock = threading.RLock()
@@ -269,6 +277,8 @@ class FakeWorkspace:
         self.requests = []          # every request: origin, method, path, status, principal
         self.files = {"/": {"object_type": "DIRECTORY"}}
         self.sql_statements = []
+        self.mcp_requests = []      # dicts, see _mcp: one per HTTP request to MCP_ROOT
+        self.mcp_sessions = {}      # Mcp-Session-Id -> server path
         self._faults = []
         self._servers = []
         self._threads = []
@@ -427,6 +437,18 @@ class FakeWorkspace:
                     if ((api is None or r["api"] == api)
                             and (status is None or r["status"] == status)
                             and (token is None or r["token"] == token)):
+                        return r
+            if time.time() >= deadline or self._stopping.is_set():
+                return None
+            time.sleep(0.05)
+
+    def wait_for_mcp(self, rpc=None, status=None, since=0, timeout=30.0):
+        """wait_for_gateway for ``mcp_requests[since:]``, matching the JSON-RPC method."""
+        deadline = time.time() + timeout
+        while True:
+            with self.lock:
+                for r in self.mcp_requests[since:]:
+                    if (rpc is None or r["rpc"] == rpc) and (status is None or r["status"] == status):
                         return r
             if time.time() >= deadline or self._stopping.is_set():
                 return None
@@ -688,19 +710,48 @@ def _pick_shell_tool(tools):
     return None
 
 
+def _pick_mcp_tool(tools):
+    """The fake Databricks SQL server's tool, however the agent prefixed its name
+    (mcp__databricks-sql__execute_sql, databricks-sql_execute_sql, ...)."""
+    return next(((name, schema) for name, schema in tools
+                 if isinstance(name, str) and name.endswith(FAKE_MCP_TOOL)), None)
+
+
 class Turn:
     """What the last message of a request asks for."""
 
-    def __init__(self, user_text="", tool_result=None, tools=(), schema=None):
+    def __init__(self, user_text="", tool_result=None, tools=(), schema=None, deferred=(), history=""):
+        self.deferred = list(deferred)  # tools named in the request but not loaded (Claude Code's ToolSearch)
+        self.history = history          # the request's conversation as JSON text
         self.user_text = user_text
         self.tool_result = tool_result  # text of the tool result ending the request, or None
         self.tools = list(tools)        # (name, schema)
         self.schema = schema            # structured output requested
 
+    def _mcp_step(self):
+        """The next call towards the MCP tool: the tool itself when offered and it has not
+        answered yet; when it is only named as deferred, a ToolSearch for it (Claude Code then
+        offers it). None once it has answered, or after a tool result that led nowhere."""
+        if FAKE_MCP_RESULT in (self.tool_result or "") or FAKE_MCP_RESULT in self.history:
+            return None
+        picked = _pick_mcp_tool(self.tools)
+        if picked and f'"name": "{picked[0].rpartition("/")[2]}"' in self.history:
+            return None  # called once already (and it failed): no second try
+        if picked:
+            return "tool", picked[0], {**(_sample_from_schema(picked[1]) or {}), "query": "SELECT 1 AS fake"}
+        named = [name for name in self.deferred if name.endswith(FAKE_MCP_TOOL)]
+        if self.tool_result is None and named and any(name == "ToolSearch" for name, _ in self.tools):
+            return "tool", "ToolSearch", {"query": f"select:{named[0]}"}
+        return None if self.tool_result is not None else ("text", "FAKE-REPLY: no MCP tool was offered")
+
     def decide(self, api, command):
         """("text", str) or ("tool", name, args)."""
         if self.schema is not None:
             return "text", json.dumps(_sample_from_schema(self.schema))
+        asked = "USE_MCP" in self.user_text or (self.tool_result is not None and "USE_MCP" in self.history)
+        mcp = self._mcp_step() if asked else None
+        if mcp:
+            return mcp
         if self.tool_result is not None:
             return "text", f"FAKE-REPLY-{api} tool said: {_result_line(self.tool_result)}"
         if "USE_TOOL" in self.user_text:
@@ -729,7 +780,8 @@ def _turn_anthropic(body):
              if isinstance(t, dict) and "name" in t and "input_schema" in t]
     fmt = (body.get("output_format") or {})
     schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
-    return Turn(user_text, tool_result, tools, schema)
+    history = json.dumps(msgs)
+    return Turn(user_text, tool_result, tools, schema, re.findall(r"mcp__[A-Za-z0-9_-]+", history), history)
 
 
 def _turn_responses(body):
@@ -756,9 +808,12 @@ def _turn_responses(body):
     for t in body.get("tools") or []:
         if t.get("type") == "function" and "name" in t:
             tools.append((t["name"], t.get("parameters")))
+        elif t.get("type") == "namespace":  # Codex groups each MCP server's tools so: "namespace/name"
+            tools += [(f"{t.get('name')}/{inner['name']}", inner.get("parameters")) for inner in t.get("tools") or []
+                      if isinstance(inner, dict) and inner.get("type") == "function" and "name" in inner]
     fmt = ((body.get("text") or {}).get("format") or {})
     schema = fmt.get("schema") if fmt.get("type") == "json_schema" else None
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(items))
 
 
 def _turn_chat(body):
@@ -775,7 +830,7 @@ def _turn_chat(body):
     fmt = body.get("response_format") or {}
     schema = ((fmt.get("json_schema") or {}).get("schema")
               if fmt.get("type") == "json_schema" else None)
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(msgs))
 
 
 def _turn_gemini(body):
@@ -796,7 +851,7 @@ def _turn_gemini(body):
             tools.append((fd.get("name"), fd.get("parametersJsonSchema") or fd.get("parameters")))
     cfg = body.get("generationConfig") or {}
     schema = cfg.get("responseJsonSchema") or cfg.get("responseSchema")
-    return Turn(user_text, tool_result, tools, schema)
+    return Turn(user_text, tool_result, tools, schema, history=json.dumps(contents))
 
 
 # --------------------------------------------------------------------------
@@ -1074,6 +1129,8 @@ class _Handler(BaseHTTPRequestHandler):
         if m and method == "POST":
             self._auth()
             return self._sql_cancel(m.group(1))
+        if path == MCP_ROOT or path.startswith(MCP_ROOT + "/"):
+            return self._mcp()
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
 
     def _serving_endpoints(self):
@@ -1132,6 +1189,97 @@ class _Handler(BaseHTTPRequestHandler):
                 record["polls_left"] -= 1
             state = record["state"]
         return self._send(200, _sql_answer(sid, state, None))
+
+    # -- managed MCP servers (streamable HTTP) -------------------------------
+    def _mcp(self):
+        """One MCP request: POST carries JSON-RPC (initialize, notifications, tools/list,
+        tools/call, ping), answered as JSON or SSE; GET (no server stream here) is 405; DELETE
+        ends the session. Only a live token passes; each request is recorded with its token."""
+        fake, method = self.fake, self.command
+        server = self.route_path[len(MCP_ROOT):] or "/"
+        token, _ = self._bearer()
+        rec = fake.find_token(token) if token else None
+        live = bool(rec and rec.live(fake.refuse_within_seconds))
+        try:
+            body = json.loads(self.raw_body) if method == "POST" and self.raw_body else None
+        except ValueError:
+            body = None
+        messages = body if isinstance(body, list) else [body] if isinstance(body, dict) else []
+        first = messages[0] if messages else {}
+        params = first.get("params") if isinstance(first.get("params"), dict) else {}
+        session = self.headers.get("Mcp-Session-Id")
+        entry = {"time": time.time(), "method": method, "server": server, "rpc": first.get("method"),
+                 "tool": params.get("name") if first.get("method") == "tools/call" else None,
+                 "arguments": params.get("arguments"), "token": token, "token_live": live,
+                 "session": session, "status": None}
+        with fake.lock:
+            fake.mcp_requests.append(entry)
+        self._gateway_entry = entry  # its status is set with the answer's
+        if not live:
+            raise ApiError(401, "UNAUTHENTICATED", "Invalid access token.")
+        if method == "DELETE":
+            with fake.lock:
+                known = fake.mcp_sessions.pop(session, None)
+            return self._send(200 if known else 404, {})
+        if method != "POST":
+            return self._send(405, {"error_code": "METHOD_NOT_ALLOWED", "message": "No server stream."},
+                              headers={"Allow": "POST, DELETE"})
+        if not messages or not all(isinstance(m, dict) for m in messages):
+            return self._send(400, {"jsonrpc": "2.0", "id": None,
+                                    "error": {"code": -32700, "message": "Parse error"}})
+        headers = {}
+        if first.get("method") == "initialize":
+            session = secrets.token_hex(16)
+            with fake.lock:
+                fake.mcp_sessions[session] = server
+            headers["Mcp-Session-Id"] = session
+        else:
+            with fake.lock:
+                known = fake.mcp_sessions.get(session)
+            if known != server:
+                return self._send(404 if session else 400, {"jsonrpc": "2.0", "id": first.get("id"),
+                                  "error": {"code": -32001, "message": "Unknown or missing Mcp-Session-Id."}})
+        answers = [self._mcp_answer(server, m) for m in messages if "id" in m and "method" in m]
+        if not answers:  # notifications and responses only
+            return self._send(202, b"", headers=headers)
+        payload = answers[0] if isinstance(body, dict) else answers
+        sse = "text/event-stream" in self.headers.get("Accept", "") and (
+            fake.mcp_answer == "sse" or (fake.mcp_answer == "auto" and first.get("method") == "tools/call"))
+        if not sse:
+            return self._send(200, payload, headers=headers)
+        self._set_status(200)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self._chunk(": the answer follows\n\n")  # a first piece before the event: streamed, not buffered
+        self._chunk(f"event: message\ndata: {json.dumps(payload)}\n\n")
+        self._end_stream()
+
+    def _mcp_answer(self, server, message):
+        rpc, ident = message.get("method"), message.get("id")
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        tool = FAKE_MCP_TOOL if server == "/sql" else "lookup"
+        if rpc == "initialize":
+            result = {"protocolVersion": params.get("protocolVersion") or MCP_PROTOCOL,
+                      "capabilities": {"tools": {"listChanged": False}},
+                      "serverInfo": {"name": "fake-databricks-mcp" + server.replace("/", "-"), "version": "1.0"}}
+        elif rpc == "ping":
+            result = {}
+        elif rpc == "tools/list":
+            result = {"tools": [{"name": tool, "description": f"Fake managed MCP tool of {server}.",
+                                 "inputSchema": {"type": "object", "required": ["query"],
+                                                 "properties": {"query": {"type": "string"}}}}]}
+        elif rpc == "tools/call" and params.get("name") == tool:
+            query = (params.get("arguments") or {}).get("query", "")
+            result = {"content": [{"type": "text", "text": f"{FAKE_MCP_RESULT} from {server}: {query}"}],
+                      "isError": False}
+        else:
+            return {"jsonrpc": "2.0", "id": ident, "error": {"code": -32601, "message": f"No method {rpc}"}}
+        return {"jsonrpc": "2.0", "id": ident, "result": result}
 
     def _oidc_token(self):
         fake = self.fake
@@ -1476,9 +1624,11 @@ class _Handler(BaseHTTPRequestHandler):
                  "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": 49}
         if decision[0] == "tool":
+            namespace, _, name = decision[1].rpartition("/")
             item = {"type": "function_call", "id": "fc_fake" + secrets.token_hex(8),
-                    "call_id": "call_fake" + secrets.token_hex(8), "name": decision[1],
-                    "arguments": json.dumps(decision[2]), "status": "completed"}
+                    "call_id": "call_fake" + secrets.token_hex(8), "name": name,
+                    "arguments": json.dumps(decision[2]), "status": "completed",
+                    **({"namespace": namespace} if namespace else {})}
         else:
             item = {"type": "message", "id": "msg_fake" + secrets.token_hex(8),
                     "status": "completed", "role": "assistant",

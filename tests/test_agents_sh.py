@@ -49,7 +49,7 @@ for spec in [a for a in args if "@" in a.lstrip("@")]:
 
 # python3 stand-in for the PyPI agents: `-m venv DIR` makes DIR/bin/python (this
 # same script); in a venv, `-m pip install PACKAGE==V` records V and makes the
-# agent's bin/NAME, and `-c ...` prints the recorded version.
+# agent's bin/NAME, and `-c ...` or `- <script` prints the recorded version.
 FAKE_PYTHON = r'''#!PYTHON
 import json, os, shutil, sys
 args = sys.argv[1:]
@@ -67,7 +67,7 @@ elif args[:3] == ["-m", "pip", "install"]:
     with open(exe, "w") as f:
         f.write("#!/bin/sh\n")
     os.chmod(exe, 0o755)
-elif args[:1] == ["-c"]:
+elif args[:1] in (["-c"], ["-"]):  # the installed version (asked with a script on stdin)
     try:
         print(open(os.path.join(here, "version")).read())
     except FileNotFoundError:

@@ -84,7 +84,7 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
     claude_state = json.loads((home / ".claude.json").read_text())
     assert claude_state["hasCompletedOnboarding"] is True
     assert str(home / "projects") not in claude_state.get("projects", {})  # a clone there asks for trust itself
-    assert set(claude_state["mcpServers"]) == {"deepwiki", "exa"}
+    assert set(claude_state["mcpServers"]) == {"databricks-sql", "deepwiki", "exa"}  # SQL at the proxy (test_mcp.py)
 
     codex = tomllib.loads((home / ".codex" / "config.toml").read_text())
     provider = codex["model_providers"]["databricks"]
