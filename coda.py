@@ -2431,6 +2431,15 @@ def pat_status():
     return PROCESS.pat.status()
 
 
+def mcp_server_list():
+    """The MCP servers the agents get, for /api/app-state: a third-party one by its host alone (its
+    URL may carry a key, as Exa's ?exaApiKey= does)."""
+    return ([{"name": name, "leaves_workspace": False, "path": MANAGED_MCP_ROOT + path}
+             for name, path in CONFIG.managed_mcp]
+            + [{"name": name, "leaves_workspace": True, "host": urllib.parse.urlsplit(url).hostname or "?"}
+               for name, url in CONFIG.mcp_servers])
+
+
 @api("/api/app-state", "GET")
 def app_state():
     return {"owner": PROCESS.access.owner, "workspace_host": CONFIG.databricks_host or None,
@@ -3111,15 +3120,6 @@ def merge_mcp(servers, ctx, shape):
     for name in [name for name, entry in servers.items() if is_coda_mcp_entry(name, entry)]:
         del servers[name]
     servers.update({name: shape(url, headers) for name, url, headers in ctx.mcp_servers()})
-
-
-def mcp_server_list():
-    """The MCP servers the agents get, for /api/app-state: a third-party one by its host alone (its
-    URL may carry a key, as Exa's ?exaApiKey= does)."""
-    return ([{"name": name, "leaves_workspace": False, "path": MANAGED_MCP_ROOT + path}
-             for name, path in CONFIG.managed_mcp]
-            + [{"name": name, "leaves_workspace": True, "host": urllib.parse.urlsplit(url).hostname or "?"}
-               for name, url in CONFIG.mcp_servers])
 
 
 def describe_mcp_servers():
