@@ -157,28 +157,58 @@ def notice_text(agent, event):
     return clean(NOTICE_TITLES.get(agent, agent), 60), clean(message.strip(), 200)
 
 
+def agent_terminal():
+    """A descriptor writing to the terminal the agent runs in, or None outside one. Claude Code runs
+    its hooks in a new session, without a controlling terminal: then the nearest ancestor's."""
+    import os
+
+    try:
+        return os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        pass
+    pid = os.getppid()
+    for _ in range(8):  # the hook's shell, the agent, ...: a few levels at most
+        for fd in (0, 1, 2):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/pts/"):
+                    return os.open(target, os.O_WRONLY | os.O_NOCTTY)
+            except OSError:
+                continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid <= 1:
+            return None
+    return None
+
+
 def notify_from_hook(agent, args):
     """`coda.py notify AGENT`: Claude Code and Gemini CLI pipe their event in; Codex runs its one notify
     program as `coda.py notify codex [--trace] [-- USER'S NOTIFY...] JSON`, so the user's own notify and
     CoDA's tracing are chained from here. Always exits 0: a notice must never fail the agent."""
     import json
     import os
+    import select
 
     payload = args.pop() if agent == "codex" and args and args[-1].startswith("{") else None
     trace, user = args[:1] == ["--trace"], args[args.index("--") + 1:] if "--" in args else []
     try:
-        if payload is None and not os.isatty(0):
+        if payload is None and not os.isatty(0) and select.select([0], [], [], 2)[0]:  # never hang on a silent pipe
             payload = os.read(0, 1 << 20).decode("utf-8", "replace")
         event = json.loads(payload or "{}")
     except (OSError, ValueError):
         event = {}
     title, body = notice_text(agent, event)
-    try:
-        tty = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
-        os.write(tty, f"\x1b]777;notify;{title};{body}\x07".encode())
-        os.close(tty)
-    except OSError:
-        pass  # no controlling terminal: not run inside a CoDA session
+    terminal = agent_terminal()
+    if terminal is not None:
+        try:
+            os.write(terminal, f"\x1b]777;notify;{title};{body}\x07".encode())
+        except OSError:
+            pass
+        os.close(terminal)
     if user and payload is not None:
         import subprocess
 

@@ -1584,6 +1584,7 @@ function wireChrome() {
   window.addEventListener('keydown', onKeyDown, true);
   wireUploads();
   notices.wire();
+  files.wire();
 }
 
 
@@ -1698,6 +1699,84 @@ const notices = {
     const lookNow = () => this.look(activePane());
     document.addEventListener('visibilitychange', lookNow);
     window.addEventListener('focus', lookNow);
+  },
+};
+
+
+// ---------------------------------------------------------------------------
+// Files (issue 13): list ~/projects and ~/uploads and download from them. The
+// server confines every path to those roots; here a path is only ever built
+// from names it listed, and names are shown as text.
+// ---------------------------------------------------------------------------
+
+const files = {
+  path: '',
+
+  async open(path) {
+    openModal('#files-modal');
+    await this.show(path === undefined ? this.path : path);
+  },
+
+  async show(path) {
+    // Not api(): its 403 means the login expired, here it means a path outside the roots.
+    let status = 0, data = {};
+    try {
+      const resp = await fetch('api/files?path=' + encodeURIComponent(path), { credentials: 'same-origin' });
+      status = resp.status;
+      data = await resp.json();
+    } catch (_) { data = { error: 'CoDA is not reachable.' }; }
+    const note = $('#files-note');
+    if (status !== 200) {
+      if (path) await this.show('');
+      note.hidden = false;
+      note.textContent = (data && data.error) || 'The folder could not be listed.';
+      return;
+    }
+    this.path = data.path;
+    note.hidden = !data.truncated;
+    note.textContent = data.truncated ? 'Only the first entries of this folder are shown.' : '';
+    this.renderPath(data.path);
+    const body = $('#files-table tbody');
+    body.textContent = '';
+    for (const entry of data.entries) {
+      const full = data.path ? `${data.path}/${entry.name}` : entry.name;
+      let link;
+      if (entry.type === 'dir') {
+        link = el('button', { class: 'folder', text: entry.name + '/', onclick: () => this.show(full) });
+      } else if (entry.type === 'file') {
+        link = el('a', { href: 'api/download?path=' + encodeURIComponent(full), download: entry.name,
+          text: entry.name, title: `Download ${entry.name}` });
+      } else {
+        link = el('span', { text: entry.name, title: 'Not a regular file' });
+      }
+      const when = entry.mtime ? new Date(entry.mtime * 1000).toLocaleString() : '';
+      body.append(el('tr', {}, el('td', {}, link),
+        el('td', { text: entry.type === 'file' ? this.size(entry.size) : '' }), el('td', { text: when })));
+    }
+    const first = body.querySelector('a, button');
+    if (first) first.focus();
+  },
+
+  renderPath(path) {
+    const nav = $('#files-path');
+    nav.textContent = '';
+    nav.append(el('button', { text: '~', title: 'Home: the folders offered', onclick: () => this.show('') }));
+    const parts = path ? path.split('/') : [];
+    parts.forEach((part, i) => {
+      const to = parts.slice(0, i + 1).join('/');
+      nav.append(el('span', { text: '/', 'aria-hidden': 'true' }), el('button', { text: part, onclick: () => this.show(to) }));
+    });
+  },
+
+  size(n) {
+    if (n >= 1024 * 1024) return (n / 1024 / 1024).toFixed(1) + ' MiB';
+    if (n >= 1024) return (n / 1024).toFixed(1) + ' KiB';
+    return n + ' B';
+  },
+
+  wire() {
+    const btn = $('#files-btn');
+    if (btn) btn.addEventListener('click', () => this.open());
   },
 };
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,150 @@ def test_claude_and_gemini_hooks_keep_the_users_own(workspace, tmp_path):
         assert len(claude["Notification"]) == 1
         gemini = json.loads((home / ".gemini" / "settings.json").read_text())["hooks"]
         assert [len(gemini[e]) for e in ("AfterAgent", "Notification")] == [1, 1]
+
+
+# ---- in a real browser -------------------------------------------------------------------------
+
+from test_browser import Tab, browser, open_tab, shot, wait, wait_ready, BLOCK_WEBSOCKET  # noqa: E402,F401
+
+# The page's browser notifications, recorded; `window.__away = true` puts the page in the background
+# as far as the page can tell (headless Chromium always has focus).
+RECORD_NOTIFICATIONS = """
+window.__popups = [];
+window.Notification = class {
+  constructor(title, options) { window.__popups.push([title, (options || {}).body]); }
+  static get permission() { return 'granted'; }
+  static requestPermission() { return Promise.resolve('granted'); }
+  close() {}
+};
+Document.prototype.hasFocus = function () { return !window.__away; };
+"""
+
+
+def sessions_of(page):
+    return page.evaluate("window.coda.tabs.map((t) => t.sessions[0])")
+
+
+def second_tab(page):
+    page.click("#new-tab")
+    wait(page, "() => window.coda.tabs.length === 2 && window.coda.tabs[1].sessions[0]", what="a second tab")
+
+
+def title(page):
+    return page.evaluate("document.title")
+
+
+@pytest.mark.parametrize("transport", ["ws", "poll"])
+def test_a_notice_in_a_background_pane_shows_on_its_tab_and_in_the_title(open_tab, coda_server, transport):
+    scripts = [RECORD_NOTIFICATIONS] + ([BLOCK_WEBSOCKET] if transport == "poll" else [])
+    _, page = open_tab(init_scripts=scripts)
+    wait_ready(page)
+    assert page.evaluate("window.coda.transport") == transport
+    second_tab(page)
+    first = sessions_of(page)[0]
+    dot = page.locator(".tab").nth(0).locator(".tab-dot")
+
+    coda_server.type(first, r"printf '\a'" + "\r")  # the page is looked at, but not that tab
+    wait(page, "() => document.title.startsWith('(1) ')", what="the count in the title")
+    assert dot.count() == 1 and dot.get_attribute("aria-label") == "1 unseen notice"
+    assert page.locator(".tab").nth(1).locator(".tab-dot").count() == 0
+    assert page.evaluate("window.__popups") == []  # the page is in front: no browser notification
+
+    page.evaluate("window.__away = true")
+    coda_server.type(first, r"printf '\033]777;notify;Deploy;It is <b>live</b>\007'" + "\r")
+    wait(page, "() => window.__popups.length === 1", what="a browser notification")
+    assert page.evaluate("window.__popups") == [["Deploy \u2014 Shell 1", "It is <b>live</b>"]]
+    assert title(page).startswith("(2) ")
+    if transport == "ws":
+        shot(page, "notify")
+
+    page.evaluate("window.__away = false")
+    page.locator(".tab").nth(0).click()  # looking at the pane clears it
+    wait(page, "() => !document.title.startsWith('(')", what="the title without a count")
+    assert dot.count() == 0
+
+    page.click("#notify-btn")  # notifications off: still the dot, no browser notification
+    assert page.get_attribute("#notify-btn", "aria-pressed") == "false"
+    page.locator(".tab").nth(1).click()
+    page.evaluate("window.__away = true")
+    coda_server.type(first, r"printf '\033]9;quietly\007'" + "\r")
+    wait(page, "() => document.title.startsWith('(1) ')", what="the count in the title")
+    assert page.evaluate("window.__popups.length") == 1
+    page.click("#notify-btn")
+    assert page.get_attribute("#notify-btn", "aria-pressed") == "true"
+
+
+def test_the_files_panel_lists_navigates_and_downloads(open_tab, coda_server):
+    folder = coda_server.home / "projects" / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.csv").write_text("quarter,revenue\nQ1,42\n")
+    (folder / "notes.md").write_text("# Notes\n")
+    tab, page = open_tab()
+    wait_ready(page)
+    page.click("#files-btn")
+    page.locator("#files-table button.folder", has_text="projects/").click()
+    page.locator("#files-table button.folder", has_text="report/").click()
+    page.wait_for_selector("#files-table a:has-text('summary.csv')")
+    assert page.inner_text("#files-path").replace("\n", "") == "~/projects/report"
+    shot(page, "files")
+    with page.expect_download() as info:
+        page.click("#files-table a:has-text('summary.csv')")
+    download = info.value
+    assert download.suggested_filename == "summary.csv"
+    assert Path(download.path()).read_text() == "quarter,revenue\nQ1,42\n"
+    page.locator("#files-path button", has_text="~").click()  # back to the roots, by keyboard too
+    page.wait_for_selector("#files-table button.folder:has-text('uploads/'), #files-table button.folder:has-text('projects/')")
+    page.keyboard.press("Escape")
+
+
+# ---- the real agents, their turn's end reaching the page ------------------------------------------
+
+AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
+needs_agents = pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(),
+                                  reason="the agent CLIs are installed by tests/run.sh")
+
+
+@pytest.fixture(scope="module")
+def agent_rig(tmp_path_factory):
+    from test_agents import seed_trust
+
+    fake = FakeWorkspace().start()
+    home = tmp_path_factory.mktemp("notify-agents-home")
+    seed_trust(home)
+    coda = configured(home, fake, PATH=f"{AGENTS / 'bin'}:{os.environ['PATH']}",
+                      PAT_ROTATION_INTERVAL="3600", PAT_TOKEN_LIFETIME="7200")
+    yield coda, fake
+    coda.stop()
+    fake.stop()
+
+
+@needs_agents
+@pytest.mark.parametrize("agent,title", [("claude", "Claude Code"), ("codex", "Codex"), ("gemini", "Gemini CLI")])
+def test_an_agents_turn_end_reaches_the_page(browser, agent_rig, agent, title):
+    from test_agents import Terminal, start_and_ask
+
+    coda, fake = agent_rig
+    tab = Tab(browser, coda, [RECORD_NOTIFICATIONS])
+    try:
+        page = tab.open()
+        wait_ready(page)
+        page.evaluate("window.__away = true")  # the user is in another window
+        terminal = Terminal.__new__(Terminal)  # the page's own session, read over long-poll beside it
+        terminal.coda, terminal.sid, terminal.raw = coda, sessions_of(page)[0], ""
+        coda.type(terminal.sid, "cd ~/projects/work\r")
+        terminal.offset = coda.wait_prompt(terminal.sid)
+        start_and_ask(terminal, fake, agent, f"hello from the {agent} notice test")
+        popups = wait(page, "(t) => window.__popups.some(([title]) => title.startsWith(t)) && window.__popups",
+                      title, timeout=60, what=f"{title}'s notice")
+        assert [title + " \u2014 Shell 1", "Finished its turn."] in popups, popups
+        assert title_of_page(page).startswith("(")
+        coda.type(terminal.sid, "\x03\x03")
+    finally:
+        tab.close()
+        for session in coda.get("/api/sessions").json():
+            coda.post("/api/session/close", {"session_id": session["session_id"]})
+    assert not tab.problems, tab.problems
+
+
+def title_of_page(page):
+    return page.evaluate("document.title")
