@@ -23,9 +23,11 @@ Contents
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
                         a bounded input queue and writer greenlet per session;
-                        the manager with the cap, the idle reaper and shutdown
+                        the manager with the cap, the idle reaper and shutdown;
+                        the notice detector (bell, OSC 9, OSC 777) in the reader
      6. HTTP API        thin routes: validate, call the manager, answer JSON
-                        (every error too, however malformed the request)
+                        (every error too, however malformed the request);
+                        files out: list and download under ~/projects, ~/uploads
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
@@ -33,7 +35,7 @@ Contents
      8. Databricks      owner, gateway discovery, PAT lifecycle; optionally the
                         log records also go to a Delta table
      9. Agents          one config writer per CLI, driven by a table; their
-                        tracing hooks
+                        tracing and notice hooks
     10. Setup           the step list and its runner (the tracing, commit hook and
                         restore offer steps among them)
     11. Local proxy     token-injecting, request-repairing proxy for agents;
@@ -46,9 +48,9 @@ Contents
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
                         `coda.py restore`
     15. Command line    the subcommands: token, agents, doctor, skills, restore,
-                        sync, trace; without one, serve. (`token`, `agents` and
-                        the trace hook's detach are answered at the top of the
-                        file, before the heavy imports.)
+                        sync, trace, notify; without one, serve. (`token`,
+                        `agents`, `notify` and the trace hook's detach are
+                        answered at the top of the file, before the heavy imports.)
 """
 
 import collections
@@ -96,8 +98,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
 
-# Three fast paths, before any heavy import: `agents` (above) and `token` are answered here, and
-# `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
+# Four fast paths, before any heavy import: `agents` (above), `token` and `notify AGENT` are answered
+# here, and `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
@@ -5311,6 +5313,8 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
               "import)", ()),
     "agents": (None, "list the agents, one line each: name, kind (npm or pypi), package, version key "
                "(install/agents.sh reads it; answered before any heavy import)", ()),
+    "notify": (None, "tell the open pages that an agent finished its turn or waits for you (its hooks run this; "
+               "answered before any heavy import)", ("agent",)),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
     "skills": (refresh_skills, "fetch the agent skill packs again", ()),
 }
