@@ -1616,7 +1616,11 @@ const notices = {
     if (this.looking(pane)) return;
     this.unseen.set(pane, (this.unseen.get(pane) || 0) + 1);
     this.render();
-    if (document.visibilityState === 'visible' && document.hasFocus()) return;
+    if (document.visibilityState === 'visible' && document.hasFocus()) {
+      const { title, body } = this.text(pane, msg);   // in front, on another pane: say it in the page
+      toast(body ? `${title}: ${body}` : title);
+      return;
+    }
     this.popup(pane, msg);
   },
 

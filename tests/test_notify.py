@@ -224,19 +224,21 @@ def test_a_notice_in_a_background_pane_shows_on_its_tab_and_in_the_title(open_ta
     first = sessions_of(page)[0]
     dot = page.locator(".tab").nth(0).locator(".tab-dot")
 
-    coda_server.type(first, r"printf '\a'" + "\r")  # the page is looked at, but not that tab
+    coda_server.type(first, r"printf '\033]777;notify;Claude Code;Claude needs your permission to use <Bash>\007'" + "\r")
     wait(page, "() => document.title.startsWith('(1) ')", what="the count in the title")
     assert dot.count() == 1 and dot.get_attribute("aria-label") == "1 unseen notice"
     assert page.locator(".tab").nth(1).locator(".tab-dot").count() == 0
+    toast = "Claude Code \u2014 Shell 1: Claude needs your permission to use <Bash>"  # as text, not markup
+    assert wait(page, "(t) => [...document.querySelectorAll('.toast')].some((n) => n.textContent === t)", toast)
     assert page.evaluate("window.__popups") == []  # the page is in front: no browser notification
-
-    page.evaluate("window.__away = true")
-    coda_server.type(first, r"printf '\033]777;notify;Deploy;It is <b>live</b>\007'" + "\r")
-    wait(page, "() => window.__popups.length === 1", what="a browser notification")
-    assert page.evaluate("window.__popups") == [["Deploy \u2014 Shell 1", "It is <b>live</b>"]]
-    assert title(page).startswith("(2) ")
     if transport == "ws":
         shot(page, "notify")
+
+    page.evaluate("window.__away = true")
+    coda_server.type(first, r"printf '\a'" + "\r")
+    wait(page, "() => window.__popups.length === 1", what="a browser notification")
+    assert page.evaluate("window.__popups") == [["Bell \u2014 Shell 1", "A program rang the bell."]]
+    assert title(page).startswith("(2) ")
 
     page.evaluate("window.__away = false")
     page.locator(".tab").nth(0).click()  # looking at the pane clears it
