@@ -102,3 +102,24 @@ def test_files_need_access(server):
     for endpoint in ("/api/files?path=projects", "/api/download?path=projects/app/src/main.py"):
         answer = requests.get(server.url + endpoint, timeout=10)
         assert answer.status_code == 403 and "print" not in answer.text
+
+
+SEGMENTS = ["projects", "uploads", "app", "src", "main.py", "..", ".", "", "escape.txt", "home-link", "secret.txt",
+            "pipe", "%2e%2e", "\x00", "\\", "~", "/", "a" * 256]
+
+
+def test_any_path_gets_a_file_inside_the_roots_or_a_json_error(server):
+    """Paths made of the pieces of every attack above, in any order: never a 500, never a byte from outside."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(st.sampled_from(SEGMENTS) | st.text(max_size=8), max_size=6), st.booleans(), st.booleans())
+    def check(parts, absolute, listing):
+        path = ("/" if absolute else "") + "/".join(parts)
+        answer = get(server, "/api/files" if listing else "/api/download", path, timeout=10)
+        assert answer.status_code in (200, 400, 403, 404), (path, answer.status_code)
+        assert "TOP SECRET" not in answer.text and "secret.txt" not in answer.text.replace(path, "")
+        if answer.status_code != 200:
+            assert answer.headers["Content-Type"] == "application/json" and answer.json()["error"]
+
+    check()
