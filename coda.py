@@ -48,9 +48,10 @@ Contents
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
                         `coda.py restore`
     15. Command line    the subcommands: token, agents, doctor, skills, restore,
-                        sync, trace, notify; without one, serve. (`token`,
-                        `agents`, `notify` and the trace hook's detach are
-                        answered at the top of the file, before the heavy imports.)
+                        sync, trace, notify, download; without one, serve.
+                        (`token`, `agents`, `notify`, `download` and the trace
+                        hook's detach are answered at the top of the file,
+                        before the heavy imports.)
 """
 
 import collections
@@ -98,8 +99,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
 
-# Four fast paths, before any heavy import: `agents` (above), `token` and `notify AGENT` are answered
-# here, and `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
+# Five fast paths, before any heavy import: `agents` (above), `token`, `notify AGENT` and `download
+# FILE` are answered here, and `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
@@ -225,6 +226,35 @@ def notify_from_hook(agent, args):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["notify"] and len(sys.argv) > 2:
     sys.exit(notify_from_hook(sys.argv[2], sys.argv[3:]))
+
+
+def offer_downloads(names):
+    """`coda.py download FILE...`: offer each file to the open pages, which show a button to download
+    it (a click, never by itself). Only files under ~/projects and ~/uploads: the page fetches them
+    from /api/download, which checks the path again; this only saves the user a trip to the panel."""
+    import os
+    import urllib.parse
+
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    roots = {name: os.path.realpath(os.path.join(home, name)) for name in ("projects", "uploads")}
+    terminal, failed = agent_terminal(), 0
+    for name in names:
+        path = os.path.realpath(name)
+        root = next((r for r, base in roots.items() if path.startswith(base + os.sep)), None)
+        if root is None or not os.path.isfile(path):
+            print(f"coda: {name}: only files under ~/projects and ~/uploads can be downloaded", file=sys.stderr)
+            failed += 1
+            continue
+        relative = urllib.parse.quote(f"{root}/{os.path.relpath(path, roots[root])}")  # ASCII: any name fits
+        if terminal is None:
+            print("coda: not in a CoDA terminal", file=sys.stderr)
+            return 1
+        os.write(terminal, f"\x1b]777;coda-download;{relative}\x07".encode())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["download"] and len(sys.argv) > 2:
+    sys.exit(offer_downloads(sys.argv[2:]))
 
 if __name__ == "__main__" and sys.argv[1:2] != ["trace"]:  # patch before anything imports socket or threading
     from gevent import monkey
@@ -969,10 +999,26 @@ def osc_notice(number, text):
         if re.match(rb"\d+(;|$)", text):  # ConEmu's OSC 9;N (progress bars and the like), not a notice
             return None
         return "osc9", "", notice_clean(text, 300)
+    if text.startswith(b"coda-download;"):  # `coda.py download`: an offer whose path /api/download checks
+        path = download_offer_path(text[len(b"coda-download;"):])
+        return path and ("download", "", path)
     if not text.startswith(b"notify;"):
         return None
     title, _, body = text[len(b"notify;"):].partition(b";")
     return "osc777", notice_clean(title, 100), notice_clean(body, 300)
+
+
+def download_offer_path(quoted):
+    """The path a download offer names, if it has the shape /api/download accepts, else None."""
+    try:
+        path = urllib.parse.unquote(quoted.decode("ascii"), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    parts = path.split("/")
+    if (len(path) > MAX_FILE_PATH or parts[0] not in FILE_ROOTS or len(parts) < 2
+            or any(p in ("", ".", "..") for p in parts) or not path.isprintable()):
+        return None
+    return path
 
 
 def notice_clean(raw, limit):
@@ -5315,6 +5361,8 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
                "(install/agents.sh reads it; answered before any heavy import)", ()),
     "notify": (None, "tell the open pages that an agent finished its turn or waits for you (its hooks run this; "
                "answered before any heavy import)", ("agent",)),
+    "download": (None, "offer files under ~/projects or ~/uploads for download in the open pages (answered before "
+                 "any heavy import)", ("file",)),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
     "skills": (refresh_skills, "fetch the agent skill packs again", ()),
 }

@@ -1613,6 +1613,7 @@ const notices = {
     if (!pane || this.seen.has(key)) return;
     this.seen.add(key);
     if (this.seen.size > 500) this.seen = new Set([...this.seen].slice(-250));
+    if (msg.kind === 'download') { files.offer(String(msg.body || '')); return; }
     if (this.looking(pane)) return;
     this.unseen.set(pane, (this.unseen.get(pane) || 0) + 1);
     this.render();
@@ -1770,6 +1771,19 @@ const files = {
       const to = parts.slice(0, i + 1).join('/');
       nav.append(el('span', { text: '/', 'aria-hidden': 'true' }), el('button', { text: part, onclick: () => this.show(to) }));
     });
+  },
+
+  // `coda.py download FILE` in a terminal: a link to click, never a download by itself, so terminal
+  // output can at most offer a file under the roots (and /api/download checks it again).
+  offer(path) {
+    const name = path.split('/').pop();
+    if (!name) return;
+    const card = el('div', { class: 'toast download-offer', role: 'status' });
+    const link = el('a', { href: 'api/download?path=' + encodeURIComponent(path), download: name,
+      text: `Download ${name}`, title: `~/${path}`, onclick: () => setTimeout(() => card.remove(), 0) });
+    card.append(link, el('button', { class: 'icon', 'aria-label': 'Dismiss', text: '\u2715', onclick: () => card.remove() }));
+    $('#toasts').append(card);
+    setTimeout(() => card.remove(), 60000);
   },
 
   size(n) {

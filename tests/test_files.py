@@ -2,12 +2,14 @@
 ~/uploads only, behind the same access checks as every route, with the path confined to its root."""
 
 import os
+import sys
 import urllib.parse
+from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import Coda
+from conftest import ROOT, Coda
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +125,56 @@ def test_any_path_gets_a_file_inside_the_roots_or_a_json_error(server):
             assert answer.headers["Content-Type"] == "application/json" and answer.json()["error"]
 
     check()
+
+
+# ---- `coda.py download FILE` in a terminal: an offer the page shows as a link -------------------
+
+from test_notify import run_and_collect  # noqa: E402
+from test_browser import Tab, browser, wait, wait_ready  # noqa: E402,F401
+
+
+def offers(notices):
+    return [n["body"] for n in notices if n["kind"] == "download"]
+
+
+def test_the_download_command_offers_only_files_under_the_roots(server):
+    sid = server.new_session()
+    try:
+        offset = server.wait_prompt(sid)
+        coda = f"{sys.executable} {ROOT / 'coda.py'}"
+        notices, offset = run_and_collect(server, sid, offset, f"cd ~/projects/app && {coda} download src/main.py")
+        assert offers(notices) == ["projects/app/src/main.py"]
+        notices, offset = run_and_collect(server, sid, offset, f"{coda} download ~/secret.txt ../escape.txt; echo rc=$?")
+        assert offers(notices) == []
+        assert server.read_until(sid, "rc=1", since=offset - 400)[0].count("only files under ~/projects") == 2
+        # Output that forges the sequence offers nothing outside the roots' shape ...
+        notices, offset = run_and_collect(server, sid, offset,
+                                          r"printf '\033]777;coda-download;projects/../secret.txt\007'; "
+                                          r"printf '\033]777;coda-download;/etc/passwd\007'; "
+                                          r"printf '\033]777;coda-download;secret.txt\007'")
+        assert offers(notices) == []
+        # ... and what it can offer, /api/download still confines (a symlink out is refused).
+        notices, offset = run_and_collect(server, sid, offset, r"printf '\033]777;coda-download;projects/escape.txt\007'")
+        assert offers(notices) == ["projects/escape.txt"]
+        assert get(server, "/api/download", "projects/escape.txt").status_code == 403
+    finally:
+        server.close_session(sid)
+
+
+def test_the_page_shows_an_offer_as_a_link_to_click(browser, server):
+    tab = Tab(browser, server)
+    try:
+        page = tab.open()
+        wait_ready(page)
+        sid = page.evaluate("window.coda.tabs[0].sessions[0]")
+        server.type(sid, f"{sys.executable} {ROOT / 'coda.py'} download ~/uploads/shot.png\r")
+        link = page.locator(".download-offer a")
+        link.wait_for()
+        assert link.inner_text() == "Download shot.png"
+        with page.expect_download() as info:
+            link.click()
+        assert Path(info.value.path()).read_bytes() == b"\x89PNG fake"
+        wait(page, "() => !document.querySelector('.download-offer')", what="the offer gone once taken")
+    finally:
+        tab.close()
+    assert not tab.problems, tab.problems
