@@ -3200,6 +3200,9 @@ def codex_notify(data):
         user = user[user.index("--") + 1:] if "--" in user else []
     data["notify"] = (NOTIFY_COMMAND + ["codex"] + (["--trace"] if tracing_hook("codex") else [])
                       + (["--", *user] if user else []))
+    tui = nested(data, "tui")  # approvals have no notify event: Codex's TUI tells its terminal with OSC 9
+    tui.setdefault("notifications", ["approval-requested"])
+    tui.setdefault("notification_method", "osc9")
 
 
 # Notice hooks (issue 13): Claude Code and Gemini CLI run `coda.py notify AGENT` (answered at the

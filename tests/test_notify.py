@@ -161,6 +161,8 @@ def test_codex_notify_chains_the_users_own_and_tracing(workspace, tmp_path):
         notify = tomllib.loads(config.read_text())["notify"]
         assert notify[2:4] == ["notify", "codex"] and notify[-2:] == ["--", str(script)]
         assert ("--trace" in notify) == bool(tracing)
+        tui = tomllib.loads(config.read_text())["tui"]
+        assert tui == {"notifications": ["approval-requested"], "notification_method": "osc9"}  # OSC 9, found as above
 
     payload = json.dumps({"type": "agent-turn-complete", "last-assistant-message": "All done"})
     done = subprocess.run(notify + [payload], capture_output=True, timeout=30, start_new_session=True)
