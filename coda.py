@@ -24,11 +24,13 @@ Contents
      4. Output streams  the byte ring with offsets; UTF-8-safe text or base64 slices
      5. Sessions        PTY, process group, reader greenlet, flow control,
                         a bounded input queue and writer greenlet per session;
-                        the manager with the cap, the idle reaper and shutdown
+                        the manager with the cap, the idle reaper and shutdown;
+                        the notice detector (bell, OSC 9, OSC 777) in the reader
      6. HTTP API        thin routes: validate, call the manager, answer JSON
                         (every error too, however malformed the request); a new
                         session may start an agent from the table in a folder
-                        of ~/projects, both checked here
+                        of ~/projects, both checked here; files out: list and
+                        download under ~/projects and ~/uploads
      7. WebSocket       one handler per socket, one sender greenlet per session;
                         beside a session being typed into, the others send
                         only a budget past their acks (small nearby, one
@@ -40,7 +42,7 @@ Contents
                         each uses (its own if served, else its row's best
                         served); their MCP servers (the workspace's managed ones
                         at the proxy, the third-party ones marked as leaving it);
-                        their tracing hooks
+                        their tracing and notice hooks
     10. Setup           the step list and its runner (the served models, tracing,
                         commit hook, MCP and restore offer steps among them);
                         which agents are ready, and installing the missing ones
@@ -56,9 +58,10 @@ Contents
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
                         `coda.py restore`
     15. Command line    the subcommands: token, agents, doctor, skills, restore,
-                        sync, trace; without one, serve. (`token`, `agents` and
-                        the trace hook's detach are answered at the top of the
-                        file, before the heavy imports.)
+                        sync, trace, notify, download; without one, serve.
+                        (`token`, `agents`, `notify`, `download` and the trace
+                        hook's detach are answered at the top of the file,
+                        before the heavy imports.)
 """
 
 import collections
@@ -121,8 +124,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
 
-# Three fast paths, before any heavy import: `agents` (above) and `token` are answered here, and
-# `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
+# Five fast paths, before any heavy import: `agents` (above), `token`, `notify AGENT` and `download
+# FILE` are answered here, and `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
@@ -165,6 +168,119 @@ if __name__ == "__main__" and sys.argv[1:3] in [["trace", a.name] for a in AGENT
     for _fd in (1, 2) if _piped else (0, 1, 2):
         os.dup2(_null, _fd)
 
+
+# Notices (issue 13). An agent's hook runs `coda.py notify AGENT` at the end of a turn and when it
+# waits for the user; it writes an OSC 777 notification to its own terminal, where the server's one
+# detector (section 5) finds it beside the bell and OSC 9 of every other program: so a hook's notice
+# knows its session and needs no credentials. Answered here, in milliseconds, before the imports.
+NOTICE_TITLES = {"claude": "Claude Code", "codex": "Codex", "gemini": "Gemini CLI"}
+
+
+def notice_text(agent, event):
+    """(title, body) for an agent's hook event: its own message when it waits, else the turn's end."""
+    message = event.get("message") if isinstance(event, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        message = "Finished its turn."
+    clean = lambda text, limit: "".join(c if c.isprintable() and c != ";" else " " for c in text)[:limit]
+    return clean(NOTICE_TITLES.get(agent, agent), 60), clean(message.strip(), 200)
+
+
+def agent_terminal():
+    """A descriptor writing to the terminal the agent runs in, or None outside one. Claude Code runs
+    its hooks in a new session, without a controlling terminal: then the nearest ancestor's."""
+    import os
+
+    try:
+        return os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        pass
+    pid = os.getppid()
+    for _ in range(8):  # the hook's shell, the agent, ...: a few levels at most
+        for fd in (0, 1, 2):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/pts/"):
+                    return os.open(target, os.O_WRONLY | os.O_NOCTTY)
+            except OSError:
+                continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                pid = int(stat.read().rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid <= 1:
+            return None
+    return None
+
+
+def notify_from_hook(agent, args):
+    """`coda.py notify AGENT`: Claude Code and Gemini CLI pipe their event in; Codex runs its one notify
+    program as `coda.py notify codex [--trace] [-- USER'S NOTIFY...] JSON`, so the user's own notify and
+    CoDA's tracing are chained from here. Always exits 0: a notice must never fail the agent."""
+    import json
+    import os
+    import select
+
+    payload = args.pop() if agent == "codex" and args and args[-1].startswith("{") else None
+    trace, user = args[:1] == ["--trace"], args[args.index("--") + 1:] if "--" in args else []
+    try:
+        if payload is None and not os.isatty(0) and select.select([0], [], [], 2)[0]:  # never hang on a silent pipe
+            payload = os.read(0, 1 << 20).decode("utf-8", "replace")
+        event = json.loads(payload or "{}")
+    except (OSError, ValueError):
+        event = {}
+    title, body = notice_text(agent, event)
+    terminal = agent_terminal()
+    if terminal is not None:
+        try:
+            os.write(terminal, f"\x1b]777;notify;{title};{body}\x07".encode())
+        except OSError:
+            pass
+        os.close(terminal)
+    if user and payload is not None:
+        import subprocess
+
+        try:  # the user's own notify, as Codex would have run it; not waited for
+            subprocess.Popen(user + [payload], stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            pass
+    if trace and payload is not None:  # Codex's trace hook (section 13) detaches at the top of the file
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), "trace", "codex", payload])
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["notify"] and len(sys.argv) > 2:
+    sys.exit(notify_from_hook(sys.argv[2], sys.argv[3:]))
+
+
+def offer_downloads(names):
+    """`coda.py download FILE...`: offer each file to the open pages, which show a button to download
+    it (a click, never by itself). Only files under ~/projects and ~/uploads: the page fetches them
+    from /api/download, which checks the path again; this only saves the user a trip to the panel."""
+    import os
+    import urllib.parse
+
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    roots = {name: os.path.realpath(os.path.join(home, name)) for name in ("projects", "uploads")}
+    terminal, failed = agent_terminal(), 0
+    for name in names:
+        path = os.path.realpath(name)
+        root = next((r for r, base in roots.items() if path.startswith(base + os.sep)), None)
+        if root is None or not os.path.isfile(path):
+            print(f"coda: {name}: only files under ~/projects and ~/uploads can be downloaded", file=sys.stderr)
+            failed += 1
+            continue
+        relative = urllib.parse.quote(f"{root}/{os.path.relpath(path, roots[root])}")  # ASCII: any name fits
+        if terminal is None:
+            print("coda: not in a CoDA terminal", file=sys.stderr)
+            return 1
+        os.write(terminal, f"\x1b]777;coda-download;{relative}\x07".encode())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["download"] and len(sys.argv) > 2:
+    sys.exit(offer_downloads(sys.argv[2:]))
+
 if __name__ == "__main__" and sys.argv[1:2] != ["trace"]:  # patch before anything imports socket or threading
     from gevent import monkey
 
@@ -195,6 +311,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import termios
 import time
@@ -891,6 +1008,98 @@ def _signal_session(sid, sig):
             pass
 
 
+# -- notices (issue 13) ---------------------------------------------------------------------------
+# A program asks for attention with the bell (BEL outside an escape string), OSC 9 (iTerm2's notify)
+# or OSC 777;notify;TITLE;BODY (urxvt's; the agents' hooks write it, section 9). Output is untrusted:
+# the scan is a few C-speed regex passes per read, text is bounded and stripped of control
+# characters, and each session gets at most NOTICE_BURST notices, then one per NOTICE_EVERY seconds.
+NOTICE_OSC = re.compile(rb"\x1b\](9|777);([^\x07\x18\x1a\x1b]{0,1024})(?:\x07|\x1b\\)")
+ESCAPE_STRING = re.compile(rb"\x1b\][^\x07\x18\x1a\x1b]*\x07?|\x1b[P_^X][^\x18\x1a\x1b]*")  # BEL inside is no bell
+STRING_END = {b"]": re.compile(rb"[\x07\x18\x1a\x1b]"), b"P": re.compile(rb"[\x18\x1a\x1b]")}
+NOTICE_CARRY = 4 * KIB   # an escape string still open at the end of a read is kept up to this, for the next
+NOTICE_BURST, NOTICE_EVERY = 4, 2.0
+
+
+class NoticeScanner:
+    """Finds notices in a session's output, read by read, also when a sequence spans two reads."""
+
+    def __init__(self):
+        self.carry = b""
+        self.tokens, self.refilled = NOTICE_BURST, time.monotonic()
+
+    def scan(self, data):
+        """[(kind, title, body)] in `data`, within the session's rate limit."""
+        if not self.carry and b"\x07" not in data and b"\x1b" not in data:
+            return []
+        data = self.carry + data
+        cut = open_string_start(data)
+        data, self.carry = data[:cut], data[cut:]
+        if len(self.carry) > NOTICE_CARRY:  # still inside the same string, whose text no longer matters
+            self.carry = self.carry[:2] + b"-"
+        found = [notice for match in itertools.islice(NOTICE_OSC.finditer(data), NOTICE_BURST)
+                 if (notice := osc_notice(*match.groups()))]
+        if b"\x07" in data and b"\x07" in ESCAPE_STRING.sub(b"", data):
+            found.append(("bell", "", ""))
+        return [notice for notice in found if self._allowed()]
+
+    def _allowed(self):
+        now = time.monotonic()
+        self.tokens = min(NOTICE_BURST, self.tokens + (now - self.refilled) / NOTICE_EVERY)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def open_string_start(data):
+    """Where an escape sequence still open at the end of `data` starts (len(data) when none is):
+    an escape ends every string, so only the last one can be open."""
+    esc = data.rfind(b"\x1b")
+    if esc < 0:
+        return len(data)
+    if esc == len(data) - 1:
+        return esc  # a lone ESC: the next read says what it starts
+    kind = data[esc + 1:esc + 2]
+    if kind not in (b"]", b"P", b"_", b"^", b"X"):
+        return len(data)
+    ended = STRING_END[b"]" if kind == b"]" else b"P"].search(data, esc + 2)
+    return len(data) if ended else esc
+
+
+def osc_notice(number, text):
+    """(kind, title, body) for OSC 9 or OSC 777 text, or None for their other uses."""
+    if number == b"9":
+        if re.match(rb"\d+(;|$)", text):  # ConEmu's OSC 9;N (progress bars and the like), not a notice
+            return None
+        return "osc9", "", notice_clean(text, 300)
+    if text.startswith(b"coda-download;"):  # `coda.py download`: an offer whose path /api/download checks
+        path = download_offer_path(text[len(b"coda-download;"):])
+        return path and ("download", "", path)
+    if not text.startswith(b"notify;"):
+        return None
+    title, _, body = text[len(b"notify;"):].partition(b";")
+    return "osc777", notice_clean(title, 100), notice_clean(body, 300)
+
+
+def download_offer_path(quoted):
+    """The path a download offer names, if it has the shape /api/download accepts, else None."""
+    try:
+        path = urllib.parse.unquote(quoted.decode("ascii"), errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    parts = path.split("/")
+    if (len(path) > MAX_FILE_PATH or parts[0] not in FILE_ROOTS or len(parts) < 2
+            or any(p in ("", ".", "..") for p in parts) or not path.isprintable()):
+        return None
+    return path
+
+
+def notice_clean(raw, limit):
+    text = raw.decode("utf-8", "replace")
+    return "".join(ch for ch in text if ch.isprintable()).strip()[:limit]
+
+
 class Subscriber:
     """A reader joined to a session, for flow control: acked or sent offset."""
 
@@ -922,6 +1131,8 @@ class Session:
         self._input = collections.deque()  # input not yet written, in arrival order (WS and HTTP alike)
         self._input_bytes = 0
         self._input_waiting = gevent.event.Event()
+        self.notices = collections.deque(maxlen=16)  # the latest notices, for the long-poll answers
+        self._notice_scanner = NoticeScanner()
         projects = PATHS.projects
         projects.mkdir(parents=True, exist_ok=True)
         master, slave = os.openpty()
@@ -952,6 +1163,7 @@ class Session:
             self._may_read.wait()
             data, ended = self._read_available()
             if data:
+                self._notice(data)
                 self.stream.append(data)
                 self.update_flow()
             if ended:
@@ -975,6 +1187,14 @@ class Session:
             parts.append(chunk)
             size += len(chunk)
         return b"".join(parts), False
+
+    def _notice(self, data):
+        """Tell every page of the notices in `data`; each is placed at the offset where `data` begins."""
+        for kind, title, body in self._notice_scanner.scan(data):
+            notice = {"type": "notify", "session_id": self.id, "kind": kind, "title": title, "body": body,
+                      "offset": self.stream.end}
+            self.notices.append(notice)
+            gevent.spawn(tell_every_socket, notice)  # never a slow socket's wait in the reader
 
     def _await_exit(self):
         _, status = os.waitpid(self.pid, 0)
@@ -1468,7 +1688,7 @@ def poll_output(body):
     [answer] = wait_for_output([(session, session.http_cursor if since is None else since)], wait, encoding)
     if since is None:
         session.http_cursor = answer["next_offset"]
-    return answer
+    return with_notices(session, answer)
 
 
 @api("/api/output-batch")
@@ -1489,7 +1709,18 @@ def poll_output_batch(body):
     for (session, offset), answer in zip(wanted, answers):
         if session and session.id not in since:
             session.http_cursor = answer["next_offset"]
+        with_notices(session, answer)
     return {"outputs": dict(zip(ids, answers)), "shutting_down": PROCESS.sessions.shutting_down.is_set()}
+
+
+def with_notices(session, answer):
+    """`answer` with the session's notices that lie in its output (issue 13), so that a poll
+    client hears each once, as a socket does; the field is there only when there are some."""
+    if session and "next_offset" in answer:
+        notices = [n for n in session.notices if answer["offset"] <= n["offset"] < answer["next_offset"]]
+        if notices:
+            answer["notices"] = notices
+    return answer
 
 
 @api("/api/heartbeat")
@@ -1542,6 +1773,132 @@ def _save_upload():
         raise too_large
     log.info("upload saved: %s (%d bytes)", path.name, size)
     return str(path)
+
+
+# Files out (issue 13): the files panel lists and downloads under ~/projects and ~/uploads only.
+# A path is relative to HOME and names its root first ("projects/app/main.py"). It is refused
+# (JSON 4xx) when absolute, holding NUL, "." or "..", too long, or resolving (symlinks followed)
+# outside its root; the opened file is checked again where it really is, against a swap of a folder
+# for a symlink meanwhile. Only regular files, up to MAX_DOWNLOAD_BYTES, streamed in chunks.
+FILE_ROOTS = ("projects", "uploads")
+MAX_DOWNLOAD_BYTES = 1024 * MIB
+MAX_FILE_PATH = 4096
+MAX_LISTING = 1000
+DOWNLOAD_CHUNK = 256 * KIB
+
+
+def requested_path():
+    """The `path` query parameter, checked for shape: (root name, [segments])."""
+    try:
+        values = urllib.parse.parse_qs(bottle.request.query_string, errors="strict").get("path", [""])
+    except UnicodeDecodeError:
+        raise ApiError(400, "The path must be UTF-8.") from None
+    text = values[0].strip("/") if len(values) == 1 else None
+    if text is None:
+        raise ApiError(400, "Send one 'path'.")
+    if len(text) > MAX_FILE_PATH or any(len(part) > 255 for part in text.split("/")):
+        raise ApiError(400, "The path is too long.")
+    if "\x00" in text or values[0].startswith("/"):
+        raise ApiError(400, "The path must be relative to your home folder, without NUL.")
+    parts = text.split("/") if text else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ApiError(400, "The path must not hold empty, '.' or '..' parts.")
+    if parts and parts[0] not in FILE_ROOTS:
+        raise ApiError(403, "Only ~/projects and ~/uploads are offered.")
+    return parts
+
+
+def confined(parts):
+    """(resolved path, resolved root) for checked `parts`, or ApiError when it leaves its root."""
+    root = getattr(PATHS, parts[0])
+    try:
+        base = root.resolve(strict=True)
+        path = root.joinpath(*parts[1:]).resolve(strict=True)
+    except FileNotFoundError:
+        raise ApiError(404, "No such file or folder.") from None
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        raise ApiError(400, "That path cannot be resolved.") from None
+    if not is_within(path, base):
+        raise ApiError(403, "That path leads outside ~/projects and ~/uploads.")
+    return path, base
+
+
+def is_within(path, base):
+    return path == base or base in path.parents
+
+
+@api("/api/files", "GET")
+def list_files():
+    parts = requested_path()
+    if not parts:
+        return {"path": "", "entries": [{"name": name, "type": "dir"} for name in FILE_ROOTS
+                                        if getattr(PATHS, name).is_dir()], "truncated": False}
+    folder, _ = confined(parts)
+    if not folder.is_dir():
+        raise ApiError(400, "That path is not a folder.")
+    entries = []
+    with os.scandir(folder) as listing:  # bounded: a huge folder shows its first MAX_LISTING
+        for entry in itertools.islice(listing, MAX_LISTING + 1):
+            try:
+                info = entry.stat()
+                kind = "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
+            except OSError:  # a dangling symlink
+                info, kind = None, "other"
+            entries.append({"name": entry.name, "type": kind, "size": info.st_size if info and kind == "file" else None,
+                            "mtime": info.st_mtime if info else None})
+    truncated = len(entries) > MAX_LISTING
+    entries = sorted(entries[:MAX_LISTING], key=lambda e: (e["type"] != "dir", e["name"].lower()))
+    return {"path": "/".join(parts), "entries": entries, "truncated": truncated}
+
+
+@app.get("/api/download")
+def download():
+    bottle.response.set_header("Cache-Control", "no-store")
+    try:
+        parts = requested_path()
+        if not parts:
+            raise ApiError(400, "Name a file under projects/ or uploads/.")
+        return download_answer(*confined(parts))
+    except ApiError as error:
+        bottle.response.status = error.status
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": str(error)})
+
+
+def download_answer(path, base):
+    """The file at `path` as an attachment, streamed; checked again as opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)  # a FIFO must not block
+    except OSError:
+        raise ApiError(403, "That file cannot be read.") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ApiError(400, "Only regular files can be downloaded.")
+        if not is_within(Path(os.readlink(f"/proc/self/fd/{fd}")), base):
+            raise ApiError(403, "That path leads outside ~/projects and ~/uploads.")
+        if info.st_size > MAX_DOWNLOAD_BYTES:
+            raise ApiError(413, f"Downloads are limited to {size_text(MAX_DOWNLOAD_BYTES)}.")
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    name = path.name
+    fallback = UPLOAD_NAME.sub("_", name).lstrip(".") or "download"
+    bottle.response.content_type = "application/octet-stream"
+    bottle.response.set_header("Content-Disposition", f"attachment; filename=\"{fallback}\"; "
+                                                      f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}")
+    bottle.response.set_header("Content-Length", str(info.st_size))
+    log.info("download: %d bytes", info.st_size)
+    return file_chunks(file, info.st_size)
+
+
+def file_chunks(file, size):
+    """`size` bytes of `file` (what Content-Length promised, even if it grows meanwhile), in chunks."""
+    with file:
+        while size > 0 and (block := file.read(min(DOWNLOAD_CHUNK, size))):
+            size -= len(block)
+            yield block
 
 
 ERROR_SENTENCES = {400: "The request is malformed.", 404: "Not found.", 405: "Method not allowed.",
@@ -2959,6 +3316,7 @@ def configure_claude(ctx):
             env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = CONFIG.disable_auto_memory
         data["apiKeyHelper"] = shlex.join(ctx.token_command)
         claude_trace_hook(data)
+        notice_hooks(data, "claude")
 
     def state(data):
         data["hasCompletedOnboarding"] = True
@@ -2996,6 +3354,7 @@ def configure_gemini(ctx):
         nested(data, "model")["name"] = model_choice("gemini").model
         nested(data, "privacy")["usageStatisticsEnabled"] = False
         gemini_trace_hook(data)
+        notice_hooks(data, "gemini")
         nested(data, "general").update(enableAutoUpdate=False, enableAutoUpdateNotification=False)
         merge_mcp(nested(data, "mcpServers"), ctx, lambda url, headers: {"httpUrl": url, "headers": headers})
 
@@ -3243,19 +3602,41 @@ def gemini_trace_hook(data):
 
 
 def codex_notify(data):
-    """For configure_codex, on the parsed config.toml: `notify` runs CoDA's tracer while tracing is on.
-    Codex has one notify command: a user's own is left alone (and Codex is then not traced)."""
-    command, current = tracing_hook("codex"), data.get("notify")
-    ours = isinstance(current, list) and current[-2:] == ["trace", "codex"] and "coda" in " ".join(map(str, current))
-    if current is not None and not ours:
-        if command:
-            log.warning("%s has its own notify command; CoDA leaves it, so Codex turns are not traced",
-                        PATHS.home / ".codex" / "config.toml")
+    """For configure_codex, on the parsed config.toml. Codex has one notify program: it is
+    `coda.py notify codex`, which tells the page (notice_hooks), runs CoDA's tracer while tracing is
+    on (--trace), and then the user's own notify command, kept after "--"."""
+    current = data.get("notify")
+    if current is not None and not (isinstance(current, list) and all(isinstance(a, str) for a in current)):
+        log.warning("%s has a notify CoDA cannot read; left alone", PATHS.home / ".codex" / "config.toml")
         return
-    if command:
-        data["notify"] = command
-    else:
-        data.pop("notify", None)
+    user = current or []
+    text = " ".join(user)
+    if "coda" in text and (user[-2:] == ["trace", "codex"] or " notify codex" in text):  # ours, of any version
+        user = user[user.index("--") + 1:] if "--" in user else []
+    data["notify"] = (NOTIFY_COMMAND + ["codex"] + (["--trace"] if tracing_hook("codex") else [])
+                      + (["--", *user] if user else []))
+    tui = nested(data, "tui")  # approvals have no notify event: Codex's TUI tells its terminal with OSC 9
+    tui.setdefault("notifications", ["approval-requested"])
+    tui.setdefault("notification_method", "osc9")
+
+
+# Notice hooks (issue 13): Claude Code and Gemini CLI run `coda.py notify AGENT` (answered at the
+# top of the file) when a turn ends and when they wait for the user, beside the user's own hooks
+# and tracing; Codex's notify is codex_notify above. Always written: the page has the switch.
+NOTIFY_COMMAND = [sys.executable, str(PROGRAM), "notify"]
+NOTICE_EVENTS = {"claude": ("Stop", "Notification"), "gemini": ("AfterAgent", "Notification")}
+
+
+def notice_hooks(data, agent):
+    """For the agents' settings(data): CoDA's notice hook on each of NOTICE_EVENTS[agent], once."""
+    suffix = f" notify {agent}"
+    ours = lambda hook: (isinstance(hook, dict) and isinstance(hook.get("command"), str)
+                         and hook["command"].endswith(suffix) and "coda" in hook["command"])
+    entry = {"type": "command", "command": shlex.join(NOTIFY_COMMAND + [agent]), "timeout": 10}
+    if agent == "gemini":
+        entry = {"type": "command", "name": "CoDA notice", "command": entry["command"]}
+    for event in NOTICE_EVENTS[agent]:
+        merge_hook(data, event, entry, ours)
 
 
 # ===========================================================================
@@ -5579,6 +5960,10 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
               "import)", ()),
     "agents": (None, "list the agents, one line each: name, kind (npm or pypi), package, version key "
                "(install/agents.sh reads it; answered before any heavy import)", ()),
+    "notify": (None, "tell the open pages that an agent finished its turn or waits for you (its hooks run this; "
+               "answered before any heavy import)", ("agent",)),
+    "download": (None, "offer files under ~/projects or ~/uploads for download in the open pages (answered before "
+                 "any heavy import)", ("file",)),
     "doctor": (doctor, "check the workspace, token, gateway, agents and proxy, and say how to fix problems", ()),
     "skills": (refresh_skills, "fetch the agent skill packs again", ()),
 }

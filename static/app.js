@@ -325,6 +325,7 @@ const transport = {
       case 'session_exited': if (pane) pane.onExit(msg.exit_code); break;
       case 'session_closed': if (pane) pane.onExit(null); break;
       case 'shutting_down': this.onShuttingDown(); break;
+      case 'notify': notices.receive(msg); break;
       case 'error':
         if (pane && /not found|unknown/i.test(msg.message || '')) pane.onExit(null, msg.message);
         else if (msg.message) console.warn('CoDA:', msg.message);
@@ -439,6 +440,7 @@ const transport = {
       const pane = paneBySession(id);
       if (!pane) continue;
       if (out.error) { pane.onExit(null, out.error); continue; }
+      for (const n of out.notices || []) notices.receive(n);
       // The exact bytes from the server's offset (the worker decoded them).
       if (out.bytes.length) {
         this.pollOutstanding += 1;
@@ -984,6 +986,7 @@ function showTab(tab) {
   if (!tab) return;
   activeTab = tab;
   document.title = `${tab.name} \u2014 CoDA`;
+  notices.render();
   for (const t of tabs) {
     const on = t === tab;
     t.el.classList.toggle('active', on);
@@ -1020,6 +1023,7 @@ function setActivePane(pane, fromFocus) {
   tab.focused = pane;
   for (const p of allPanes()) p.el.classList.toggle('focused', p === pane && p.tab.panes.length > 1);
   if (pane.queue.length) outputScheduler.wake();  // what it was waiting for goes now, not slice by slice
+  notices.look(pane);
   if (fromFocus) saveLayout();
 }
 
@@ -1996,7 +2000,220 @@ function wireChrome() {
 
   window.addEventListener('keydown', onKeyDown, true);
   wireUploads();
+  notices.wire();
+  files.wire();
 }
+
+
+// ---------------------------------------------------------------------------
+// Notices (issue 13): an agent finished its turn or waits for the user, or a
+// program rang the bell / sent OSC 9 or 777. The server pushes {type:'notify'}
+// over the socket and in the poll answers. A pane the user is not looking at
+// gets a dot on its tab and counts in the page title; with the page in the
+// background, a browser notification too (asked for once; the bell button
+// turns them off). Looking at the pane clears it. The text is the terminal's:
+// shown as text only, never as markup.
+// ---------------------------------------------------------------------------
+
+const notices = {
+  enabled: store.get('notifications', true),
+  seen: new Set(),          // session:offset:kind already handled (both transports may carry one)
+  unseen: new Map(),        // pane -> count not yet looked at
+
+  looking(pane) {
+    return pane === activePane() && document.visibilityState === 'visible' && document.hasFocus();
+  },
+
+  receive(msg) {
+    const pane = paneBySession(msg.session_id);
+    const key = `${msg.session_id}:${msg.offset}:${msg.kind}`;
+    if (!pane || this.seen.has(key)) return;
+    this.seen.add(key);
+    if (this.seen.size > 500) this.seen = new Set([...this.seen].slice(-250));
+    if (msg.kind === 'download') { files.offer(String(msg.body || '')); return; }
+    if (this.looking(pane)) return;
+    this.unseen.set(pane, (this.unseen.get(pane) || 0) + 1);
+    this.render();
+    if (document.visibilityState === 'visible' && document.hasFocus()) {
+      const { title, body } = this.text(pane, msg);   // in front, on another pane: say it in the page
+      toast(body ? `${title}: ${body}` : title);
+      return;
+    }
+    this.popup(pane, msg);
+  },
+
+  text(pane, msg) {
+    const where = pane.tab.name;
+    const title = String(msg.title || '').slice(0, 100) || (msg.kind === 'bell' ? 'Bell' : 'Notice');
+    const body = String(msg.body || '').slice(0, 300) || (msg.kind === 'bell' ? 'A program rang the bell.' : '');
+    return { title: `${title} \u2014 ${where}`, body };
+  },
+
+  popup(pane, msg) {
+    if (!this.enabled || !window.Notification || Notification.permission !== 'granted') return;
+    const { title, body } = this.text(pane, msg);
+    try {
+      const n = new Notification(title, { body, tag: msg.session_id, silent: false });
+      n.onclick = () => { window.focus(); showTab(pane.tab); setActivePane(pane); pane.term.focus(); n.close(); };
+    } catch (_) { /* some browsers allow notifications only from a service worker */ }
+  },
+
+  look(pane) {
+    if (!pane || !this.unseen.has(pane) || !this.looking(pane)) return;
+    this.unseen.delete(pane);
+    this.render();
+  },
+
+  forget(pane) { if (this.unseen.delete(pane)) this.render(); },
+
+  render() {
+    for (const p of [...this.unseen.keys()]) if (!p.sessionId || !allPanes().includes(p)) this.unseen.delete(p);
+    let total = 0;
+    for (const tab of tabs) {
+      const n = tab.panes.reduce((sum, p) => sum + (this.unseen.get(p) || 0), 0);
+      total += n;
+      let dot = tab.tabEl.querySelector('.tab-dot');
+      if (n && !dot) {
+        dot = el('span', { class: 'tab-dot', role: 'img' });
+        tab.tabEl.prepend(dot);
+      }
+      if (dot && !n) dot.remove();
+      if (dot && n) dot.setAttribute('aria-label', `${n} unseen notice${n === 1 ? '' : 's'}`);
+    }
+    const base = document.title.replace(/^\(\d+\) /, '');
+    document.title = total ? `(${total}) ${base}` : base;
+  },
+
+  // The permission is asked once, at the user's first click or key (browsers want a gesture).
+  askOnce() {
+    if (!window.Notification || store.get('notificationsAsked', false) || Notification.permission !== 'default') return;
+    store.set('notificationsAsked', true);
+    try { Notification.requestPermission().then(() => this.renderButton()); } catch (_) { /* old API */ }
+  },
+
+  toggle() {
+    this.enabled = !this.enabled;
+    store.set('notifications', this.enabled);
+    if (this.enabled && window.Notification && Notification.permission === 'default') {
+      Notification.requestPermission().then(() => this.renderButton());
+    }
+    this.renderButton();
+  },
+
+  renderButton() {
+    const btn = $('#notify-btn');
+    if (!btn) return;
+    const blocked = window.Notification && Notification.permission === 'denied';
+    btn.setAttribute('aria-pressed', String(this.enabled));
+    btn.classList.toggle('off', !this.enabled);
+    btn.title = !this.enabled ? 'Notifications are off: click to turn them on'
+      : blocked ? 'Notifications are blocked by the browser: allow them in its site settings'
+      : 'Notifications are on: click to turn them off';
+  },
+
+  wire() {
+    const btn = $('#notify-btn');
+    if (btn) btn.addEventListener('click', () => this.toggle());
+    this.renderButton();
+    const first = () => this.askOnce();
+    window.addEventListener('pointerdown', first, { once: true, capture: true });
+    window.addEventListener('keydown', first, { once: true, capture: true });
+    const lookNow = () => this.look(activePane());
+    document.addEventListener('visibilitychange', lookNow);
+    window.addEventListener('focus', lookNow);
+  },
+};
+
+
+// ---------------------------------------------------------------------------
+// Files (issue 13): list ~/projects and ~/uploads and download from them. The
+// server confines every path to those roots; here a path is only ever built
+// from names it listed, and names are shown as text.
+// ---------------------------------------------------------------------------
+
+const files = {
+  path: '',
+
+  async open(path) {
+    openModal('#files-modal');
+    await this.show(path === undefined ? this.path : path);
+  },
+
+  async show(path) {
+    // Not api(): its 403 means the login expired, here it means a path outside the roots.
+    let status = 0, data = {};
+    try {
+      const resp = await fetch('api/files?path=' + encodeURIComponent(path), { credentials: 'same-origin' });
+      status = resp.status;
+      data = await resp.json();
+    } catch (_) { data = { error: 'CoDA is not reachable.' }; }
+    const note = $('#files-note');
+    if (status !== 200) {
+      if (path) await this.show('');
+      note.hidden = false;
+      note.textContent = (data && data.error) || 'The folder could not be listed.';
+      return;
+    }
+    this.path = data.path;
+    note.hidden = !data.truncated;
+    note.textContent = data.truncated ? 'Only the first entries of this folder are shown.' : '';
+    this.renderPath(data.path);
+    const body = $('#files-table tbody');
+    body.textContent = '';
+    for (const entry of data.entries) {
+      const full = data.path ? `${data.path}/${entry.name}` : entry.name;
+      let link;
+      if (entry.type === 'dir') {
+        link = el('button', { class: 'folder', text: entry.name + '/', onclick: () => this.show(full) });
+      } else if (entry.type === 'file') {
+        link = el('a', { href: 'api/download?path=' + encodeURIComponent(full), download: entry.name,
+          text: entry.name, title: `Download ${entry.name}` });
+      } else {
+        link = el('span', { text: entry.name, title: 'Not a regular file' });
+      }
+      const when = entry.mtime ? new Date(entry.mtime * 1000).toLocaleString() : '';
+      body.append(el('tr', {}, el('td', {}, link),
+        el('td', { text: entry.type === 'file' ? this.size(entry.size) : '' }), el('td', { text: when })));
+    }
+    const first = body.querySelector('a, button');
+    if (first) first.focus();
+  },
+
+  renderPath(path) {
+    const nav = $('#files-path');
+    nav.textContent = '';
+    nav.append(el('button', { text: '~', title: 'Home: the folders offered', onclick: () => this.show('') }));
+    const parts = path ? path.split('/') : [];
+    parts.forEach((part, i) => {
+      const to = parts.slice(0, i + 1).join('/');
+      nav.append(el('span', { text: '/', 'aria-hidden': 'true' }), el('button', { text: part, onclick: () => this.show(to) }));
+    });
+  },
+
+  // `coda.py download FILE` in a terminal: a link to click, never a download by itself, so terminal
+  // output can at most offer a file under the roots (and /api/download checks it again).
+  offer(path) {
+    const name = path.split('/').pop();
+    if (!name) return;
+    const card = el('div', { class: 'toast download-offer', role: 'status' });
+    const link = el('a', { href: 'api/download?path=' + encodeURIComponent(path), download: name,
+      text: `Download ${name}`, title: `~/${path}`, onclick: () => setTimeout(() => card.remove(), 0) });
+    card.append(link, el('button', { class: 'icon', 'aria-label': 'Dismiss', text: '\u2715', onclick: () => card.remove() }));
+    $('#toasts').append(card);
+    setTimeout(() => card.remove(), 60000);
+  },
+
+  size(n) {
+    if (n >= 1024 * 1024) return (n / 1024 / 1024).toFixed(1) + ' MiB';
+    if (n >= 1024) return (n / 1024).toFixed(1) + ' KiB';
+    return n + ' B';
+  },
+
+  wire() {
+    const btn = $('#files-btn');
+    if (btn) btn.addEventListener('click', () => this.open());
+  },
+};
 
 // A read-only view for tests and debugging; changes nothing.
 function exposeDebug() {

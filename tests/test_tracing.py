@@ -138,7 +138,7 @@ def test_a_claude_code_turn_becomes_a_trace_with_llm_and_tool_spans(start, works
     server = start(**tracing_env(tmp_path))
     settings = ready_tracing(server, workspace)
     hooks = json.loads((server.home / ".claude" / "settings.json").read_text())["hooks"]["Stop"]
-    assert len(hooks) == 1 and hooks[0]["hooks"][0]["command"].endswith(" trace claude")
+    assert [h["hooks"][0]["command"].rsplit(" ", 2)[-2:] for h in hooks] == [["trace", "claude"], ["notify", "claude"]]
 
     output, _ = run_agent(server.home, ["claude", "-p", "please USE_TOOL now", "--allowedTools", "Bash"])
     assert "FAKE-REPLY-anthropic tool said: FAKE-TOOL-OUTPUT" in output
@@ -182,7 +182,7 @@ def test_a_codex_turn_becomes_a_trace_with_llm_and_tool_spans(start, workspace, 
     server = start(**tracing_env(tmp_path))
     settings = ready_tracing(server, workspace)
     config = tomllib.loads((server.home / ".codex" / "config.toml").read_text())
-    assert config["notify"][-2:] == ["trace", "codex"]
+    assert config["notify"][-3:] == ["notify", "codex", "--trace"]  # notices and tracing chained (test_notify)
 
     output, _ = run_agent(server.home, ["codex", "exec", "--skip-git-repo-check",
                                         "--dangerously-bypass-approvals-and-sandbox", "please USE_TOOL now"])
@@ -233,9 +233,7 @@ def test_tracing_off_writes_no_hooks_and_never_imports_mlflow(start, workspace):
     server = start(PYTHONPROFILEIMPORTTIME="1")
     server.configure(workspace)
     assert "tracing" not in finished(server, "configure-")
-    assert "hooks" not in json.loads((server.home / ".claude" / "settings.json").read_text())
-    assert "hooks" not in json.loads((server.home / ".gemini" / "settings.json").read_text())
-    assert "notify" not in tomllib.loads((server.home / ".codex" / "config.toml").read_text())
+    assert not trace_hooks(server.home)  # the notice hooks (test_notify) stay
     assert not (server.home / ".coda" / "tracing.json").exists()
     imported = [line.rsplit("|", 1)[-1].strip() for line in server.log().splitlines() if line.startswith("import time:")]
     assert "databricks.sdk.core" in imported  # the check sees what the server imports late, on demand
@@ -253,30 +251,37 @@ def test_switching_tracing_off_removes_the_hooks_and_keeps_the_users_own(start, 
     server.configure(workspace, replace=True)  # the writers run again: still one hook each
     finished(server, "configure-")
     claude = json.loads(settings_path.read_text())["hooks"]
-    assert claude["Stop"][0] == USER_STOP_HOOK and len(claude["Stop"]) == 2
+    assert claude["Stop"][0] == USER_STOP_HOOK and len(claude["Stop"]) == 3
     assert claude["Stop"][1]["hooks"][0]["command"].endswith(" trace claude")
-    assert len(json.loads((home / ".gemini" / "settings.json").read_text())["hooks"]["AfterAgent"]) == 1
-    assert tomllib.loads((home / ".codex" / "config.toml").read_text())["notify"][-2:] == ["trace", "codex"]
+    assert len(trace_hooks(home)) == 3  # one for each agent
     server.stop()
 
     server = start()  # tracing off
     server.configure(workspace)
     finished(server, "configure-")
     claude = json.loads(settings_path.read_text())["hooks"]
-    assert claude["Stop"] == [USER_STOP_HOOK] and "PostToolUse" in claude
-    assert "hooks" not in json.loads((home / ".gemini" / "settings.json").read_text())
-    assert "notify" not in tomllib.loads((home / ".codex" / "config.toml").read_text())
+    assert claude["Stop"][0] == USER_STOP_HOOK and len(claude["Stop"]) == 2 and "PostToolUse" in claude
+    assert not trace_hooks(home)
     assert not (home / ".coda" / "tracing.json").exists()
 
 
-def test_a_users_own_codex_notify_is_left_alone(start, workspace, tmp_path):
+def test_a_users_own_codex_notify_is_chained_after_tracing(start, workspace, tmp_path):
     config = tmp_path / "home" / ".codex" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text('notify = ["notify-send", "Codex"]\n')
     server = start(**tracing_env(tmp_path))
     ready_tracing(server, workspace)
-    assert tomllib.loads(config.read_text())["notify"] == ["notify-send", "Codex"]
-    assert "has its own notify command" in server.log()
+    assert tomllib.loads(config.read_text())["notify"][-5:] == ["codex", "--trace", "--", "notify-send", "Codex"]
+
+
+def trace_hooks(home):
+    """CoDA's tracing hooks in the three agents' configs."""
+    claude = json.loads((home / ".claude" / "settings.json").read_text()).get("hooks", {})
+    gemini = json.loads((home / ".gemini" / "settings.json").read_text()).get("hooks", {})
+    commands = [hook.get("command", "") for groups in (*claude.values(), *gemini.values())
+                for group in groups for hook in group.get("hooks", [])]
+    notify = tomllib.loads((home / ".codex" / "config.toml").read_text()).get("notify", [])
+    return [c for c in commands if " trace " in c] + (["codex"] if "--trace" in notify else [])
 
 
 def test_a_hook_without_tracing_set_up_says_so_in_its_log_and_nothing_else(tmp_path):
