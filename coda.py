@@ -1082,6 +1082,10 @@ def osc_notice(number, text):
     return "osc777", notice_clean(title, 100), notice_clean(body, 300)
 
 
+FILE_ROOTS = ("projects", "uploads")  # what files out (section 6) serves, under HOME
+MAX_FILE_PATH = 4096
+
+
 def download_offer_path(quoted):
     """The path a download offer names, if it has the shape /api/download accepts, else None."""
     try:
@@ -1114,8 +1118,9 @@ class Subscriber:
 class Session:
     """A shell on a PTY: its process group, its output stream and its reader."""
 
-    def __init__(self, config, label, cols, rows, env, cwd=None, command=None):
+    def __init__(self, config, label, cols, rows, env, cwd=None, command=None, on_notice=None):
         self.config = config
+        self.on_notice = on_notice  # (notice) -> None: tell every page (section 7's sockets)
         self.id = secrets.token_hex(8)
         self.label = label
         self.created_at = self.last_activity = time.time()
@@ -1194,7 +1199,8 @@ class Session:
             notice = {"type": "notify", "session_id": self.id, "kind": kind, "title": title, "body": body,
                       "offset": self.stream.end}
             self.notices.append(notice)
-            gevent.spawn(tell_every_socket, notice)  # never a slow socket's wait in the reader
+            if self.on_notice:
+                gevent.spawn(self.on_notice, notice)  # never a slow socket's wait in the reader
 
     def _await_exit(self):
         _, status = os.waitpid(self.pid, 0)
@@ -1332,10 +1338,11 @@ class Session:
 class Sessions:
     """The manager: owns every session's lifetime, the cap, the reaper and shutdown."""
 
-    def __init__(self, config, environment, on_shutdown):
+    def __init__(self, config, environment, on_shutdown, on_notice):
         self.config = config
         self.environment = environment  # () -> a new terminal's environment
         self.on_shutdown = on_shutdown  # () -> None: tell every client, before the shells hang up
+        self.on_notice = on_notice      # (notice) -> None: tell every client of a session's notice
         self.by_id = {}
         self.starting = 0
         self.shutting_down = gevent.event.Event()
@@ -1350,7 +1357,7 @@ class Sessions:
         self.starting += 1
         try:
             session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment(),
-                              cwd, command)
+                              cwd, command, self.on_notice)
         finally:
             self.starting -= 1
         self.by_id[session.id] = session
@@ -1780,9 +1787,7 @@ def _save_upload():
 # (JSON 4xx) when absolute, holding NUL, "." or "..", too long, or resolving (symlinks followed)
 # outside its root; the opened file is checked again where it really is, against a swap of a folder
 # for a symlink meanwhile. Only regular files, up to MAX_DOWNLOAD_BYTES, streamed in chunks.
-FILE_ROOTS = ("projects", "uploads")
 MAX_DOWNLOAD_BYTES = 1024 * MIB
-MAX_FILE_PATH = 4096
 MAX_LISTING = 1000
 DOWNLOAD_CHUNK = 256 * KIB
 
@@ -4884,7 +4889,8 @@ def wire(config):
     PROCESS.access = Access(config)
     PROCESS.sockets = set()
     PROCESS.sessions = Sessions(config, terminal_environment,
-                                on_shutdown=functools.partial(tell_every_socket, {"type": "shutting_down"}))
+                                on_shutdown=functools.partial(tell_every_socket, {"type": "shutting_down"}),
+                                on_notice=tell_every_socket)
     PROCESS.gateway = Gateway()
     PROCESS.setup = Setup()
     PROCESS.models = ServedModels(relisted=PROCESS.setup.rewrite_changed_models)
