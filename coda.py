@@ -4274,7 +4274,7 @@ GATEWAY_USAGE_QUERY = (
     f"FROM {GATEWAY_USAGE_TABLE} WHERE requester = :requester AND event_time >= :since GROUP BY 1, 2")
 
 
-def workspace_usage(token, user, warehouse_id):
+def workspace_usage(token, user, warehouse_id, host=None):
     """The same view from the gateway's usage table, or {"readable": false, "reason"} in one sentence."""
     answer = {"source": "workspace", "table": GATEWAY_USAGE_TABLE, "day": utc_day(), "currency": "USD"}
     why = ("no SQL warehouse is configured: set CODA_USAGE_WAREHOUSE_ID" if not warehouse_id else
@@ -4285,7 +4285,7 @@ def workspace_usage(token, user, warehouse_id):
 
     since = utc_day(time.time() - (GATEWAY_USAGE_DAYS - 1) * 86400) + "T00:00:00Z"
     try:
-        result = run_statement(workspace_client(token), warehouse_id, GATEWAY_USAGE_QUERY,
+        result = run_statement(workspace_client(token, host), warehouse_id, GATEWAY_USAGE_QUERY,
                                [Param(name="requester", value=user),
                                 Param(name="since", value=since, type="TIMESTAMP")], GATEWAY_USAGE_PATIENCE)
     except Exception as error:
@@ -5252,6 +5252,7 @@ def doctor():
     import requests
 
     host, token = read_databrickscfg()
+    signed_in = {}  # the user, once token_valid has seen who the token is
 
     def workspace():
         if not host:
@@ -5264,7 +5265,8 @@ def doctor():
 
     def token_valid():
         try:
-            return f"signed in as {workspace_client(token, host).current_user.me().user_name}"
+            signed_in["user"] = workspace_client(token, host).current_user.me().user_name
+            return f"signed in as {signed_in['user']}"
         except Exception as error:
             if is_refusal(error):
                 raise StepFailed(f"the workspace refuses the token ({reason(error)}): paste a new one in the CoDA page") from None
@@ -5345,12 +5347,12 @@ def doctor():
                 print(f"skip  {later}: needs the check above")
             break
     failed += sum(not run(label, check) for label, check in checks)
-    print_usage(token)
+    print_usage(host, token, signed_in.get("user"))
     print("all good" if not failed else f"{failed} problem(s) found")
     return 1 if failed else 0
 
 
-def print_usage(token):
+def print_usage(host, token, user):
     """doctor's account of what the agents spent today: from the proxy's counts, and from the
     gateway's usage table where the workspace lets the user read it."""
     counts = usage_answer(UsageCounter(PATHS.usage_file))
@@ -5359,11 +5361,7 @@ def print_usage(token):
         print("      " + line)
     if counts.get("price_error"):
         print("      " + counts["price_error"])
-    try:
-        user = workspace_client(token, read_databrickscfg()[0]).current_user.me().user_name if token else None
-    except Exception:
-        user = None  # token_valid said why
-    table = workspace_usage(token, user, CONFIG.usage_warehouse_id)
+    table = workspace_usage(token, user, CONFIG.usage_warehouse_id, host)
     if not table["readable"]:
         print(f"note  {table['reason']}")
         return

@@ -321,7 +321,8 @@ def test_doctor_prints_the_usage(tmp_path, workspace):
 @pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
 @pytest.mark.parametrize("agent,command,model", [("claude", "claude -p", OPUS),
                                                  ("codex", "codex exec --skip-git-repo-check", "databricks-gpt-5-5"),
-                                                 ("gemini", "gemini -p", "databricks-gemini-2-5-pro")])
+                                                 ("gemini", "GEMINI_CLI_TRUST_WORKSPACE=true gemini -p",
+                                                  "databricks-gemini-2-5-pro")])
 def test_a_real_agent_turn_is_counted_for_that_agent(tmp_path, workspace, agent, command, model):
     server = start(tmp_path / "home", workspace, PATH=f"{AGENTS / 'bin'}:{os.environ['PATH']}")
     try:
@@ -329,7 +330,9 @@ def test_a_real_agent_turn_is_counted_for_that_agent(tmp_path, workspace, agent,
         server.type(sid, "mkdir -p ~/projects/work && cd ~/projects/work\r")
         offset = server.wait_prompt(sid)
         server.type(sid, f"{command} 'hello usage'; echo EXIT-$((40+2))-$?\r")
-        server.read_until(sid, "EXIT-42-0", since=offset, timeout=120)
+        text, offset = server.read_until(sid, "EXIT-42-", since=offset, timeout=120)
+        text += server.read_until(sid, "\n", since=offset)[0] if "\n" not in text.split("EXIT-42-")[-1] else ""
+        assert "EXIT-42-0\r" in text, text
         answered = [r for r in workspace.gateway_requests if r["status"] == 200 and r["model"] == model]
         counted = today(server, agent, model)
         assert counted and counted["requests"] == len(answered) >= 1, (counted, len(answered))
