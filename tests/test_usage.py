@@ -214,12 +214,12 @@ def test_usage_answer_shape_and_estimated_cost(server):
 
 def test_prices_can_be_overridden_inline_or_in_a_file(tmp_path, workspace):
     prices = tmp_path / "prices.json"
-    prices.write_text(json.dumps({OPUS: {"input": 1000000, "output": 0}}))
-    for setting in (json.dumps({OPUS: {"input": 1000000, "output": 0}}), str(prices)):
+    prices.write_text(json.dumps({OPUS: {"input": 100, "output": 1000}}))
+    for setting in (json.dumps({OPUS: {"input": 100, "output": 1000}}), str(prices)):
         server = start(tmp_path / f"home{len(setting)}", workspace, CODA_PRICES=setting)
         try:
             call(server, "claude", "anthropic-json")
-            assert today(server, "claude", OPUS)["cost"] == 42.0
+            assert today(server, "claude", OPUS)["cost"] == round((42 * 100 + 7 * 1000) / 1e6, 6)
             assert "price_error" not in server.get("/api/usage").json()
         finally:
             server.stop(signal.SIGKILL)
