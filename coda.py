@@ -4028,7 +4028,9 @@ USAGE_OUTPUT_FIELDS = ("output_tokens", "completion_tokens", "candidatesTokenCou
 MODEL_CALL = re.compile(r"(/v1/messages|/responses|/chat/completions|/invocations|:generateContent"
                         r"|:streamGenerateContent)$")
 MODEL_NAME = r"[A-Za-z0-9._:@+-]{1,128}"
-REQUEST_MODEL = re.compile(rb'(?<!\\)"model"\s*:\s*"(' + MODEL_NAME.encode() + rb')"')
+REQUEST_MODEL = re.compile(rb'"model"\s*:\s*"(' + MODEL_NAME.encode() + rb')"')
+REQUEST_MODEL_WINDOW = 1 * MIB    # the model is looked for this far into a request body and from its end
+REQUEST_MODEL_TRIES = 16          # "model" keys tried in each window
 PATH_MODEL = re.compile(r"/models/(" + MODEL_NAME + r"):\w+$|/serving-endpoints/(" + MODEL_NAME + r")/invocations$")
 USAGE_SAVE_SECONDS = 10.0         # the file is written at most this often while calls are counted
 USAGE_DAYS_KEPT = 92              # days the file keeps
@@ -4051,8 +4053,7 @@ class UsageMeter:
         if PROCESS.usage is None or not MODEL_CALL.search(path):
             return None
         named = PATH_MODEL.search(path)
-        found = None if named else REQUEST_MODEL.search(body)  # the top-level "model" comes first in every agent's calls
-        model = (named.group(1) or named.group(2)) if named else found.group(1).decode() if found else "unknown"
+        model = (named.group(1) or named.group(2)) if named else request_model(body) or "unknown"
         return cls(agent, model, PROCESS.usage)
 
     def feed(self, chunk):
@@ -4088,6 +4089,22 @@ class UsageMeter:
     def finish(self):
         self.counter.add(self.agent, self.model, sum(self.fields.get(f, 0) for f in USAGE_INPUT_FIELDS),
                          sum(self.fields.get(f, 0) for f in USAGE_OUTPUT_FIELDS))
+
+
+def request_model(body):
+    """The request's "model", found near its start (where Claude Code, Codex and OpenCode put it) or its
+    end (after the messages, where Hermes puts it): a bounded search, however large the body."""
+    for start, end in ((0, REQUEST_MODEL_WINDOW), (max(REQUEST_MODEL_WINDOW, len(body) - REQUEST_MODEL_WINDOW),
+                                                   len(body))):
+        position = body.find(b'"model"', start, end)
+        for _ in range(REQUEST_MODEL_TRIES):
+            if position < 0:
+                break
+            found = REQUEST_MODEL.match(body, position)
+            if found and body[position - 1:position] != b"\\":  # a key, not a quote inside a string
+                return found.group(1).decode()
+            position = body.find(b'"model"', position + 1, end)
+    return None
 
 
 def utc_day(epoch=None):

@@ -378,3 +378,14 @@ def test_the_page_shows_the_usage_panel(tmp_path, workspace):
         assert not tab.problems, tab.problems
     finally:
         server.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("body,model", [
+    (b'{"model": "databricks-gpt-5-5", "input": "hi"}', "databricks-gpt-5-5"),  # Codex, Claude Code, OpenCode
+    (b'{"messages": [{"content": "say \\"model\\": \\"x\\""}], "model": "databricks-claude-opus-4-6"}',
+     "databricks-claude-opus-4-6"),  # Hermes (openai-python): after the messages; a quoted "model" is not a key
+    (b'{"messages": "' + b"a" * (3 * 2 ** 20) + b'", "model": "m-at-the-end"}', "m-at-the-end"),
+    (b'{"messages": "' + b"a" * (3 * 2 ** 20) + b'", "model": "m", "tools": "' + b"t" * (2 * 2 ** 20) + b'"}', None),
+    (b'"model"' * 1000000, None), (b"", None)])
+def test_the_request_model_is_found_by_a_bounded_search(body, model):
+    assert coda.request_model(body) == model
