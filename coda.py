@@ -47,9 +47,11 @@ Contents
                         commit hook, MCP and restore offer steps among them);
                         which agents are ready, and installing the missing ones
                         on request
-    11. Local proxy     token-injecting, request-repairing proxy for agents' model
-                        calls and for the workspace's managed MCP servers (/mcp);
-                        agents are pointed at it only once it holds its port
+    11. Local proxy     token-injecting, request-repairing proxy for every agent's
+                        model calls and for the workspace's managed MCP servers
+                        (/mcp); agents are pointed at it only once it holds its
+                        port; it counts what each agent spends (GET /api/usage),
+                        also from the gateway's usage table where that is readable
     12. Serving         wire(): the process's objects built and wired together in
                         one block (PROCESS, section 1, is their map); then
                         `python coda.py` starts the server, and shuts it down
@@ -57,11 +59,11 @@ Contents
     13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
                         `coda.py restore`
-    15. Command line    the subcommands: token, agents, doctor, skills, restore,
-                        sync, trace, notify, download; without one, serve.
-                        (`token`, `agents`, `notify`, `download` and the trace
-                        hook's detach are answered at the top of the file,
-                        before the heavy imports.)
+    15. Command line    the subcommands: token, proxy-key, agents, doctor, skills,
+                        restore, sync, trace, notify, download; without one, serve.
+                        (`token`, `proxy-key`, `agents`, `notify`, `download` and
+                        the trace hook's detach are answered at the top of the
+                        file, before the heavy imports.)
 """
 
 import collections
@@ -124,8 +126,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
         print(_agent.name, _agent.kind, _agent.package, _agent.version_key)
     sys.exit(0)
 
-# Five fast paths, before any heavy import: `agents` (above), `token`, `notify AGENT` and `download
-# FILE` are answered here, and `trace AGENT` only detaches here and runs in section 13. Section 15 lists every subcommand.
+# Six fast paths, before any heavy import: `agents` (above), `token`, `proxy-key`, `notify AGENT` and
+# `download FILE` are answered here, and `trace AGENT` only detaches here and runs in section 13.
+# Section 15 lists every subcommand.
 
 
 def read_databrickscfg():
@@ -152,6 +155,34 @@ def print_token():
 
 if __name__ == "__main__" and sys.argv[1:] == ["token"]:
     sys.exit(print_token())
+
+
+def agent_key(proxy_key, agent):
+    """The key one agent holds for the local proxy: the proxy tells by it which agent made a call."""
+    return f"{proxy_key}.{agent}"
+
+
+def print_proxy_key(agent):
+    """`coda.py proxy-key AGENT`: that agent's key for the local proxy (Claude Code and Codex run
+    this, as they ran `token`), or why there is none (exit 1). A fast path, like `token`."""
+    import os
+
+    path = os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".coda", "proxy-key")  # Paths.proxy_key_file
+    try:
+        with open(path) as file:
+            key = file.read().strip()
+    except OSError:
+        key = ""
+    if agent not in [a.name for a in AGENT_ROWS] or len(key) < 32:
+        print("coda: no proxy key for " + repr(agent) + " (start CoDA; AGENT is one of "
+              + ", ".join(a.name for a in AGENT_ROWS) + ")", file=sys.stderr)
+        return 1
+    print(agent_key(key, agent))
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["proxy-key"] and len(sys.argv) == 3:
+    sys.exit(print_proxy_key(sys.argv[2]))
 
 if __name__ == "__main__" and sys.argv[1:3] in [["trace", a.name] for a in AGENT_ROWS if a.tracer]:
     # An agent waits on its hook: answer it now (exit 0) and write the trace from a detached
@@ -472,6 +503,10 @@ class Config:
     # App logs to Delta (section 8)
     log_table: str             # CODA_LOG_TABLE: catalog.schema.table CoDA's own log records also go to (default: none)
     log_warehouse_id: str      # CODA_LOG_WAREHOUSE_ID: the SQL warehouse that writes them (both needed)
+    # What each agent spends (section 11)
+    prices: str                # CODA_PRICES: JSON (or a file holding it) of USD per million tokens, over the built-in table
+    usage_warehouse_id: str    # CODA_USAGE_WAREHOUSE_ID: the SQL warehouse reading system.ai_gateway.usage
+                               # (default CODA_LOG_WAREHOUSE_ID)
     # Setup (section 10)
     skills: str                # CODA_SKILLS: skill packs, 'repository ref folder' separated by ';'
     git_mirror: str            # CODA_GIT_MIRROR: replaces https://github.com for skill clones
@@ -535,6 +570,9 @@ class Config:
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", "").strip() or "databricks",
             log_table=env.get("CODA_LOG_TABLE", "").strip(),
             log_warehouse_id=env.get("CODA_LOG_WAREHOUSE_ID", "").strip(),
+            prices=env.get("CODA_PRICES", "").strip(),
+            usage_warehouse_id=(env.get("CODA_USAGE_WAREHOUSE_ID", "").strip()
+                                or env.get("CODA_LOG_WAREHOUSE_ID", "").strip()),
             skills=env.get("CODA_SKILLS", DEFAULT_SKILLS),
             git_mirror=env.get("CODA_GIT_MIRROR", "").strip().rstrip("/"),
         )
@@ -557,6 +595,7 @@ class Paths:
     pat_status_file: Path  # ~/.coda/pat-status.json: /api/pat-status without the token, for doctor
     tracing_file: Path     # ~/.coda/tracing.json: tracking URI and experiment, for the trace hooks
     tracing_log: Path      # ~/.coda/tracing.log: what the trace hooks did
+    usage_file: Path       # ~/.coda/usage.json: requests and tokens per day, agent and model (section 11)
     git_hooks: Path        # ~/.coda/git-hooks: the global core.hooksPath CoDA sets
     skill_sources: Path    # ~/.coda/skill-sources: checkouts of the skill packs ...
     skill_folders: tuple   # ... linked into ~/.claude/skills and ~/.agents/skills
@@ -569,6 +608,7 @@ class Paths:
                    local_bin=home / ".local" / "bin", databrickscfg=home / ".databrickscfg",
                    proxy_key_file=coda / "proxy-key", pat_status_file=coda / "pat-status.json",
                    tracing_file=coda / "tracing.json", tracing_log=coda / "tracing.log",
+                   usage_file=coda / "usage.json",
                    git_hooks=coda / "git-hooks", skill_sources=coda / "skill-sources",
                    skill_folders=(home / ".claude" / "skills", home / ".agents" / "skills"),
                    sync_log=home / ".sync.log")
@@ -602,6 +642,7 @@ class Process:
     setup = None         # Setup (10): the steps; their token steps run whenever pat has a new token
     proxy_port = None    # ProxyPort (11): whether this process's proxy holds CODA_PROXY_PORT
     proxy_server = None  # the running local proxy (11), for shutdown
+    usage = None         # UsageCounter (11): what each agent spent, counted by the proxy
 
 
 PROCESS = Process()
@@ -2667,7 +2708,8 @@ class Pat:
             log.warning("%s", error)
         self.error = error
         try:
-            write_private(PATHS.pat_status_file, json.dumps({**self.status(), "written_at": time.time()}) + "\n")
+            write_private(PATHS.pat_status_file, json.dumps({**self.status(), "written_at": time.time(),
+                                                             "gateway": self.gateway.base("anthropic")}) + "\n")
         except OSError as failure:
             log.warning("could not write %s: %s", PATHS.pat_status_file, reason(failure))
 
@@ -3000,27 +3042,7 @@ class DeltaLogShipper:
         return statement, parameters
 
     def execute(self, statement, parameters=None):
-        """Run one statement on the warehouse, waiting (bounded) while the warehouse starts."""
-        from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
-
-        run = self.client.statement_execution
-        answer = run.execute_statement(statement=statement, warehouse_id=self.warehouse_id, parameters=parameters,
-                                       wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
-                                       on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
-        deadline = time.monotonic() + DELTA_PATIENCE
-        while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
-            if time.monotonic() > deadline:
-                try:
-                    run.cancel_execution(answer.statement_id)
-                except Exception as error:  # best effort, as the API says of cancelling anyway
-                    log.info("could not cancel a waiting log statement (%s)", reason(error))
-                raise TimeoutError(f"the warehouse did not run the statement within {DELTA_PATIENCE:.0f} s")
-            gevent.sleep(DELTA_POLL_SECONDS)
-            answer = run.get_statement(answer.statement_id)
-        if answer.status.state != StatementState.SUCCEEDED:
-            error = answer.status.error
-            raise StatementFailed(f"the statement ended {answer.status.state.value}"
-                                  + (f": {error.message}" if error and error.message else ""))
+        run_statement(self.client, self.warehouse_id, statement, parameters)
 
     def final_flush(self, seconds=3.0):
         """At shutdown: let a pass under way finish (nothing is sent twice), stop the greenlet,
@@ -3032,6 +3054,31 @@ class DeltaLogShipper:
                 self.send_pending()
             except Exception as error:
                 log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
+
+
+def run_statement(client, warehouse_id, statement, parameters=None, patience=DELTA_PATIENCE):
+    """Run one statement on the warehouse, waiting (bounded) while the warehouse starts; its answer."""
+    from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
+
+    run = client.statement_execution
+    answer = run.execute_statement(statement=statement, warehouse_id=warehouse_id, parameters=parameters,
+                                   wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
+                                   on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
+    deadline = time.monotonic() + patience
+    while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
+        if time.monotonic() > deadline:
+            try:
+                run.cancel_execution(answer.statement_id)
+            except Exception as error:  # best effort, as the API says of cancelling anyway
+                log.info("could not cancel a waiting statement (%s)", reason(error))
+            raise TimeoutError(f"the warehouse did not run the statement within {patience:.0f} s")
+        gevent.sleep(DELTA_POLL_SECONDS)
+        answer = run.get_statement(answer.statement_id)
+    if answer.status.state != StatementState.SUCCEEDED:
+        error = answer.status.error
+        raise StatementFailed(f"the statement ended {answer.status.state.value}"
+                              + (f": {error.message}" if error and error.message else ""))
+    return answer
 
 
 def start_delta_logs(config, token_source):
@@ -3274,20 +3321,25 @@ def claude_smaller_model(names, own):
 
 
 class AgentContext:
-    """What every writer needs: where things are, the gateway, the proxy, the models."""
+    """What every writer needs: where things are, the proxy (every agent's calls go through it), the models."""
 
     def __init__(self):
         self.home = PATHS.home
         self.projects = PATHS.projects
-        self.token_command = [sys.executable, str(PROGRAM), "token"]
-
-    def gateway(self, api):
-        return PROCESS.gateway.base(api)
 
     @property
     def proxy_key(self):
         PROCESS.proxy_port.require()  # never handed to whatever else holds the port
         return proxy_key()
+
+    def agent_key(self, agent):
+        """The proxy key for one agent: its calls are counted as its own (usage, section 11)."""
+        return agent_key(self.proxy_key, agent)
+
+    def key_command(self, agent):
+        """What Claude Code and Codex run for their key: `coda.py proxy-key AGENT` (a fast path)."""
+        self.proxy_key  # the same check: only once the port is this CoDA's proxy
+        return [sys.executable, str(PROGRAM), "proxy-key", agent]
 
     def proxied(self, api):
         """The local proxy's address for `api`: it adds the current token to every call.
@@ -3308,18 +3360,19 @@ class AgentContext:
 
 
 def configure_claude(ctx):
-    """Claude Code: reads its token from `coda.py token` (apiKeyHelper), so rotations reach a running Claude."""
+    """Claude Code: through the local proxy (which adds the current token and counts what it spends),
+    with its proxy key from `coda.py proxy-key claude` (apiKeyHelper)."""
     def settings(data):
         env = nested(data, "env")
         model = model_choice("claude").model
-        env.update(ANTHROPIC_BASE_URL=ctx.gateway("anthropic"), ANTHROPIC_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model,
+        env.update(ANTHROPIC_BASE_URL=ctx.proxied("anthropic"), ANTHROPIC_MODEL=model, ANTHROPIC_DEFAULT_OPUS_MODEL=model,
                    **{key: claude_smaller_model(names, model) for key, names in CLAUDE_SMALLER_MODELS.items()},
                    ANTHROPIC_CUSTOM_HEADERS="x-databricks-use-coding-agent-mode: true",
                    CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1",
                    CLAUDE_CODE_API_KEY_HELPER_TTL_MS="60000")
         if CONFIG.disable_auto_memory:
             env["CLAUDE_CODE_DISABLE_AUTO_MEMORY"] = CONFIG.disable_auto_memory
-        data["apiKeyHelper"] = shlex.join(ctx.token_command)
+        data["apiKeyHelper"] = shlex.join(ctx.key_command("claude"))
         claude_trace_hook(data)
         notice_hooks(data, "claude")
 
@@ -3334,14 +3387,15 @@ def configure_claude(ctx):
 
 
 def configure_codex(ctx):
-    """Codex: a `databricks` provider on the Responses API whose token comes from `coda.py token`."""
+    """Codex: a `databricks` provider on the Responses API at the local proxy, whose key comes from
+    `coda.py proxy-key codex`."""
     def settings(data):
         model = model_choice("codex").model
         data.update(model=model, model_provider="databricks", web_search="disabled",
                     model_context_window=model_limits(model)[0])
-        command, *args = ctx.token_command
+        command, *args = ctx.key_command("codex")
         nested(data, "model_providers")["databricks"] = {
-            "name": "Databricks AI Gateway", "base_url": ctx.gateway("responses"), "wire_api": "responses",
+            "name": "Databricks AI Gateway", "base_url": ctx.proxied("responses"), "wire_api": "responses",
             "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
         nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
         merge_mcp(nested(data, "mcp_servers"), ctx, lambda url, headers: {"url": url, "http_headers": headers})
@@ -3375,7 +3429,7 @@ def configure_gemini(ctx):
 
 
 def gemini_environment(ctx):
-    return {"GOOGLE_GEMINI_BASE_URL": ctx.proxied("gemini"), "GEMINI_API_KEY": ctx.proxy_key,
+    return {"GOOGLE_GEMINI_BASE_URL": ctx.proxied("gemini"), "GEMINI_API_KEY": ctx.agent_key("gemini"),
             "GEMINI_API_KEY_AUTH_MECHANISM": "bearer"}
 
 
@@ -3404,13 +3458,13 @@ def configure_opencode(ctx):
 
     merge_json(ctx.home / ".config" / "opencode" / "opencode.json", settings)
     merge_json(ctx.home / ".local" / "share" / "opencode" / "auth.json",
-               lambda data: data.update(databricks={"type": "api", "key": ctx.proxy_key}))
+               lambda data: data.update(databricks={"type": "api", "key": ctx.agent_key("opencode")}))
     write_owned(ctx.home / ".config" / "opencode" / "AGENTS.md", AGENT_INSTRUCTIONS, "<!--")
 
 
 def configure_hermes(ctx):
     """Hermes Agent: a custom provider at the local proxy; a config.yaml edited by hand is left alone."""
-    provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.proxy_key}
+    provider = {"provider": "custom", "base_url": ctx.proxied("chat"), "api_key": ctx.agent_key("hermes")}
     model, fallback = model_choice("hermes").model, hermes_fallback_choice()
     config = {"model": {**provider, "default": model, "context_length": model_limits(model)[0]},
               "mcp_servers": {name: {"url": url, "headers": headers} for name, url, headers in ctx.mcp_servers()},
@@ -4710,8 +4764,8 @@ def proxy_app(environ, start_response):
         if 0 < len(challenge) <= 64:
             health["proof"] = proxy_proof(challenge, os.getpid())
         return _plain_json(start_response, "200 OK", health)
-    if not offers_secret(environ, proxy_key(), "key", environ.get("HTTP_X_API_KEY", ""),
-                         environ.get("HTTP_X_GOOG_API_KEY", "")):
+    caller = proxy_caller(environ)
+    if caller is None:
         return _plain_json(start_response, "401 Unauthorized", {"error": "This proxy needs CoDA's proxy key."})
     prefix = proxy_route(path)
     if prefix is None:
@@ -4731,7 +4785,17 @@ def proxy_app(environ, start_response):
     repair = None
     if is_chat_completions(path):
         body, repair = _repaired_chat_body(body), ChatStreamRepair()
-    return _forward(environ["REQUEST_METHOD"], url, _upstream_headers(environ), body, start_response, repair)
+    meter = UsageMeter.for_call(caller, path, body)  # None unless it is a model call
+    return _forward(environ["REQUEST_METHOD"], url, _upstream_headers(environ), body, start_response, repair, meter)
+
+
+def proxy_caller(environ):
+    """Whose key the request offers: an agent's name, "other" for the plain proxy key, None for neither."""
+    offered = (environ.get("HTTP_X_API_KEY", ""), environ.get("HTTP_X_GOOG_API_KEY", ""))
+    for name, key in [("other", proxy_key()), *((a.name, agent_key(proxy_key(), a.name)) for a in AGENTS)]:
+        if offers_secret(environ, key, "key", *offered):
+            return name
+    return None
 
 
 def proxy_base(api):
@@ -4788,7 +4852,7 @@ def _upstream_headers(environ):
     return headers
 
 
-def _forward(method, url, headers, body, start_response, repair=None):
+def _forward(method, url, headers, body, start_response, repair=None, meter=None):
     import_off_loop("requests")
     import requests
 
@@ -4806,13 +4870,16 @@ def _forward(method, url, headers, body, start_response, repair=None):
     headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
     start_response(f"{upstream.status_code} {upstream.reason}", headers)
     streaming = repair and "text/event-stream" in upstream.headers.get("Content-Type", "")
-    return _stream(upstream, repair if streaming else None)
+    return _stream(upstream, repair if streaming else None, meter if upstream.status_code < 300 else None)
 
 
-def _stream(upstream, repair):
-    """Yield the answer as it arrives; each chunk is sent at once (server-sent events stay live)."""
+def _stream(upstream, repair, meter=None):
+    """Yield the answer as it arrives; each chunk is sent at once (server-sent events stay live).
+    The meter reads each chunk's usage fields on the way past (it never raises)."""
     try:
         for chunk in upstream.iter_content(chunk_size=None):
+            if meter:
+                meter.feed(chunk)
             chunk = repair.feed(chunk) if repair else chunk
             if chunk:
                 yield chunk
@@ -4822,6 +4889,8 @@ def _stream(upstream, repair):
         log.warning("proxy: the upstream answer broke off: %s", reason(error))
     finally:
         upstream.close()
+        if meter:
+            meter.finish()
 
 
 class ProxyPort:
@@ -4877,6 +4946,340 @@ def run_proxy_forever():
         gevent.sleep(PROXY_RESTART_PAUSE)
 
 
+# What each agent spends. Every agent's model calls pass the proxy, under its own key
+# (agent_key), so the proxy counts requests and tokens per UTC day, agent and model from the
+# answers themselves, whatever the API and with or without tracing. The usage objects are found
+# by their key as the bytes pass ("usage" in Anthropic Messages, OpenAI Responses and chat
+# completions; "usageMetadata" in Gemini), each parsed alone: Anthropic streams the input in
+# message_start and the output so far in each message_delta, Gemini repeats usageMetadata in
+# every chunk, Responses sends it in response.completed, chat completions in the last chunk when
+# the gateway sends one (CoDA does not ask for it: stream_options is stripped, Gemini rejects
+# it). The last value of each field wins. An answer without usage counts a request and nothing else.
+USAGE_KEY = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*')
+USAGE_OBJECT_BYTES = 4 * KIB      # a usage object is parsed from at most this much after its key
+USAGE_KEY_TAIL = 64               # bytes kept from a chunk's end: a key cut in two by chunking
+USAGE_MAX_TOKENS = 10 ** 9        # a field beyond this is not a real count
+USAGE_INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",  # Anthropic
+                      "prompt_tokens", "promptTokenCount")  # (Responses' input_tokens holds its cached ones)
+USAGE_OUTPUT_FIELDS = ("output_tokens", "completion_tokens", "candidatesTokenCount", "thoughtsTokenCount")
+MODEL_CALL = re.compile(r"(/v1/messages|/responses|/chat/completions|/invocations|:generateContent"
+                        r"|:streamGenerateContent)$")
+MODEL_NAME = r"[A-Za-z0-9._:@+-]{1,128}"
+REQUEST_MODEL = re.compile(rb'"model"\s*:\s*"(' + MODEL_NAME.encode() + rb')"')
+REQUEST_MODEL_WINDOW = 1 * MIB    # the model is looked for this far into a request body and from its end
+REQUEST_MODEL_TRIES = 16          # "model" keys tried in each window
+PATH_MODEL = re.compile(r"/models/(" + MODEL_NAME + r"):\w+$|/serving-endpoints/(" + MODEL_NAME + r")/invocations$")
+USAGE_SAVE_SECONDS = 10.0         # the file is written at most this often while calls are counted
+USAGE_DAYS_KEPT = 92              # days the file keeps
+USAGE_MODELS_PER_DAY = 64         # models one agent is counted under in one day; more go to "other"
+usage_log = log.getChild("usage")  # its records are the Delta table's usage records
+
+
+class UsageMeter:
+    """The usage of one model call's answer: feed() each chunk as it passes, finish() at its end."""
+
+    def __init__(self, agent, model, counter):
+        self.agent, self.model, self.counter = agent, model, counter
+        self.fields = {}
+        self.pending = b""
+        self.decoder = json.JSONDecoder()
+
+    @classmethod
+    def for_call(cls, agent, path, body):
+        """A meter when `path` is a model call and a counter runs, else None."""
+        if PROCESS.usage is None or not MODEL_CALL.search(path):
+            return None
+        named = PATH_MODEL.search(path)
+        model = (named.group(1) or named.group(2)) if named else request_model(body) or "unknown"
+        return cls(agent, model, PROCESS.usage)
+
+    def feed(self, chunk):
+        try:
+            self._scan(self.pending + chunk)
+        except Exception as error:  # never the stream's problem
+            self.pending = b""
+            log.info("usage: an answer could not be read (%s)", reason(error))
+
+    def _scan(self, data):
+        position = 0
+        while found := USAGE_KEY.search(data, position):
+            text = data[found.end():found.end() + USAGE_OBJECT_BYTES]
+            try:
+                value = self.decoder.raw_decode(text.decode("utf-8", "replace"))[0]
+            except (ValueError, RecursionError):
+                if len(text) < USAGE_OBJECT_BYTES and found.end() + len(text) == len(data):
+                    self.pending = data[found.start():]  # cut off by the chunk's end, maybe: wait for more
+                    return
+                value = None
+            self._take(value)
+            position = found.end()
+        self.pending = data[max(position, len(data) - USAGE_KEY_TAIL):]
+
+    def _take(self, usage):
+        if not isinstance(usage, dict):
+            return
+        for name in (*USAGE_INPUT_FIELDS, *USAGE_OUTPUT_FIELDS):
+            value = usage.get(name)
+            if type(value) is int and 0 <= value < USAGE_MAX_TOKENS:
+                self.fields[name] = value
+
+    def finish(self):
+        self.counter.add(self.agent, self.model, sum(self.fields.get(f, 0) for f in USAGE_INPUT_FIELDS),
+                         sum(self.fields.get(f, 0) for f in USAGE_OUTPUT_FIELDS))
+
+
+def request_model(body):
+    """The request's "model", found near its start (where Claude Code, Codex and OpenCode put it) or its
+    end (after the messages, where Hermes puts it): a bounded search, however large the body."""
+    for start, end in ((0, REQUEST_MODEL_WINDOW), (max(REQUEST_MODEL_WINDOW, len(body) - REQUEST_MODEL_WINDOW),
+                                                   len(body))):
+        position = body.find(b'"model"', start, end)
+        for _ in range(REQUEST_MODEL_TRIES):
+            if position < 0:
+                break
+            found = REQUEST_MODEL.match(body, position)
+            if found and body[position - 1:position] != b"\\":  # a key, not a quote inside a string
+                return found.group(1).decode()
+            position = body.find(b'"model"', position + 1, end)
+    return None
+
+
+def utc_day(epoch=None):
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
+
+
+COUNTS = ("requests", "input_tokens", "output_tokens")
+
+
+class UsageCounter:
+    """Requests and tokens per UTC day, agent and model, in ~/.coda/usage.json (written atomically, at
+    most every USAGE_SAVE_SECONDS, and at shutdown) so they survive a restart; and since this process
+    started (the session). Each save also logs a usage record per changed (day, agent, model): with
+    CODA_LOG_TABLE set, the Delta log shipper writes them to that table."""
+
+    def __init__(self, path):
+        self.path = path
+        self.days = self.load()  # day -> agent -> model -> {requests, input_tokens, output_tokens}
+        self.session = {}        # agent -> model -> the same, since this process started
+        self.started = time.time()
+        self.changed = set()     # (day, agent, model) counted since the last save
+        self.saver = None        # the greenlet that will save, while one is due
+
+    def load(self):
+        """The counts in the file; a file that is not CoDA's counts is set aside (never lost) and counting starts afresh."""
+        try:
+            data = json.loads(self.path.read_text())
+            return {day: {agent: {model: {name: int(row[name]) for name in COUNTS} for model, row in models.items()}
+                          for agent, models in agents.items()} for day, agents in data["days"].items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            log.warning("usage: %s is not CoDA's usage counts (%s); moved to %s, counting afresh",
+                        self.path, reason(error), aside.name)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass  # unreadable and immovable: it is overwritten at the next save
+            return {}
+
+    def add(self, agent, model, input_tokens, output_tokens):
+        day = utc_day()
+        models = self.days.setdefault(day, {}).setdefault(agent, {})
+        if model not in models and len(models) >= USAGE_MODELS_PER_DAY:
+            model = "other"
+        for row in (models.setdefault(model, dict.fromkeys(COUNTS, 0)),
+                    self.session.setdefault(agent, {}).setdefault(model, dict.fromkeys(COUNTS, 0))):
+            row["requests"] += 1
+            row["input_tokens"] += input_tokens
+            row["output_tokens"] += output_tokens
+        self.changed.add((day, agent, model))
+        if self.saver is None:
+            self.saver = gevent.spawn_later(USAGE_SAVE_SECONDS, self.save)
+
+    def save(self):
+        """Write the file now (and log a usage record per changed count)."""
+        self.saver = None
+        changed, self.changed = self.changed, set()
+        for day in sorted(self.days)[:-USAGE_DAYS_KEPT]:
+            del self.days[day]
+        try:
+            write_private(self.path, json.dumps({"version": 1, "days": self.days}, sort_keys=True) + "\n")
+        except OSError as error:
+            log.warning("usage: could not write %s (%s)", self.path, reason(error))
+        for day, agent, model in sorted(changed):
+            row = self.days.get(day, {}).get(agent, {}).get(model)
+            if row:  # the day's running total: the latest record of a (day, agent, model) is the count
+                usage_log.info("%s", json.dumps({"day": day, "agent": agent, "model": model, **row}))
+
+    def stop(self):
+        if self.saver is not None:
+            self.saver.kill()
+            self.save()
+
+
+# Estimated cost: USD per million input and output tokens, the model makers' list prices for the
+# models CoDA names (Databricks bills in DBUs; this is an estimate). CODA_PRICES adds or replaces
+# rows: {"databricks-claude-opus-4-7": {"input": 5, "output": 25}}, inline or in a file.
+USAGE_PRICES = {
+    "databricks-claude-opus-4-7": (5.0, 25.0),
+    "databricks-claude-opus-4-6": (5.0, 25.0),
+    "databricks-claude-sonnet-4-5": (3.0, 15.0),
+    "databricks-claude-haiku-4-5": (1.0, 5.0),
+    "databricks-gpt-5-5": (1.25, 10.0),
+    "databricks-gemini-2-5-pro": (1.25, 10.0),
+}
+PRICES_MAX_BYTES = 256 * KIB
+
+
+def parse_prices(text):
+    """The price table with CODA_PRICES over the built-in one; ValueError saying what is wrong."""
+    prices = dict(USAGE_PRICES)
+    if not text:
+        return prices
+    if text[0] not in "{[":  # not inline JSON: a file's path
+        try:
+            with open(os.path.expanduser(text), "rb") as file:
+                raw = file.read(PRICES_MAX_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"names the file {text}, which cannot be read ({reason(error)})") from None
+        if len(raw) > PRICES_MAX_BYTES:
+            raise ValueError(f"names the file {text}, which is larger than {PRICES_MAX_BYTES // KIB} KiB")
+        text = raw.decode("utf-8", "replace")
+    try:
+        table = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise ValueError("is not valid JSON") from None
+    if not isinstance(table, dict):
+        raise ValueError('must be a JSON object: {"model": {"input": USD, "output": USD}} per million tokens')
+    for model, price in table.items():
+        if not re.fullmatch(MODEL_NAME, model):
+            raise ValueError(f"names the model {model[:80]!r}, which is not a model name")
+        if not isinstance(price, dict) or set(price) != {"input", "output"} or not all(
+                type(price[k]) in (int, float) and 0 <= price[k] < 1e6 for k in price):
+            raise ValueError(f'gives {model} {json.dumps(price)[:80]}, not {{"input": USD, "output": USD}} '
+                             "per million tokens (numbers from 0)")
+        prices[model] = (float(price["input"]), float(price["output"]))
+    return prices
+
+
+@functools.cache
+def usage_prices():
+    """(price table, None), or (None, the sentence saying why CODA_PRICES is unusable); read once."""
+    try:
+        return parse_prices(CONFIG.prices), None
+    except ValueError as error:
+        return None, f"CODA_PRICES {error}; costs are not estimated until it is fixed."
+
+
+def priced(row, model, prices):
+    """A count with its estimated cost (None when the model has no price)."""
+    price = prices.get(model) if prices else None
+    cost = round((row["input_tokens"] * price[0] + row["output_tokens"] * price[1]) / 1e6, 6) if price else None
+    return {**row, "cost": cost}
+
+
+def summed(rows):
+    """The sum of priced counts; its cost is the sum of the known costs."""
+    total = {name: sum(row[name] for row in rows) for name in COUNTS}
+    costs = [row["cost"] for row in rows if row["cost"] is not None]
+    return {**total, "cost": round(sum(costs), 6) if costs else None}
+
+
+def usage_view(periods, prices):
+    """{"models": [...], "total"} for {period: {model: counts}}: each model's counts per period, priced."""
+    zero = dict.fromkeys(COUNTS, 0)
+    models = sorted({model for counts in periods.values() for model in counts})
+    rows = [{"model": model, **{period: priced(counts.get(model, zero), model, prices)
+                                for period, counts in periods.items()}} for model in models]
+    return {"models": rows, "total": {period: summed([row[period] for row in rows]) for period in periods}}
+
+
+def usage_answer(counter):
+    """GET /api/usage (and doctor): per agent and model, today and this session, with estimated costs."""
+    prices, price_error = usage_prices()
+    today = counter.days.get(utc_day(), {})
+    names = [a.name for a in enabled_agents()]
+    names += sorted((set(today) | set(counter.session)) - set(names))
+    labels = {a.name: a.label for a in AGENTS}
+    agents = [{"agent": name, "label": labels.get(name, "Other callers of the proxy"),
+               **usage_view({"today": today.get(name, {}), "session": counter.session.get(name, {})}, prices)}
+              for name in names]
+    answer = {"source": "proxy", "day": utc_day(), "session_started": counter.started, "currency": "USD",
+              "prices": "CODA_PRICES over CoDA's table" if CONFIG.prices else "CoDA's table", "agents": agents,
+              "total": {period: summed([a["total"][period] for a in agents]) for period in ("today", "session")},
+              "unpriced_models": sorted({m["model"] for a in agents for m in a["models"]
+                                         if m["today"]["cost"] is None and m["session"]["cost"] is None
+                                         and (m["today"]["requests"] or m["session"]["requests"])})}
+    if price_error:
+        answer["price_error"] = price_error
+    return answer
+
+
+# The AI Gateway's own usage table, where the workspace lets the user read it (by default only
+# account and metastore admins may): the user's own rows, per endpoint, today and the last 7 days,
+# read with CODA_USAGE_WAREHOUSE_ID. It cannot tell the agents apart: all use the user's token.
+GATEWAY_USAGE_TABLE = "system.ai_gateway.usage"
+GATEWAY_USAGE_DAYS = 7
+GATEWAY_USAGE_PATIENCE = 30.0     # seconds a reading waits for the warehouse
+GATEWAY_USAGE_QUERY = (
+    "SELECT CAST(to_date(event_time) AS STRING) AS day, endpoint_name AS model, COUNT(*) AS requests, "
+    "COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens "
+    f"FROM {GATEWAY_USAGE_TABLE} WHERE requester = :requester AND event_time >= :since GROUP BY 1, 2")
+
+
+def workspace_usage(token, user, warehouse_id, host=None):
+    """The same view from the gateway's usage table, or {"readable": false, "reason"} in one sentence."""
+    answer = {"source": "workspace", "table": GATEWAY_USAGE_TABLE, "day": utc_day(), "currency": "USD"}
+    why = ("no SQL warehouse is configured: set CODA_USAGE_WAREHOUSE_ID" if not warehouse_id else
+           "there is no valid Databricks token: paste one in the CoDA page" if not (token and user) else None)
+    if why:
+        return {**answer, "readable": False, "reason": f"{GATEWAY_USAGE_TABLE} cannot be read: {why}."}
+    from databricks.sdk.service.sql import StatementParameterListItem as Param
+
+    since = utc_day(time.time() - (GATEWAY_USAGE_DAYS - 1) * 86400) + "T00:00:00Z"
+    try:
+        result = run_statement(workspace_client(token, host), warehouse_id, GATEWAY_USAGE_QUERY,
+                               [Param(name="requester", value=user),
+                                Param(name="since", value=since, type="TIMESTAMP")], GATEWAY_USAGE_PATIENCE)
+    except Exception as error:
+        return {**answer, "readable": False, "reason": gateway_usage_unreadable(error)}
+    today, week = {}, {}
+    for day, model, *numbers in (result.result.data_array if result.result else None) or []:
+        counts = dict(zip(COUNTS, (int(n or 0) for n in numbers)))
+        for period, keep in ((today, day == utc_day()), (week, True)):
+            if keep:
+                row = period.setdefault(model or "unknown", dict.fromkeys(COUNTS, 0))
+                for name in COUNTS:
+                    row[name] += counts[name]
+    prices, price_error = usage_prices()
+    answer.update(readable=True, user=user, **usage_view({"today": today, "week": week}, prices))
+    if price_error:
+        answer["price_error"] = price_error
+    return answer
+
+
+def gateway_usage_unreadable(error):
+    """Why the usage table could not be read, in one sentence that says what to do."""
+    text = reason(error)
+    if "TABLE_OR_VIEW_NOT_FOUND" in text or "SCHEMA_NOT_FOUND" in text:
+        return f"{GATEWAY_USAGE_TABLE} does not exist in this workspace (usage tracking is not enabled): {text}."
+    if is_refusal(error) or "PERMISSION" in text.upper():
+        return (f"{GATEWAY_USAGE_TABLE} is not readable with your token (by default only account and metastore "
+                f"admins may read it; ask one for SELECT, or for CAN USE on the warehouse): {text}.")
+    return f"{GATEWAY_USAGE_TABLE} could not be read: {text}."
+
+
+@api("/api/usage", "GET")
+def usage():
+    source = bottle.request.query.get("source", "proxy")
+    if source == "workspace":
+        return workspace_usage(PROCESS.pat.current_token(), PROCESS.pat.user, CONFIG.usage_warehouse_id)
+    if source != "proxy":
+        raise ApiError(400, "The query parameter 'source' is 'proxy' (the default) or 'workspace'.")
+    return usage_answer(PROCESS.usage)
+
+
 
 # ===========================================================================
 # 12. Serving
@@ -4897,6 +5300,7 @@ def wire(config):
     PROCESS.pat = Pat(PROCESS.gateway, PROCESS.models, save_token=write_databrickscfg,
                       token_configured=PROCESS.setup.run_token_steps)
     PROCESS.proxy_port = ProxyPort()
+    PROCESS.usage = UsageCounter(PATHS.usage_file)
 
 
 wire(CONFIG)
@@ -4978,6 +5382,7 @@ def serve(host, port):
             log.warning("CODA_TOKEN is set but empty: local access needs no token")
     server.serve_forever()
     log.info("stopped")
+    PROCESS.usage.stop()  # its last records, before the log shipper's last flush
     if PROCESS.delta_logs:
         PROCESS.delta_logs.final_flush()
 
@@ -5804,8 +6209,7 @@ def doctor():
     import requests
 
     host, token = read_databrickscfg()
-    claude = next(agent for agent in AGENTS if agent.name == "claude")
-    settings_path = PATHS.home / claude.config_file  # it names the gateway the agents use
+    signed_in = {}  # the user, once token_valid has seen who the token is
 
     def workspace():
         if not host:
@@ -5818,7 +6222,8 @@ def doctor():
 
     def token_valid():
         try:
-            return f"signed in as {workspace_client(token, host).current_user.me().user_name}"
+            signed_in["user"] = workspace_client(token, host).current_user.me().user_name
+            return f"signed in as {signed_in['user']}"
         except Exception as error:
             if is_refusal(error):
                 raise StepFailed(f"the workspace refuses the token ({reason(error)}): paste a new one in the CoDA page") from None
@@ -5846,9 +6251,11 @@ def doctor():
 
     def gateway():
         try:
-            base = json.loads(settings_path.read_text())["env"]["ANTHROPIC_BASE_URL"]
-        except (OSError, ValueError, KeyError):
-            raise StepFailed("no gateway is configured yet: paste a token in the CoDA page") from None
+            base = json.loads(PATHS.pat_status_file.read_text())["gateway"]  # what the proxy forwards to
+        except (OSError, ValueError, KeyError, TypeError):
+            base = None
+        if not base:
+            raise StepFailed("no gateway is configured yet: paste a token in the CoDA page")
         if not _answers(base, token):
             raise StepFailed(f"{base} does not answer: set DATABRICKS_GATEWAY_HOST or ask an admin to enable AI Gateway")
         return base
@@ -5943,8 +6350,39 @@ def doctor():
             failed += not run(label, check)
         else:
             print(f"skip  {label}: needs a reachable workspace and a valid token (see above)")
+    print_usage(host, token, signed_in.get("user"))
     print("all good" if not failed else f"{failed} problem(s) found")
     return 1 if failed else 0
+
+
+def print_usage(host, token, user):
+    """doctor's account of what the agents spent today: from the proxy's counts, and from the
+    gateway's usage table where the workspace lets the user read it."""
+    counts = usage_answer(UsageCounter(PATHS.usage_file))
+    print(f"usage today ({counts['day']} UTC), counted by the local proxy:")
+    for line in usage_lines(counts["agents"], "agent", counts["total"]):
+        print("      " + line)
+    if counts.get("price_error"):
+        print("      " + counts["price_error"])
+    table = workspace_usage(token, user, CONFIG.usage_warehouse_id, host)
+    if not table["readable"]:
+        print(f"note  {table['reason']}")
+        return
+    print(f"usage today from {table['table']} (your rows):")
+    for line in usage_lines(table["models"], "model", table["total"]):
+        print("      " + line)
+
+
+def usage_lines(rows, key, total):
+    """One line per row with requests today (agents: their label), then the total."""
+    def line(name, today):
+        cost = f", about ${today['cost']:.4f}" if today["cost"] is not None else ""
+        return (f"{name}: {today['requests']} requests, {today['input_tokens']} input and "
+                f"{today['output_tokens']} output tokens{cost}")
+
+    lines = [line(row.get("label", row[key]), row["total"]["today"] if "total" in row else row["today"])
+             for row in rows if (row["total"]["today"] if "total" in row else row["today"])["requests"]]
+    return [*lines, line("total", total["today"])] if lines else ["no model calls yet today"]
 
 
 def refresh_skills():
@@ -5962,8 +6400,9 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
     "sync": (sync_repository, "copy a repository's last commit to the workspace (the post-commit hook runs this)",
              ("repository",)),
     "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
-    "token": (print_token, "print the current Databricks token (Claude Code and Codex call this; answered before any heavy "
-              "import)", ()),
+    "token": (print_token, "print the current Databricks token (answered before any heavy import)", ()),
+    "proxy-key": (print_proxy_key, "print an agent's key for the local proxy (Claude Code and Codex call this; "
+                  "answered before any heavy import)", ("agent",)),
     "agents": (None, "list the agents, one line each: name, kind (npm or pypi), package, version key "
                "(install/agents.sh reads it; answered before any heavy import)", ()),
     "notify": (None, "tell the open pages that an agent finished its turn or waits for you (its hooks run this; "

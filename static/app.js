@@ -1945,6 +1945,51 @@ const VOICE_ERRORS = {
 function voiceErrorSentence(code) {
   return VOICE_ERRORS[code] || `Voice input stopped with an error (${code}).`;
 }
+// Usage panel: what each agent spent (GET /api/usage), opened from the help
+// ---------------------------------------------------------------------------
+
+function usageTokens(n) {
+  return n >= 1e6 ? (n / 1e6).toFixed(1) + 'M' : n >= 1e4 ? Math.round(n / 1e3) + 'k' : String(n);
+}
+
+function usageText(count) {
+  const cost = count.cost === null ? '' : ` \u00b7 ~$${count.cost.toFixed(count.cost < 1 ? 4 : 2)}`;
+  return `${count.requests} req \u00b7 ${usageTokens(count.input_tokens)} in / ${usageTokens(count.output_tokens)} out${cost}`;
+}
+
+async function openUsage() {
+  openModal('#usage-modal');
+  $('#usage-workspace').hidden = true;
+  const body = $('#usage-table tbody');
+  const { status, data } = await api('GET', 'api/usage');
+  body.textContent = '';
+  if (status !== 200) { $('#usage-note').textContent = data.error || 'Usage is not available.'; return; }
+  for (const a of data.agents) {
+    body.append(el('tr', { 'data-agent': a.agent }, el('td', { text: a.label }),
+      el('td', { text: usageText(a.total.today) }), el('td', { text: usageText(a.total.session) })));
+  }
+  body.append(el('tr', { class: 'total' }, el('td', { text: 'Total' }),
+    el('td', { text: usageText(data.total.today) }), el('td', { text: usageText(data.total.session) })));
+  $('#usage-note').textContent = data.price_error
+    || `Estimated cost in ${data.currency} from ${data.prices}; today is ${data.day} UTC.`;
+}
+
+async function showWorkspaceUsage() {
+  const out = $('#usage-workspace');
+  out.hidden = false;
+  out.textContent = 'Reading the workspace\u2019s usage table\u2026';
+  const { status, data } = await api('GET', 'api/usage?source=workspace');
+  if (status !== 200) out.textContent = data.error || 'The workspace\u2019s usage is not available.';
+  else if (!data.readable) out.textContent = data.reason;
+  else {
+    out.textContent = [`${data.table}, your rows (today; last 7 days):`,
+      ...data.models.map((m) => `${m.model}: ${usageText(m.today)}; ${usageText(m.week)}`),
+      `Total: ${usageText(data.total.today)}; ${usageText(data.total.week)}`].join('\n');
+  }
+}
+
+$('#usage-open').addEventListener('click', openUsage);
+$('#usage-from-workspace').addEventListener('click', showWorkspaceUsage);
 
 // ---------------------------------------------------------------------------
 // Boot

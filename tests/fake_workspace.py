@@ -61,7 +61,11 @@ API (all plain attributes/methods of ``FakeWorkspace``):
   per model plus an embeddings and a custom model; ``[]`` lists none; build
   others with ``serving_endpoint(name, task, display_name, provider,
   entity_name)``, e.g. an unknown ``task``), ``serving_endpoints_status``
-  (e.g. 403: the listing is refused).
+  (e.g. 403: the listing is refused), ``ai_gateway_usage`` (the rows of
+  system.ai_gateway.usage CoDA's usage query reads; None: the table is
+  missing), ``ai_gateway_usage_denied`` (reading it fails for want of
+  privileges), ``chat_stream_usage`` (streamed chat answers end with a usage
+  chunk even when the request did not ask for one).
 * inspection: ``gateway_requests`` (dicts: time, origin, generation, method,
   path, query (key= redacted), base, api "anthropic"|"responses"|"chat"|
   "gemini"|"models"|"probe"|..., model, token, token_id, token_live, auth_via,
@@ -269,6 +273,9 @@ class FakeWorkspace:
         self.serving_endpoints = default_serving_endpoints(self.models)  # what the listing answers; [] = none
         self.serving_endpoints_status = None  # e.g. 403: the listing is refused (PERMISSION_DENIED)
         self.mcp_answer = "auto"            # MCP POST answers: "json", "sse", or "auto" (SSE for tools/call)
+        self.ai_gateway_usage = []          # rows of system.ai_gateway.usage (dicts); None: the table is missing
+        self.ai_gateway_usage_denied = False  # reading it ends FAILED with INSUFFICIENT_PERMISSIONS
+        self.chat_stream_usage = False      # streamed chat answers end with a usage chunk even unasked
 
         # Inspection (read from a test; guarded by self.lock while mutated).
         self.lock = threading.RLock()
@@ -595,16 +602,48 @@ def _castable(kind, value):
         return False
 
 
-def _sql_answer(sid, state, error):
+def _sql_answer(sid, state, error, result=None):
     status = {"state": state}
     if error:
         status["error"] = error
     answer = {"statement_id": sid, "status": status}
     if state == "SUCCEEDED":
-        answer.update(manifest={"format": "JSON_ARRAY", "total_row_count": 0,
-                                "schema": {"column_count": 0, "columns": []}},
-                      result={"row_count": 0, "data_array": []})
+        columns, rows = result or ([], [])
+        answer.update(manifest={"format": "JSON_ARRAY", "total_row_count": len(rows),
+                                "schema": {"column_count": len(columns), "columns": [
+                                    {"name": name, "type_name": kind, "position": i}
+                                    for i, (name, kind) in enumerate(columns)]}},
+                      result={"row_count": len(rows), "data_array": rows})
     return answer
+
+
+AI_GATEWAY_USAGE_COLUMNS = [("day", "STRING"), ("model", "STRING"), ("requests", "LONG"),
+                            ("input_tokens", "LONG"), ("output_tokens", "LONG")]
+
+
+def _ai_gateway_usage(fake, params):
+    """CoDA's query of system.ai_gateway.usage: the rows of :requester since :since, per day and
+    endpoint, as (error, (columns, rows)); values come as strings, as the JSON_ARRAY format has them.
+    Row dicts: event_time (ISO, UTC), endpoint_name, requester, input_tokens, output_tokens."""
+    if fake.ai_gateway_usage is None:
+        return {"error_code": "BAD_REQUEST", "message": "[TABLE_OR_VIEW_NOT_FOUND] The table or view "
+                "`system`.`ai_gateway`.`usage` cannot be found."}, None
+    if fake.ai_gateway_usage_denied:
+        return {"error_code": "PERMISSION_DENIED", "message": "[INSUFFICIENT_PERMISSIONS] Insufficient "
+                "privileges: User does not have USE SCHEMA on Schema 'system.ai_gateway'."}, None
+    values = {p["name"]: p.get("value") for p in params}
+    since = datetime.datetime.fromisoformat(values["since"].replace("Z", "+00:00"))
+    groups = {}
+    for row in fake.ai_gateway_usage:
+        when = datetime.datetime.fromisoformat(row["event_time"].replace("Z", "+00:00"))
+        if row["requester"] != values["requester"] or when < since:
+            continue
+        group = groups.setdefault((when.date().isoformat(), row["endpoint_name"]), [0, 0, 0])
+        group[0] += 1
+        group[1] += row.get("input_tokens") or 0
+        group[2] += row.get("output_tokens") or 0
+    rows = [[day, model, *map(str, counts)] for (day, model), counts in sorted(groups.items())]
+    return None, (AI_GATEWAY_USAGE_COLUMNS, rows)
 
 
 # --------------------------------------------------------------------------
@@ -1160,12 +1199,15 @@ class _Handler(BaseHTTPRequestHandler):
                                                f"parameters were given but the limit is {SQL_MAX_PARAMETERS}.")
         error = _sql_parameter_error(statement, params) or (
             {"error_code": fake.sql_failure[0], "message": fake.sql_failure[1]} if fake.sql_failure else None)
+        result = None
+        if not error and "system.ai_gateway.usage" in statement:
+            error, result = _ai_gateway_usage(fake, params)
         sid = "01f0" + secrets.token_hex(14)
         state = "FAILED" if error else "PENDING" if fake.sql_running_polls else "SUCCEEDED"
         with fake.lock:
             fake.sql_statements.append(dict(body, statement_id=sid, principal=rec.principal, state=state,
-                                            polls_left=fake.sql_running_polls))
-        return self._send(200, _sql_answer(sid, state, error))
+                                            polls_left=fake.sql_running_polls, result=result))
+        return self._send(200, _sql_answer(sid, state, error, result))
 
     def _sql_record(self, sid):
         record = next((s for s in self.fake.sql_statements if s["statement_id"] == sid), None)
@@ -1188,7 +1230,7 @@ class _Handler(BaseHTTPRequestHandler):
                 record["state"] = "RUNNING" if record["polls_left"] > 0 else "SUCCEEDED"
                 record["polls_left"] -= 1
             state = record["state"]
-        return self._send(200, _sql_answer(sid, state, None))
+        return self._send(200, _sql_answer(sid, state, None, record.get("result")))
 
     # -- managed MCP servers (streamable HTTP) -------------------------------
     def _mcp(self):
@@ -1714,7 +1756,7 @@ class _Handler(BaseHTTPRequestHandler):
             chunk({"tool_calls": [{"index": 0, "function": {
                 "arguments": call["function"]["arguments"]}}]})
         chunk({}, finish)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") or self.fake.chat_stream_usage:
             self._chunk("data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
                                                "created": created, "model": model,
                                                "choices": [], "usage": usage}) + "\n\n")

@@ -78,9 +78,9 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
 
     settings = json.loads((home / ".claude" / "settings.json").read_text())
     assert settings["theme"] == "light" and settings["env"]["MINE"] == "1"  # merged, not clobbered
-    assert settings["env"]["ANTHROPIC_BASE_URL"] == workspace.gateway_url + "/anthropic"
+    assert settings["env"]["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{server.proxy_port}/anthropic"  # the proxy
     assert settings["env"]["ANTHROPIC_MODEL"] == "databricks-claude-opus-4-7"
-    assert "coda.py" in settings["apiKeyHelper"] and settings["apiKeyHelper"].endswith(" token")
+    assert "coda.py" in settings["apiKeyHelper"] and settings["apiKeyHelper"].endswith(" proxy-key claude")
     claude_state = json.loads((home / ".claude.json").read_text())
     assert claude_state["hasCompletedOnboarding"] is True
     assert str(home / "projects") not in claude_state.get("projects", {})  # a clone there asks for trust itself
@@ -89,8 +89,11 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
     codex = tomllib.loads((home / ".codex" / "config.toml").read_text())
     provider = codex["model_providers"]["databricks"]
     assert codex["model"] == "databricks-gpt-5-5" and codex["model_provider"] == "databricks"
-    assert provider["wire_api"] == "responses" and provider["base_url"] == workspace.gateway_url + "/openai/v1"
-    assert provider["auth"]["args"][-1] == "token"
+    assert provider["wire_api"] == "responses" and provider["base_url"] == f"http://127.0.0.1:{server.proxy_port}/openai/v1"
+    assert provider["auth"]["args"][-2:] == ["proxy-key", "codex"]
+    key = subprocess.run([sys.executable, str(ROOT / "coda.py"), "proxy-key", "codex"], env={**os.environ, "HOME": str(home)},
+                         capture_output=True, text=True, timeout=30)
+    assert key.stdout.strip() == proxy_key(home) + ".codex"  # never the workspace token: the proxy adds that
 
     gemini_env = (home / ".gemini" / ".env").read_text()
     assert "GOOGLE_GEMINI_BASE_URL=http://127.0.0.1:" in gemini_env and "GEMINI_API_KEY_AUTH_MECHANISM=bearer" in gemini_env
@@ -356,8 +359,8 @@ def test_gateway_discovery_falls_back_to_workspace_routes(start_coda, workspace)
     server.api("/api/configure-pat", {"token": workspace.add_token()})
     gateway = server.get("/api/app-state").json()["gateway"]
     assert gateway["origin"] == workspace.url and "/ai-gateway" in gateway["kind"]
-    settings = json.loads((server.home / ".claude" / "settings.json").read_text())
-    assert settings["env"]["ANTHROPIC_BASE_URL"] == workspace.url + "/ai-gateway/anthropic"
+    assert json.loads((server.home / ".coda" / "pat-status.json").read_text())["gateway"] == \
+        workspace.url + "/ai-gateway/anthropic"  # what the proxy forwards Claude Code's calls to
 
     workspace.disabled_generations.add("ai-gateway")
     other = start_coda(coda_env(workspace, DATABRICKS_GATEWAY_HOST=""))
