@@ -1,0 +1,174 @@
+"""Restart-proof work (issue 14): CoDA keeps the tabs, the uncommitted work, the shell history and
+the agents' conversations in /Users/<me>/.coda/state of the (fake) workspace, and a fresh CoDA on
+a new, empty disk brings them back once the token is pasted. Also: what is never kept, and a
+save cut short, refused or faced with a state it cannot read leaves the saved state whole."""
+
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from conftest import ROOT, Coda, wait_for
+from fake_workspace import FakeWorkspace
+
+STATE = "/Workspace/Users/alice@example.com/.coda/state"
+GIT = ["git", "-c", "user.name=U", "-c", "user.email=u@example.com"]
+
+
+@pytest.fixture
+def workspace():
+    fake = FakeWorkspace().start()
+    yield fake
+    fake.stop()
+
+
+def coda_env(workspace, **extra):
+    return {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,
+            "DEEPWIKI_MCP_URL": "", "EXA_MCP_URL": "", "PAT_ROTATION_INTERVAL": "3600",
+            "PAT_TOKEN_LIFETIME": "7200", "CODA_STATE_INTERVAL": "1", "CODA_SHELL": "/bin/bash", **extra}
+
+
+def start(home, workspace, paste=True, **extra):
+    coda = Coda(home, coda_env(workspace, **extra))
+    if paste:
+        coda.api("/api/configure-pat", {"token": workspace.add_token(comment="pasted by the user")})
+    return coda
+
+
+def empty(home):
+    """A restart's new disk: the same HOME path (as in Databricks Apps), nothing in it."""
+    shutil.rmtree(home)
+    home.mkdir()
+
+
+def saved(workspace):
+    """{path under the state folder: content} of what the workspace holds."""
+    with workspace.lock:
+        return {path[len(STATE) + 1:]: obj.get("content") for path, obj in workspace.files.items()
+                if path.startswith(STATE + "/") and obj["object_type"] != "DIRECTORY"}
+
+
+def manifest(workspace):
+    return json.loads(saved(workspace)["current.json"])
+
+
+def wait_saved(coda, after=0.0, timeout=40):
+    def done():
+        record = json.loads((coda.home / ".coda" / "state-record.json").read_text()) \
+            if (coda.home / ".coda" / "state-record.json").exists() else {}
+        return record if (record.get("saved_at") or 0) > after else None
+    return wait_for(done, timeout=timeout, step=0.2, what="a save of the state")
+
+
+def blob_bytes(workspace):
+    """Every saved blob's bytes, gzip ones also unpacked: what a reader of the folder could find."""
+    found = []
+    for name, content in saved(workspace).items():
+        found.append(content)
+        if content[:2] == b"\x1f\x8b":
+            found.append(gzip.decompress(content))
+    return b"\n".join(found)
+
+
+def make_repository(home):
+    repo = home / "projects" / "work"
+    (repo / "src").mkdir(parents=True)
+    subprocess.run([*GIT, "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "a.txt").write_text("committed\n")
+    (repo / "src" / "keep.txt").write_text("kept\n")
+    subprocess.run([*GIT, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", "first"], check=True)
+    return repo
+
+
+def git_out(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+
+def open_tab(coda, folder):
+    sid = coda.new_session()
+    coda.type(sid, f"cd {folder}\r")
+    coda.wait_prompt(sid)
+    return sid
+
+
+def test_tabs_folders_uncommitted_work_and_history_come_back_and_no_token_leaves(tmp_path, workspace):
+    home = tmp_path / "home"
+    home.mkdir()
+    repo = make_repository(home)
+    coda = start(home, workspace)
+    pasted = [t.value for t in workspace.tokens if t.comment == "pasted by the user"][0]
+    planted = "dapi" + "feedface" * 4  # what an agent's login file or a careless transcript may hold
+    for secret_file in (".claude/.credentials.json", ".codex/auth.json", ".local/share/opencode/auth.json",
+                        ".hermes/.env"):
+        (home / secret_file).parent.mkdir(parents=True, exist_ok=True)
+        (home / secret_file).write_text(json.dumps({"token": planted}))
+    transcript = home / ".claude" / "projects" / "-work" / "leak.jsonl"
+    transcript.parent.mkdir(parents=True)
+    transcript.write_text(json.dumps({"text": f"my tokens are {planted} and {pasted}"}) + "\n")
+    try:
+        # An uncommitted edit, a staged new file and an untracked one; the user's index and branch stay as they are.
+        (repo / "a.txt").write_text("committed\nuncommitted edit\n")
+        (repo / "staged.txt").write_text("staged\n")
+        subprocess.run(["git", "-C", str(repo), "add", "staged.txt"], check=True)
+        (repo / "untracked.txt").write_text("untracked\n")
+        status_before = git_out(repo, "status", "--porcelain")
+        first = open_tab(coda, "~/projects/work")
+        second = open_tab(coda, "~/projects/work/src")
+        coda.type(second, "echo HISTORY-$((6*7))\r")
+        coda.read_until(second, "HISTORY-42")
+        coda.api("/api/layout", {"active": 1, "tabs": [{"name": "Edit", "split": 40, "sessions": [first]},
+                                                       {"name": "Build", "sessions": [second]}]})
+        record = wait_saved(coda)
+        assert record["bytes"] > 0
+        assert git_out(repo, "status", "--porcelain") == status_before  # the snapshot changed nothing
+        assert git_out(repo, "stash", "list") == ""
+        saved_at = manifest(workspace)["saved_at"]
+    finally:
+        started = time.time()
+        coda.stop()  # SIGTERM: bash writes its history as it hangs up, and the last save takes it
+    assert time.time() - started < 12
+    assert "state saved before exiting" in coda.log()
+    assert manifest(workspace)["saved_at"] > saved_at
+    everything = blob_bytes(workspace)
+    assert planted.encode() not in everything and pasted.encode() not in everything
+    for token in workspace.tokens:
+        assert token.value.encode() not in everything
+    assert "README.md" in saved(workspace)
+
+    empty(home)
+    coda = start(home, workspace, paste=False)
+    try:
+        layout = coda.get("/api/layout").json()
+        assert layout["restored"] is None and layout["enabled"]
+        coda.api("/api/configure-pat", {"token": workspace.add_token(comment="pasted after the restart")})
+        step = next(s for s in coda.get("/api/setup-status").json()["steps"] if s["id"] == "restore-state")
+        assert step["status"] == "complete", step
+        assert "KiB" in step["label"] or "MiB" in step["label"], step["label"]
+        restored = coda.get("/api/layout").json()["restored"]
+        assert [(t["name"], [p["cwd"] for p in t["panes"]]) for t in restored["tabs"]] == [
+            ("Edit", ["projects/work"]), ("Build", ["projects/work/src"])]
+        assert restored["active"] == 1
+        assert (repo / "a.txt").read_text() == "committed\nuncommitted edit\n"
+        assert (repo / "untracked.txt").read_text() == "untracked\n"
+        assert (repo / "staged.txt").read_text() == "staged\n"
+        assert "first" in git_out(repo, "log", "--format=%s")
+        assert git_out(repo, "rev-parse", "--abbrev-ref", "HEAD").strip() == "main"
+        assert " M a.txt" in git_out(repo, "status", "--porcelain")
+        assert "HISTORY-$((6*7))" in (home / ".bash_history").read_text()
+        assert planted not in transcript.read_text() and "[REDACTED]" in transcript.read_text()
+        for secret_file in (".claude/.credentials.json", ".codex/auth.json", ".hermes/.env"):
+            assert not (home / secret_file).exists()
+        # The page reopens a tab in its folder.
+        sid = coda.new_session(cwd="projects/work/src")
+        coda.type(sid, "pwd\r")
+        coda.read_until(sid, f"{home}/projects/work/src\r\n")
+    finally:
+        coda.stop()
