@@ -3432,39 +3432,60 @@ class StateKeeper:
             if not self.frozen and self.may_save() and mark != self.saved_mark and self.run_save(STATE_SAVE_TIMEOUT) == 0:
                 self.saved_mark = mark
 
-    def run_save(self, timeout):
-        """`coda.py state save` in its own process group (its log lines join ours); its exit code, None if stopped."""
+    def start_save(self, prepared=False):
+        """`coda.py state save` in its own process group (its log lines join ours). Prepared: it
+        connects to the workspace first, then waits for a line on its stdin (see final_save)."""
         from gevent import subprocess
 
-        process = subprocess.Popen(STATE_COMMAND + ["save"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   env=terminal_environment(), start_new_session=True, cwd=str(PATHS.home))
-        self.saver = process
+        self.stop_saver()
+        self.saver = subprocess.Popen(STATE_COMMAND + ["save"], stdin=subprocess.PIPE if prepared else subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, start_new_session=True, cwd=str(PATHS.home),
+                                      env={**terminal_environment(), **({"CODA_STATE_PREPARED": "1"} if prepared else {})})
+
+    def run_save(self, timeout):
+        """Run (or, once started, finish) a save: its exit code, None if it was stopped at `timeout`."""
+        from gevent import subprocess
+
+        if self.saver is None:
+            self.start_save()
+        process = self.saver
         try:
             return process.wait(timeout=max(0.1, timeout))
         except subprocess.TimeoutExpired:
             log.warning("the state save did not finish within %.0f s: stopped; the last saved state stays whole", timeout)
             return None
         finally:
-            self.stop_saver()
+            self.stop_saver(process)
 
-    def stop_saver(self):
-        process, self.saver = self.saver, None
+    def stop_saver(self, process=None):
+        """Stop `process` (by default the running save); what it uploaded is not named by the manifest yet."""
+        process = process or self.saver
+        if process is self.saver:
+            self.saver = None
         if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # what it uploaded is not named by the manifest yet
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
     def freeze(self):
-        """At SIGTERM, before the shells hang up: one last look, then the layout stays as it is."""
+        """At SIGTERM, before the shells hang up: one last look, then the layout stays as it is; the
+        last save starts connecting meanwhile (a periodic one cut short leaves the saved state whole)."""
         self.sample()
         self.final_mark = self.mark()
         self.frozen = True
+        self.stop_saver()
+        if self.may_save() and self.final_mark != self.saved_mark:
+            self.start_save(prepared=True)
 
     def final_save(self, deadline):
-        """After the shells hung up (and wrote their history): one last save, given up at `deadline`."""
-        self.stop_saver()  # a periodic save cut short leaves the previous state whole
-        if not self.may_save() or self.final_mark == self.saved_mark:
+        """After the shells hung up (and wrote their history): the last save goes, given up at `deadline`."""
+        if self.saver is None:
             return
         log.info("saving the state before exiting")
+        try:
+            self.saver.stdin.write(b"go\n")
+            self.saver.stdin.close()
+        except OSError:
+            pass  # it has ended already: its exit code says how
         if self.run_save(deadline - time.time()) == 0:
             log.info("state saved before exiting")
 
@@ -5186,8 +5207,11 @@ def state_command(action):
         host, token = saved_credentials()
         SECRETS.add(proxy_key())
         client, me = workspace_session(host, token)
+        if os.environ.get("CODA_STATE_PREPARED"):  # the server's last save: connected, now wait for its go
+            sys.stdin.readline()
+            started = time.time()
         (save_state if action == "save" else restore_state)(client, state_folder(me.user_name), me, started)
-        return 0
+        return exit_now(0)
     except (StateError, SyncError) as error:
         message = str(error)
     except Exception as error:
@@ -5195,7 +5219,15 @@ def state_command(action):
     log.error("state %s failed: %s", action, message)
     note_state(**{"error": f"{'Saving' if action == 'save' else 'Restoring'} failed: {message}",
                   "error_at": time.time()})
-    return 1
+    return exit_now(1)
+
+
+def exit_now(code):
+    """Exit without the interpreter's teardown, which takes seconds after databricks-sdk (its
+    threads): the server's last save has no seconds to spare."""
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def note_state(**changes):
