@@ -172,3 +172,51 @@ def test_tabs_folders_uncommitted_work_and_history_come_back_and_no_token_leaves
         coda.read_until(sid, f"{home}/projects/work/src\r\n")
     finally:
         coda.stop()
+
+
+AGENTS = __import__("test_agents").AGENTS
+
+
+@pytest.mark.skipif(not (AGENTS / "bin" / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
+def test_claude_code_and_codex_resume_their_conversations_after_a_restart(tmp_path, workspace):
+    from test_agents import Terminal, seed_trust, start_and_ask
+
+    home = tmp_path / "home"
+    home.mkdir()
+    seed_trust(home)  # the user accepted each agent's trust question for ~/projects/work before
+    repo = make_repository(home)
+    path = {"PATH": f"{AGENTS / 'bin'}:{os.environ['PATH']}", "CODA_STATE_INTERVAL": "3600"}
+    coda = start(home, workspace, **path)
+    try:
+        (repo / "a.txt").write_text("committed\nuncommitted edit\n")
+        claude, codex = Terminal(coda, "~/projects/work"), Terminal(coda, "~/projects/work/src")
+        start_and_ask(claude, workspace, "claude", "remember the word PELICAN")
+        start_and_ask(codex, workspace, "codex", "remember the word OSPREY")
+        coda.api("/api/layout", {"active": 0, "tabs": [{"name": "Claude", "sessions": [claude.sid]},
+                                                       {"name": "Codex", "sessions": [codex.sid]}]})
+        time.sleep(6)  # a look at the sessions' foreground (every 5 s) sees each agent
+    finally:
+        coda.stop()  # SIGTERM: the agents hang up, and the last save takes their conversations
+    assert "state saved before exiting" in coda.log(), coda.log()[-3000:]
+
+    empty(home)
+    coda = start(home, workspace, **path)
+    try:
+        restored = coda.get("/api/layout").json()["restored"]
+        assert [(t["name"], [(p["cwd"], p["agent"], p["resume"]) for p in t["panes"]]) for t in restored["tabs"]] == [
+            ("Claude", [("projects/work", "claude", "claude --continue")]),
+            ("Codex", [("projects/work/src", "codex", "codex resume --last")])]
+        assert (repo / "a.txt").read_text() == "committed\nuncommitted edit\n"
+        for tab, word, api in ((restored["tabs"][0], "PELICAN", "anthropic"), (restored["tabs"][1], "OSPREY", "responses")):
+            pane = tab["panes"][0]
+            terminal = Terminal(coda, f"~/{pane['cwd']}")
+            mark = len(workspace.gateway_requests)
+            terminal.type_line(pane["resume"])
+            time.sleep(8)  # the resumed conversation is on screen before it takes input
+            terminal.type_line("what was the word?")
+            answer = workspace.wait_for_gateway(api=api, status=200, since=mark, timeout=90)
+            assert answer, f"{pane['agent']} asked nothing; screen ends with {terminal.tail()!r}"
+            assert word in json.dumps(answer["body"]), f"{pane['agent']} did not send the earlier conversation"
+            terminal.close()
+    finally:
+        coda.stop()
