@@ -5726,7 +5726,8 @@ def doctor():
 
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
-    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check)]
+    checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check),
+              ("saved work", state_check)]
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
 
@@ -5748,6 +5749,22 @@ def doctor():
     failed += sum(not run(label, check) for label, check in checks)
     print("all good" if not failed else f"{failed} problem(s) found")
     return 1 if failed else 0
+
+
+def state_check():
+    """Doctor: the last save of the work to the workspace (CODA_STATE), its size, or why it fails."""
+    if not state_enabled():
+        return "off (CODA_STATE=0)" if not CONFIG.state else "off: no Databricks workspace is configured"
+    record = read_state_record()
+    if record.get("error"):
+        raise StepFailed(f"{record['error']} (at {utc_clock(record.get('error_at') or 0)})")
+    if record.get("saved_at"):
+        left_out = f"; left out: {'; '.join(record['left_out'])}" if record.get("left_out") else ""
+        return (f"last saved at {utc_clock(record['saved_at'])}, {size_text(record.get('bytes') or 0)}, to "
+                f"{record.get('folder') or 'the workspace'}{left_out}")
+    if record.get("may_save"):
+        return "nothing saved yet (CoDA saves every few minutes while something changes, and when it stops)"
+    raise StepFailed("nothing is saved until a token is pasted in the CoDA page (the saved work is restored first)")
 
 
 def refresh_skills():
