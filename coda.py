@@ -3363,7 +3363,8 @@ class StateKeeper:
         self.written = None     # what the layout file holds
         self.frozen = False     # at SIGTERM: the sessions hang up, the layout stays as it was
         self.saved_mark = None  # the sessions' output offsets and the layout at the last save
-        self.saver = None       # the `state save` running now
+        self.worker = None      # `coda.py state save` waiting for its next save
+        self.saving = gevent.lock.Semaphore()  # one save at a time
         self.final_mark = None  # mark() at SIGTERM
 
     def report(self, layout):
@@ -3425,69 +3426,77 @@ class StateKeeper:
             self.sample()
 
     def save_forever(self):
+        last = time.time()
         while not self.frozen:
-            gevent.sleep(CONFIG.state_interval)
+            gevent.sleep(min(STATE_SAMPLE_SECONDS, CONFIG.state_interval))
+            if not self.may_save():
+                continue
+            if self.worker is None:
+                self.start_worker()  # it loads databricks-sdk now: seconds the last save at SIGTERM lacks
+            if time.time() - last < CONFIG.state_interval:
+                continue
+            last = time.time()
             self.sample()
             mark = self.mark()
-            if not self.frozen and self.may_save() and mark != self.saved_mark and self.run_save(STATE_SAVE_TIMEOUT) == 0:
-                self.saved_mark = mark
+            if not self.frozen and mark != self.saved_mark:
+                with self.saving:
+                    if self.run_save(time.time() + STATE_SAVE_TIMEOUT) == 0:
+                        self.saved_mark = mark
 
-    def start_save(self, prepared=False):
-        """`coda.py state save` in its own process group (its log lines join ours). Prepared: it
-        connects to the workspace first, then waits for a line on its stdin (see final_save)."""
+    def start_worker(self):
+        """`coda.py state save` as a worker in its own session (a signal to CoDA's group does not reach
+        it; its log lines join ours): one save per line it reads, each answered `done CODE`."""
         from gevent import subprocess
 
-        self.stop_saver()
-        self.saver = subprocess.Popen(STATE_COMMAND + ["save"], stdin=subprocess.PIPE if prepared else subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, start_new_session=True, cwd=str(PATHS.home),
-                                      env={**terminal_environment(), **({"CODA_STATE_PREPARED": "1"} if prepared else {})})
+        self.worker = subprocess.Popen(STATE_COMMAND + ["save"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       start_new_session=True, cwd=str(PATHS.home),
+                                       env={**terminal_environment(), "CODA_STATE_WORKER": "1"})
 
-    def run_save(self, timeout):
-        """Run (or, once started, finish) a save: its exit code, None if it was stopped at `timeout`."""
-        from gevent import subprocess
-
-        if self.saver is None:
-            self.start_save()
-        process = self.saver
+    def run_save(self, deadline):
+        """One save by the worker: its exit code, or None if it failed or was stopped at `deadline`
+        (what it uploaded then is named by no manifest: the saved state stays whole)."""
+        if self.worker is None or self.worker.poll() is not None:
+            self.start_worker()
+        worker = self.worker
         try:
-            return process.wait(timeout=max(0.1, timeout))
-        except subprocess.TimeoutExpired:
-            log.warning("the state save did not finish within %.0f s: stopped; the last saved state stays whole", timeout)
-            return None
-        finally:
-            self.stop_saver(process)
+            with gevent.Timeout(max(0.1, deadline - time.time())):
+                worker.stdin.write(b"go\n")
+                worker.stdin.flush()
+                answer = worker.stdout.readline().split()
+            return int(answer[1]) if answer[:1] == [b"done"] else None
+        except gevent.Timeout:
+            log.warning("the state save did not finish in time: stopped; the last saved state stays whole")
+        except (OSError, ValueError, IndexError):
+            log.warning("the state saver ended unexpectedly; the last saved state stays whole")
+        self.stop_worker()
+        return None
 
-    def stop_saver(self, process=None):
-        """Stop `process` (by default the running save); what it uploaded is not named by the manifest yet."""
-        process = process or self.saver
-        if process is self.saver:
-            self.saver = None
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    def stop_worker(self):
+        worker, self.worker = self.worker, None
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
 
     def freeze(self):
-        """At SIGTERM, before the shells hang up: one last look, then the layout stays as it is; the
-        last save starts connecting meanwhile (a periodic one cut short leaves the saved state whole)."""
+        """At SIGTERM, before the shells hang up: one last look, then the layout stays as it is."""
         self.sample()
         self.final_mark = self.mark()
         self.frozen = True
-        self.stop_saver()
-        if self.may_save() and self.final_mark != self.saved_mark:
-            self.start_save(prepared=True)
 
     def final_save(self, deadline):
-        """After the shells hung up (and wrote their history): the last save goes, given up at `deadline`."""
-        if self.saver is None:
+        """After the shells hung up (and wrote their history): one last save, given up at `deadline`
+        (after a periodic one running now, which the worker finishes first)."""
+        sessions_hung_up = bool(self.final_mark[0])  # their shells write their history as they exit
+        if not self.may_save() or (self.final_mark == self.saved_mark and not sessions_hung_up):
+            self.stop_worker()
             return
         log.info("saving the state before exiting")
-        try:
-            self.saver.stdin.write(b"go\n")
-            self.saver.stdin.close()
-        except OSError:
-            pass  # it has ended already: its exit code says how
-        if self.run_save(deadline - time.time()) == 0:
-            log.info("state saved before exiting")
+        if self.saving.acquire(timeout=max(0.0, deadline - time.time())):
+            if self.run_save(deadline) == 0:
+                log.info("state saved before exiting")
+        else:
+            log.warning("the state save did not finish in time: stopped; the last saved state stays whole")
+        self.stop_worker()
 
 
 def restore_saved_state(step):
@@ -3536,13 +3545,15 @@ def saved_layout():
         restored = json.loads(PATHS.state_restored.read_text())
     except (OSError, ValueError):
         restored = None
-    resume = {agent.name: agent.resume for agent in AGENTS}
+    agents = {agent.name: agent for agent in AGENTS}
     for tab in (restored or {}).get("tabs", []):
         for pane in tab.get("panes", []):
-            pane["resume"] = resume.get(pane.get("agent"))
+            agent = agents.get(pane.get("agent"))
+            pane.update(resume=agent and agent.resume, agent_label=agent and agent.label)
     record = read_state_record()
+    token_coming = PROCESS.pat.token or (CONFIG.bootstrap_token and not PROCESS.pat.error)
     return {"enabled": state_enabled(), "restoring": bool(step and step.status in ("pending", "running") and
-                                                          PROCESS.pat.token), "restored": restored,
+                                                          token_coming), "restored": restored,
             "last_save": {k: record.get(k) for k in ("saved_at", "bytes", "error", "left_out")}}
 
 
@@ -5202,16 +5213,23 @@ def state_command(action):
     if action not in ("save", "restore"):
         log.error("coda.py state: say save or restore")
         return 2
+    if action == "save" and os.environ.get("CODA_STATE_WORKER"):
+        import_off_loop("databricks.sdk")  # the slow part, done before a save is asked for
+        for _ in sys.stdin:  # one save per line; the end of its input (the server is gone) ends it
+            print(f"done {run_state(action)}", flush=True)
+        return exit_now(0)
+    return exit_now(run_state(action))
+
+
+def run_state(action):
+    """One save or restore with the token ~/.databrickscfg holds now (a rotation may have replaced it)."""
     started = time.time()
     try:
         host, token = saved_credentials()
         SECRETS.add(proxy_key())
         client, me = workspace_session(host, token)
-        if os.environ.get("CODA_STATE_PREPARED"):  # the server's last save: connected, now wait for its go
-            sys.stdin.readline()
-            started = time.time()
         (save_state if action == "save" else restore_state)(client, state_folder(me.user_name), me, started)
-        return exit_now(0)
+        return 0
     except (StateError, SyncError) as error:
         message = str(error)
     except Exception as error:
@@ -5219,7 +5237,7 @@ def state_command(action):
     log.error("state %s failed: %s", action, message)
     note_state(**{"error": f"{'Saving' if action == 'save' else 'Restoring'} failed: {message}",
                   "error_at": time.time()})
-    return exit_now(1)
+    return 1
 
 
 def exit_now(code):
