@@ -34,8 +34,11 @@ Contents
                         log records also go to a Delta table
      9. Agents          one config writer per CLI, driven by a table; their
                         tracing hooks
-    10. Setup           the step list and its runner (the tracing, commit hook and
-                        restore offer steps among them)
+    10. Setup           the step list and its runner (the tracing, commit hook,
+                        restore and restore offer steps among them); the state
+                        keeper: the tabs' layout, and the saves of the work
+                        (run by a `coda.py state save` worker) every few minutes
+                        and at SIGTERM
     11. Local proxy     token-injecting, request-repairing proxy for agents;
                         they are pointed at it only once it holds its port
     12. Serving         wire(): the process's objects built and wired together in
@@ -44,9 +47,10 @@ Contents
   Part 2: Commands run by hooks and operators. Never inside the server.
     13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
-                        `coda.py restore`
+                        `coda.py restore`; restart-proof state: `coda.py state
+                        save|restore` (tabs, uncommitted work, agents' files)
     15. Command line    the subcommands: token, agents, doctor, skills, restore,
-                        sync, trace; without one, serve. (`token`, `agents` and
+                        state, sync, trace; without one, serve. (`token`, `agents` and
                         the trace hook's detach are answered at the top of the
                         file, before the heavy imports.)
 """
@@ -5636,6 +5640,10 @@ def unpack_files(archive_path, paths):
             if target.exists() or target.is_symlink():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder = target.parent.resolve()
+            if folder != home and home not in folder.parents:  # a linked folder on the way leads elsewhere
+                log.warning("skipped %s in the saved state: its folder leads out of HOME", name)
+                continue
             with archive.extractfile(member) as source, open(
                     os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
                 shutil.copyfileobj(source, out)
@@ -5771,8 +5779,10 @@ def doctor():
 
 def state_check():
     """Doctor: the last save of the work to the workspace (CODA_STATE), its size, or why it fails."""
-    if not state_enabled():
-        return "off (CODA_STATE=0)" if not CONFIG.state else "off: no Databricks workspace is configured"
+    if not CONFIG.state:
+        return "off (CODA_STATE=0)"
+    if not (CONFIG.databricks_host or read_databrickscfg()[0]):  # a terminal's doctor has no DATABRICKS_HOST
+        return "off: no Databricks workspace is configured"
     record = read_state_record()
     if record.get("error"):
         raise StepFailed(f"{record['error']} (at {utc_clock(record.get('error_at') or 0)})")
