@@ -174,6 +174,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
 import importlib
 import io
@@ -5399,8 +5400,6 @@ def kept_content(path):
 
 
 def blob_entry(item, path, suffix):
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as source:
         for block in iter(lambda: source.read(MIB), b""):
@@ -5437,7 +5436,6 @@ def snapshot_repository(repo, earlier):
     for line in git(repo, "config", "--get-regexp", r"^remote\..*\.url$", check=False).decode().splitlines():
         key, _, url = line.partition(" ")
         remotes[key.removeprefix("remote.").removesuffix(".url")] = without_credentials(url)
-    import hashlib
     key = hashlib.sha256(f"{work}\n{refs}\n{branch}\n{head}\n{sorted(remotes.items())}".encode()).hexdigest()
     described = {"repository": repo.name, "branch": branch, "head": head, "work": work, "remotes": remotes,
                  "snapshot": key}
@@ -5545,8 +5543,6 @@ def restore_state(client, folder, me, started):
 
 def download_blobs(client, folder, blobs):
     """{item: local file}, each checked against its sha256 before anything is changed."""
-    import hashlib
-
     files = {}
     for item, blob in blobs.items():
         try:
