@@ -43,10 +43,13 @@ Contents
                         served); their MCP servers (the workspace's managed ones
                         at the proxy, the third-party ones marked as leaving it);
                         their tracing and notice hooks
-    10. Setup           the step list and its runner (the served models, tracing,
-                        commit hook, MCP and restore offer steps among them);
-                        which agents are ready, and installing the missing ones
-                        on request
+    10. Setup           the step list and its runner (the saved-work restore,
+                        served models, tracing, commit hook, MCP and restore
+                        offer steps among them); which agents are ready, and
+                        installing the missing ones on request; the state
+                        keeper: the tabs' layout, and the saves of the work
+                        (run by a `coda.py state save` worker) every few minutes
+                        and at SIGTERM
     11. Local proxy     token-injecting, request-repairing proxy for every agent's
                         model calls and for the workspace's managed MCP servers
                         (/mcp); agents are pointed at it only once it holds its
@@ -58,10 +61,11 @@ Contents
   Part 2: Commands run by hooks and operators. Never inside the server.
     13. Tracing turns   `coda.py trace AGENT`: an agent's turn recorded in MLflow
     14. Workspace sync  `coda.py sync REPO` (git's post-commit hook runs it) and
-                        `coda.py restore`
+                        `coda.py restore`; restart-proof state: `coda.py state
+                        save|restore` (tabs, uncommitted work, agents' files)
     15. Command line    the subcommands: token, proxy-key, agents, doctor, skills,
-                        restore, sync, trace, notify, download; without one, serve.
-                        (`token`, `proxy-key`, `agents`, `notify`, `download` and
+                        restore, state, sync, trace, notify, download; without one,
+                        serve. (`token`, `proxy-key`, `agents`, `notify`, `download` and
                         the trace hook's detach are answered at the top of the
                         file, before the heavy imports.)
 """
@@ -89,36 +93,53 @@ Agent = collections.namedtuple("Agent", [
     "switch",          # the environment variable that leaves it out when false (default true), or None
     "model_api",       # the API its model calls speak (a GATEWAY_PATHS key, section 8), or None: its model is not checked
     "models",          # the models it may use, best (newest) first: the choice when its own is not served (section 9)
-], defaults=(None, None, None, None, ()))
+    "memory",          # its conversations and memory under HOME, what a restart brings back (section 14); never
+                       # its auth files (those sit beside these, not in them)
+    "resume",          # its own command continuing the last conversation in the current folder
+], defaults=(None, None, None, None, (), (), None))
 AGENT_ROWS = (
     Agent("claude", "Claude Code", "npm", "@anthropic-ai/claude-code", "CLAUDE_CODE_VERSION",
           "ANTHROPIC_MODEL", "databricks-claude-opus-4-7", ".claude/settings.json", "configure_claude",
           tracer="trace_claude", model_api="anthropic",
           models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
                   "databricks-claude-opus-4-5", "databricks-claude-sonnet-4-5", "databricks-claude-opus-4-1",
-                  "databricks-claude-sonnet-4", "databricks-claude-haiku-4-5")),
+                  "databricks-claude-sonnet-4", "databricks-claude-haiku-4-5"),
+          memory=(".claude/projects", ".claude/todos", ".claude/plans", ".claude/history.jsonl", ".claude/CLAUDE.md"),
+          resume="claude --continue"),
     Agent("codex", "Codex", "npm", "@openai/codex", "CODEX_VERSION",
           "CODEX_MODEL", "databricks-gpt-5-5", ".codex/config.toml", "configure_codex",
           tracer="trace_codex", model_api="responses",
           models=("databricks-gpt-5-5", "databricks-gpt-5-4", "databricks-gpt-5-2", "databricks-gpt-5-1",
-                  "databricks-gpt-5", "databricks-gpt-5-mini")),
+                  "databricks-gpt-5", "databricks-gpt-5-mini"),
+          memory=(".codex/sessions", ".codex/archived_sessions", ".codex/session_index.jsonl", ".codex/history.jsonl",
+                  ".codex/state_5.sqlite", ".codex/state_5.sqlite-wal", ".codex/thread_history_1.sqlite",
+                  ".codex/thread_history_1.sqlite-wal", ".codex/memories_1.sqlite", ".codex/memories_1.sqlite-wal",
+                  ".codex/memories"),
+          resume="codex resume --last"),
     Agent("gemini", "Gemini CLI", "npm", "@google/gemini-cli", "GEMINI_CLI_VERSION",
           "GEMINI_MODEL", "databricks-gemini-2-5-pro", ".gemini/settings.json", "configure_gemini",
           environment="gemini_environment", tracer="trace_gemini", model_api="gemini",
           models=("databricks-gemini-3-1-pro", "databricks-gemini-3-pro", "databricks-gemini-2-5-pro",
-                  "databricks-gemini-3-flash", "databricks-gemini-2-5-flash")),
+                  "databricks-gemini-3-flash", "databricks-gemini-2-5-flash"),
+          memory=(".gemini/tmp", ".gemini/projects.json", ".gemini/GEMINI.md"),
+          resume="gemini --resume latest"),
     Agent("opencode", "OpenCode", "npm", "opencode-ai", "OPENCODE_VERSION",  # shares Hermes' HERMES_MODEL
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".config/opencode/opencode.json", "configure_opencode",
           environment="opencode_environment", model_api="chat",  # any chat model; Claude first
           models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
                   "databricks-claude-sonnet-4-5", "databricks-gpt-5-5", "databricks-gemini-3-pro",
-                  "databricks-gemini-2-5-pro")),
+                  "databricks-gemini-2-5-pro"),
+          memory=(".local/share/opencode/storage", ".local/share/opencode/opencode.db",
+                  ".local/share/opencode/opencode.db-wal"),
+          resume="opencode --continue"),
     Agent("hermes", "Hermes Agent", "pypi", "hermes-agent[mcp]", "HERMES_AGENT_VERSION",  # [mcp]: its MCP client
           "HERMES_MODEL", "databricks-claude-opus-4-6", ".hermes/config.yaml", "configure_hermes",
           switch="ENABLE_HERMES", model_api="chat",  # any chat model; Claude first
           models=("databricks-claude-opus-4-7", "databricks-claude-opus-4-6", "databricks-claude-sonnet-4-6",
                   "databricks-claude-sonnet-4-5", "databricks-gpt-5-5", "databricks-gemini-3-pro",
-                  "databricks-gemini-2-5-pro")),
+                  "databricks-gemini-2-5-pro"),
+          memory=(".hermes/sessions", ".hermes/state.db", ".hermes/state.db-wal", ".hermes/memories"),
+          resume="hermes --continue"),
 )
 
 if __name__ == "__main__" and sys.argv[1:] == ["agents"]:
@@ -325,6 +346,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
 import html
 import importlib
@@ -510,6 +532,12 @@ class Config:
     # Setup (section 10)
     skills: str                # CODA_SKILLS: skill packs, 'repository ref folder' separated by ';'
     git_mirror: str            # CODA_GIT_MIRROR: replaces https://github.com for skill clones
+    # Restart-proof state (sections 12 and 14)
+    state: bool                # CODA_STATE: keep tabs, uncommitted work and agents' conversations in the workspace
+                               # across restarts (default true; needs DATABRICKS_HOST)
+    state_interval: float      # CODA_STATE_INTERVAL: seconds between saves while something changed (default 180)
+    state_max_bytes: int       # CODA_STATE_MAX_BYTES: the largest one thing kept (an agent's files, a repository's
+                               # snapshot, the shell history), compressed; larger ones are left out (default 64 MiB)
 
     @classmethod
     def from_env(cls, env=os.environ):
@@ -575,6 +603,9 @@ class Config:
                                 or env.get("CODA_LOG_WAREHOUSE_ID", "").strip()),
             skills=env.get("CODA_SKILLS", DEFAULT_SKILLS),
             git_mirror=env.get("CODA_GIT_MIRROR", "").strip().rstrip("/"),
+            state=_env_flag(env, "CODA_STATE", True),
+            state_interval=_env_seconds(env, "CODA_STATE_INTERVAL", 180.0),
+            state_max_bytes=_env_int(env, "CODA_STATE_MAX_BYTES", 64 * MIB),
         )
 
 
@@ -600,6 +631,10 @@ class Paths:
     skill_sources: Path    # ~/.coda/skill-sources: checkouts of the skill packs ...
     skill_folders: tuple   # ... linked into ~/.claude/skills and ~/.agents/skills
     sync_log: Path         # ~/.sync.log: what the post-commit syncs did
+    state_layout: Path     # ~/.coda/state-layout.json: the page's tabs with each session's label, folder and agent
+    state_record: Path     # ~/.coda/state-record.json: the last save or restore (no token); saving waits for it
+    state_restored: Path   # ~/.coda/state-restored.json: the tabs a restore brought back, for the page
+    state_work: Path       # ~/.coda/state-work: a save's scratch folder
 
     @classmethod
     def under(cls, home):
@@ -611,7 +646,9 @@ class Paths:
                    usage_file=coda / "usage.json",
                    git_hooks=coda / "git-hooks", skill_sources=coda / "skill-sources",
                    skill_folders=(home / ".claude" / "skills", home / ".agents" / "skills"),
-                   sync_log=home / ".sync.log")
+                   sync_log=home / ".sync.log", state_layout=coda / "state-layout.json",
+                   state_record=coda / "state-record.json", state_restored=coda / "state-restored.json",
+                   state_work=coda / "state-work")
 
 
 PATHS = Paths.under(CONFIG.home)
@@ -643,6 +680,7 @@ class Process:
     proxy_port = None    # ProxyPort (11): whether this process's proxy holds CODA_PROXY_PORT
     proxy_server = None  # the running local proxy (11), for shutdown
     usage = None         # UsageCounter (11): what each agent spent, counted by the proxy
+    state = None         # StateKeeper (10): the tabs' layout, and the saves of the work to the workspace
 
 
 PROCESS = Process()
@@ -1632,8 +1670,10 @@ def create_session(body):
     cols = field(body, "cols", int, 80, 1, 1000)
     rows = field(body, "rows", int, 24, 1, 1000)
     command = launch_command(field(body, "agent", str, "shell"))
-    cwd = project_path(field(body, "project", str, ""))
-    session = PROCESS.sessions.create(label, cols, rows, cwd, command)
+    project, cwd = field(body, "project", str, ""), field(body, "cwd", str, "")
+    if project and cwd:
+        raise ApiError(400, "Give a new session 'project' or 'cwd', not both.")
+    session = PROCESS.sessions.create(label, cols, rows, project_path(project) or home_folder(cwd), command)
     return {"session_id": session.id, "label": session.label, "created_at": session.created_at}
 
 
@@ -1680,6 +1720,18 @@ def list_projects():
 
 
 MAX_LISTED_PROJECTS = 500  # folders /api/projects lists
+
+
+def home_folder(text):
+    """`cwd` of a new session: a folder under HOME, given relative to it (as a restored tab names
+    it) or absolute; None (~/projects) when empty."""
+    if not text:
+        return None
+    home = PATHS.home.resolve()
+    folder = (home / text).resolve()
+    if home not in (folder, *folder.parents) or not folder.is_dir():
+        raise ApiError(400, "The field 'cwd' must name an existing folder under HOME.")
+    return folder
 
 
 @api("/api/session/attach")
@@ -4120,8 +4172,10 @@ class Setup:
                          for agent in enabled_agents()]
         self.parallel.append(Step("skills", "Agent skills", install_skills, "install", timeout=600))
         self.token = [Step("databricks-config", "Databricks CLI configuration and git identity",
-                           configure_databricks, "token", timeout=60),
-                      Step("models", "Models the workspace serves", list_models_step, "token", timeout=120)]
+                           configure_databricks, "token", timeout=60)]
+        self.token.append(Step("restore-state", "Restore saved work", restore_saved_state, "token",
+                               timeout=STATE_RESTORE_TIMEOUT + 30))
+        self.token.append(Step("models", "Models the workspace serves", list_models_step, "token", timeout=120))
         self.token += [agent_config_step(agent) for agent in enabled_agents()]
         self.token.append(mcp_step())
         if CONFIG.mlflow_tracing:
@@ -4154,8 +4208,13 @@ class Setup:
             step.execute()
 
     def run_token_steps(self):
-        """Write every agent's configuration for the current token, all at once (each its own files)."""
-        gevent.joinall([gevent.spawn(step.execute) for step in self.token])
+        """Write every agent's configuration for the current token, all at once (each its own files),
+        once the CLI's configuration is written and the saved work is back (it names files the agents'
+        writers merge into)."""
+        first = [step for step in self.token if step.id in ("databricks-config", "restore-state")]
+        for step in first:
+            step.execute()
+        gevent.joinall([gevent.spawn(step.execute) for step in self.token if step not in first])
 
     def rewrite_changed_models(self):
         """A rotation's listing changed what is served: rewrite (merging, as ever) the configs of the
@@ -4238,6 +4297,249 @@ def install_agents(body):
         step.status, step.error = "pending", None
         gevent.spawn(step.execute)
     return {"status": "started", "agents": [step.id for step in steps]}
+# -- Restart-proof state: the server's side -----------------------------------------
+# The page reports its tabs (POST /api/layout); every few seconds each session's folder and the
+# agent in its foreground are looked at; the two make ~/.coda/state-layout.json. `coda.py state
+# save` (section 14, a child process: git, tar and uploads never hold this loop) runs every
+# CODA_STATE_INTERVAL while a session printed something or the layout changed, and once more at
+# SIGTERM, given up at STATE_FINAL_SECONDS. Setup's first token step runs `coda.py state restore`;
+# until a restore has run (or found nothing), nothing is saved, so a new empty disk never
+# overwrites the saved work.
+MAX_LAYOUT_TABS = 20          # tabs the page may report (its own cap is lower)
+STATE_SAMPLE_SECONDS = 5      # how often each session's folder and foreground agent are looked at
+STATE_SAVE_TIMEOUT = 300      # one periodic save; past it the save is stopped (the last one stays whole)
+STATE_FINAL_SECONDS = 8.0     # after SIGTERM, the last save is given up by then (the process is gone by 10 s)
+STATE_RESTORE_TIMEOUT = 600   # setup's restore step
+STATE_COMMAND = [sys.executable, str(PROGRAM), "state"]
+
+
+def state_enabled():
+    return CONFIG.state and bool(CONFIG.databricks_host)
+
+
+def read_state_record():
+    """~/.coda/state-record.json: the last save or restore, written by `coda.py state` (never a token)."""
+    try:
+        record = json.loads(PATHS.state_record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def foreground_agent(session):
+    """The agent (a row's name) running in the session's foreground, if one is: the program or
+    script its foreground process group leader was started as (`node .../bin/claude`)."""
+    try:
+        with open(f"/proc/{os.tcgetpgrp(session.fd)}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")[:2]
+    except (OSError, TypeError):
+        return None
+    names = {os.path.basename(arg.decode(errors="replace")).rsplit(".", 1)[0] for arg in argv}
+    return next((agent.name for agent in AGENTS if agent.name in names), None)
+
+
+class StateKeeper:
+    """What the tabs look like, kept in ~/.coda/state-layout.json, and the runs of `coda.py state save`."""
+
+    def __init__(self, sessions):
+        self.sessions = sessions
+        self.layout = None      # the page's last report: {"active", "tabs": [{"name", "split", "sessions"}]}
+        self.places = {}        # session id -> {"cwd", "agent"}: its folder, and the last agent seen in it
+        self.written = None     # what the layout file holds
+        self.frozen = False     # at SIGTERM: the sessions hang up, the layout stays as it was
+        self.saved_mark = None  # the sessions' output offsets and the layout at the last save
+        self.worker = None      # `coda.py state save` waiting for its next save
+        self.saving = gevent.lock.Semaphore()  # one save at a time
+        self.final_mark = None  # mark() at SIGTERM
+
+    def report(self, layout):
+        self.layout = layout
+        self.write()
+
+    def sample(self):
+        if self.frozen:
+            return
+        for session in list(self.sessions.by_id.values()):
+            place = self.places.setdefault(session.id, {"cwd": None, "agent": None})
+            try:
+                place["cwd"] = os.readlink(f"/proc/{session.pid}/cwd")
+            except OSError:
+                pass
+            place["agent"] = foreground_agent(session) or place["agent"]
+        for gone in set(self.places) - set(self.sessions.by_id):
+            del self.places[gone]
+        self.write()
+
+    def describe(self):
+        """The page's tabs (one per session before it reports), each pane's label, folder (relative to HOME) and agent."""
+        live = self.sessions.by_id
+        tabs = self.layout["tabs"] if self.layout else [{"name": s.label, "split": 50, "sessions": [s.id]}
+                                                        for s in live.values()]
+        described = []
+        for tab in tabs:
+            panes = [self.pane(live[sid]) for sid in tab["sessions"] if sid in live]
+            if panes:
+                described.append({"name": tab["name"], "split": tab["split"], "panes": panes})
+        return {"active": self.layout["active"] if self.layout else 0, "tabs": described}
+
+    def pane(self, session):
+        place = self.places.get(session.id, {})
+        home, cwd = str(PATHS.home.resolve()), place.get("cwd") or ""
+        folder = os.path.relpath(cwd, home) if cwd == home or cwd.startswith(home + "/") else "projects"
+        return {"label": session.label, "cwd": folder, "agent": place.get("agent")}
+
+    def write(self):
+        if self.frozen:
+            return
+        content = self.describe()
+        if content != self.written:
+            try:
+                write_private(PATHS.state_layout, json.dumps(content) + "\n")
+                self.written = content
+            except OSError as error:
+                log.warning("could not write %s: %s", PATHS.state_layout, reason(error))
+
+    def mark(self):
+        return {s.id: s.stream.end for s in self.sessions.by_id.values()}, self.written
+
+    def may_save(self):
+        return state_enabled() and PROCESS.pat.valid() and bool(read_state_record().get("may_save"))
+
+    def sample_forever(self):
+        while not self.frozen:
+            gevent.sleep(STATE_SAMPLE_SECONDS)
+            self.sample()
+
+    def save_forever(self):
+        last = time.time()
+        while not self.frozen:
+            gevent.sleep(min(STATE_SAMPLE_SECONDS, CONFIG.state_interval))
+            if not self.may_save():
+                continue
+            if self.worker is None:
+                self.start_worker()  # it loads databricks-sdk now: seconds the last save at SIGTERM lacks
+            if time.time() - last < CONFIG.state_interval:
+                continue
+            last = time.time()
+            self.sample()
+            mark = self.mark()
+            if not self.frozen and mark != self.saved_mark:
+                with self.saving:
+                    if self.run_save(time.time() + STATE_SAVE_TIMEOUT) == 0:
+                        self.saved_mark = mark
+
+    def start_worker(self):
+        """`coda.py state save` as a worker in its own session (a signal to CoDA's group does not reach
+        it; its log lines join ours): one save per line it reads, each answered `done CODE`."""
+        from gevent import subprocess
+
+        self.worker = subprocess.Popen(STATE_COMMAND + ["save"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       start_new_session=True, cwd=str(PATHS.home),
+                                       env={**terminal_environment(), "CODA_STATE_WORKER": "1"})
+
+    def run_save(self, deadline):
+        """One save by the worker: its exit code, or None if it failed or was stopped at `deadline`
+        (what it uploaded then is named by no manifest: the saved state stays whole)."""
+        if self.worker is None or self.worker.poll() is not None:
+            self.start_worker()
+        worker = self.worker
+        try:
+            with gevent.Timeout(max(0.1, deadline - time.time())):
+                worker.stdin.write(b"go\n")
+                worker.stdin.flush()
+                answer = worker.stdout.readline().split()
+            return int(answer[1]) if answer[:1] == [b"done"] else None
+        except gevent.Timeout:
+            log.warning("the state save did not finish in time: stopped; the last saved state stays whole")
+        except (OSError, ValueError, IndexError):
+            log.warning("the state saver ended unexpectedly; the last saved state stays whole")
+        self.stop_worker()
+        return None
+
+    def stop_worker(self):
+        worker, self.worker = self.worker, None
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+    def freeze(self):
+        """At SIGTERM, before the shells hang up: one last look, then the layout stays as it is."""
+        self.sample()
+        self.final_mark = self.mark()
+        self.frozen = True
+
+    def final_save(self, deadline):
+        """After the shells hung up (and wrote their history): one last save, given up at `deadline`
+        (after a periodic one running now, which the worker finishes first)."""
+        sessions_hung_up = bool(self.final_mark[0])  # their shells write their history as they exit
+        if not self.may_save() or (self.final_mark == self.saved_mark and not sessions_hung_up):
+            self.stop_worker()
+            return
+        log.info("saving the state before exiting")
+        if self.saving.acquire(timeout=max(0.0, deadline - time.time())):
+            if self.run_save(deadline) == 0:
+                log.info("state saved before exiting")
+        else:
+            log.warning("the state save did not finish in time: stopped; the last saved state stays whole")
+        self.stop_worker()
+
+
+def restore_saved_state(step):
+    """Setup step (token, first): bring back what the last CoDA saved, before the agents are
+    configured and the page reopens its tabs."""
+    if not CONFIG.state:
+        step.skip("CODA_STATE=0: nothing is saved or restored")
+        return
+    if read_state_record().get("may_save"):
+        step.skip("this disk keeps its own state")
+        return
+    try:
+        run_command(step, STATE_COMMAND + ["restore"], timeout=STATE_RESTORE_TIMEOUT)
+    except StepFailed as error:
+        raise StepFailed(read_state_record().get("error") or str(error)) from None
+    size = read_state_record().get("bytes") or 0
+    step.label = f"Restore saved work ({size_text(size)})" if size else "Restore saved work (none saved)"
+
+
+def clean_layout(body):
+    """The page's layout report, checked and bounded: {"active", "tabs": [{"name", "split", "sessions"}]}."""
+    tabs = field(body, "tabs", list)
+    if len(tabs) > MAX_LAYOUT_TABS or not all(isinstance(tab, dict) for tab in tabs):
+        raise ApiError(400, f"The field 'tabs' must be a list of at most {MAX_LAYOUT_TABS} tabs.")
+    cleaned = []
+    for tab in tabs:
+        sessions = id_list(tab, "sessions")
+        if len(sessions) > 2:
+            raise ApiError(400, "A tab holds at most two sessions.")
+        cleaned.append({"name": clean_label(field(tab, "name", str, "")), "split": field(tab, "split", float, 50.0, 0, 100),
+                        "sessions": sessions})
+    return {"active": field(body, "active", int, 0, -1, MAX_LAYOUT_TABS), "tabs": cleaned}
+
+
+@api("/api/layout")
+def report_layout(body):
+    PROCESS.state.report(clean_layout(body))
+    return {"status": "ok"}
+
+
+@api("/api/layout", "GET")
+def saved_layout():
+    """Whether state is kept, the last save, and the tabs a restore brought back (with each agent's resume command)."""
+    step = next((s for s in PROCESS.setup.token if s.id == "restore-state"), None)
+    try:
+        restored = json.loads(PATHS.state_restored.read_text())
+    except (OSError, ValueError):
+        restored = None
+    agents = {agent.name: agent for agent in AGENTS}
+    for tab in (restored or {}).get("tabs", []):
+        for pane in tab.get("panes", []):
+            agent = agents.get(pane.get("agent"))
+            pane.update(resume=agent and agent.resume, agent_label=agent and agent.label)
+    record = read_state_record()
+    token_coming = PROCESS.pat.token or (CONFIG.bootstrap_token and not PROCESS.pat.error)
+    return {"enabled": state_enabled(), "restoring": bool(step and step.status in ("pending", "running") and
+                                                          token_coming), "restored": restored,
+            "last_save": {k: record.get(k) for k in ("saved_at", "bytes", "error", "left_out")}}
 
 
 # ===========================================================================
@@ -5301,6 +5603,7 @@ def wire(config):
                       token_configured=PROCESS.setup.run_token_steps)
     PROCESS.proxy_port = ProxyPort()
     PROCESS.usage = UsageCounter(PATHS.usage_file)
+    PROCESS.state = StateKeeper(PROCESS.sessions)
 
 
 wire(CONFIG)
@@ -5352,8 +5655,11 @@ def serve(host, port):
                         error_log=logging.getLogger("coda.http"), spawn=gevent.pool.Pool(MAX_CONNECTIONS))
 
     def on_sigterm():
+        stopping = time.time()
         gevent.spawn_later(9.0, os._exit, 1)  # the contract: gone within 10 s, whatever hangs
+        PROCESS.state.freeze()
         PROCESS.sessions.shutdown()
+        PROCESS.state.final_save(stopping + STATE_FINAL_SECONDS)
         if PROCESS.proxy_server:
             PROCESS.proxy_server.stop(timeout=0.5)
         server.stop(timeout=0.5)
@@ -5363,6 +5669,9 @@ def serve(host, port):
     gevent.spawn(PROCESS.sessions.reap_forever)
     gevent.spawn(run_proxy_forever)
     gevent.spawn(PROCESS.setup.run_at_boot)
+    if state_enabled():
+        gevent.spawn(PROCESS.state.sample_forever)
+        gevent.spawn(PROCESS.state.save_forever)
     if PROCESS.access.apps_mode and not PROCESS.access.owner:
         gevent.spawn(resolve_owner_forever)
     if CONFIG.bootstrap_token and CONFIG.databricks_host:
@@ -5849,13 +6158,14 @@ def sync_logging():
     logging.getLogger("databricks").setLevel(logging.WARNING)
 
 
-def git(repo, *args):
-    """What `git -C repo args` prints (bytes), or SyncError with git's own words."""
+def git(repo, *args, env=None, check=True, input=None):
+    """What `git -C repo args` prints (bytes), or SyncError with git's own words (check=False: no error)."""
     from gevent import subprocess
 
-    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, stdin=subprocess.DEVNULL,
-                          timeout=300)
-    if done.returncode != 0:
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=300,
+                          env={**os.environ, **env} if env else None, **stdin)
+    if check and done.returncode != 0:
         raise SyncError(f"git {args[0]} failed: {done.stderr.decode(errors='replace').strip()[:300]}")
     return done.stdout
 
@@ -6200,6 +6510,508 @@ def git_identity_set(repo):
         return False
 
 
+# -- restart-proof state ----------------------------------------------------------
+# A Databricks App's disk is new at every restart, so CoDA keeps the user's work in a folder of
+# their own workspace, /Workspace/Users/<user>/.coda/state, written with their current token:
+#   current.json   the manifest: the page's tabs (each session's label, folder and agent), and the
+#                  blobs below with their sizes and sha256; written last, so it always names whole blobs
+#   blobs/         immutable, named by their content: one archive per agent (its conversations and
+#                  memory, the row's `memory` paths) and one for the shell history, text redacted like
+#                  log lines; one git bundle per repository in ~/projects, its branches plus a commit
+#                  of the working tree (made with a temporary index: the user's branch, index and stash
+#                  are never touched); each split in parts the workspace's import API takes
+#   README.md      what this folder is
+# A save uploads only blobs the folder lacks, then the manifest, then deletes the blobs neither it
+# nor the one before names: a save that fails or is cut short leaves the last one whole. Never
+# kept: ~/.databrickscfg, the proxy key, the agents' auth files and config (none is on a `memory`
+# path), a file holding a token it knows or one of a token's shapes, anything over
+# CODA_STATE_MAX_BYTES (left out, and said so in the manifest). The server runs `state save`;
+# setup's first token step runs `state restore`, which downloads and checks everything before it
+# changes anything, and never overwrites a file that exists.
+STATE_FORMAT = 1                       # the manifest's format; a newer one is never read nor overwritten
+STATE_PART_BYTES = 8 * MIB             # one workspace object (the import API takes at most 10 MB)
+SHELL_HISTORY = (".bash_history", ".zsh_history", ".python_history")
+SNAPSHOT_IDENTITY = {"GIT_AUTHOR_NAME": "CoDA", "GIT_AUTHOR_EMAIL": "coda@localhost",
+                     "GIT_COMMITTER_NAME": "CoDA", "GIT_COMMITTER_EMAIL": "coda@localhost",
+                     # a fixed date: the same working tree makes the same commit, so an unchanged
+                     # repository is neither bundled nor uploaded again
+                     "GIT_AUTHOR_DATE": "1970-01-01T00:00:01Z", "GIT_COMMITTER_DATE": "1970-01-01T00:00:01Z"}
+BINARY_TOKEN_SHAPES = re.compile(rb"dapi[0-9a-f]{16,}|dkea[0-9a-f]{16,}|dose[0-9a-f]{16,}"
+                                 rb"|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}|sk-[A-Za-z0-9_-]{16,}")
+STATE_README = """\
+# CoDA's saved work
+
+CoDA (coding agents in the browser) keeps what a restart of the app would lose here, so that
+it comes back: the open tabs with their folders, uncommitted work in ~/projects (git bundles),
+the agents' conversations and memory, and the shell history. It never keeps tokens, keys or
+the agents' login files. Only you (and workspace admins) can read this folder, like the rest
+of /Users/<you>. Delete it to forget everything; set CODA_STATE=0 in the app to stop saving.
+"""
+
+
+class StateError(Exception):
+    """Why a save or restore cannot go on: one sentence for setup, doctor and the log."""
+
+
+def state_folder(user):
+    return f"{WORKSPACE_PREFIX}/Users/{user}/.coda/state"
+
+
+def state_command(action):
+    """`coda.py state save|restore` (the server runs them; never inside it)."""
+    setup_logging()
+    logging.getLogger("databricks").setLevel(logging.WARNING)
+    if action not in ("save", "restore"):
+        log.error("coda.py state: say save or restore")
+        return 2
+    if action == "save" and os.environ.get("CODA_STATE_WORKER"):
+        import_off_loop("databricks.sdk")  # the slow part, done before a save is asked for
+        for _ in sys.stdin:  # one save per line; the end of its input (the server is gone) ends it
+            print(f"done {run_state(action)}", flush=True)
+        return exit_now(0)
+    return exit_now(run_state(action))
+
+
+def run_state(action):
+    """One save or restore with the token ~/.databrickscfg holds now (a rotation may have replaced it)."""
+    started = time.time()
+    try:
+        host, token = saved_credentials()
+        SECRETS.add(proxy_key())
+        client, me = workspace_session(host, token)
+        (save_state if action == "save" else restore_state)(client, state_folder(me.user_name), me, started)
+        return 0
+    except (StateError, SyncError) as error:
+        message = str(error)
+    except Exception as error:
+        message = f"the workspace could not be {'written' if action == 'save' else 'read'}: {reason(error)}"
+    log.error("state %s failed: %s", action, message)
+    note_state(**{"error": f"{'Saving' if action == 'save' else 'Restoring'} failed: {message}",
+                  "error_at": time.time()})
+    return 1
+
+
+def exit_now(code):
+    """Exit without the interpreter's teardown, which takes seconds after databricks-sdk (its
+    threads): the server's last save has no seconds to spare."""
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def note_state(**changes):
+    """Update ~/.coda/state-record.json (the server, setup and doctor read it; it holds no token)."""
+    record = {**read_state_record(), **changes}
+    write_private(PATHS.state_record, json.dumps(record) + "\n")
+
+
+def read_manifest(client, folder):
+    """The saved manifest, None when nothing is saved; StateError when it is damaged or newer than this CoDA."""
+    from databricks.sdk.errors import NotFound
+
+    try:
+        raw = client.workspace.download(f"{folder}/current.json").read()
+    except NotFound:
+        return None
+    try:
+        manifest = json.loads(raw)
+        version = manifest["format"]
+        if not isinstance(version, int) or not all(isinstance(manifest.get(k), dict) for k in ("blobs", "layout")):
+            raise ValueError("missing fields")
+    except (ValueError, KeyError, TypeError) as error:
+        raise StateError(f"the saved state in {folder} is damaged (current.json: {reason(error)}); nothing "
+                         "was changed, and saving is paused so it is not overwritten: delete the folder to "
+                         "start afresh") from None
+    if version > STATE_FORMAT:
+        raise StateError(f"the saved state in {folder} was written by a newer CoDA (format {version}; this one "
+                         f"reads {STATE_FORMAT}); nothing was changed, and saving is paused so it is not "
+                         "overwritten: update CoDA to bring it back")
+    return manifest
+
+
+# -- saving -----------------------------------------------------------------------
+
+def save_state(client, folder, me, started):
+    """Pack what changed, upload the blobs the folder lacks, then the manifest, then tidy up."""
+    if not read_state_record().get("may_save"):
+        raise StateError("saving waits until the saved state has been restored (paste a token in the CoDA page)")
+    previous = read_manifest(client, folder)
+    shutil.rmtree(PATHS.state_work, ignore_errors=True)
+    PATHS.state_work.mkdir(parents=True, mode=0o700)
+    try:
+        manifest, files = pack_state(previous)
+        if previous and all(previous.get(k) == manifest[k] for k in ("blobs", "layout", "left_out")):
+            note_state(checked_at=time.time(), error=None)
+            log.info("state unchanged since %s", utc_clock(previous.get("saved_at", 0)))
+            return
+        uploaded = upload_blobs(client, folder, manifest["blobs"], files)
+        upload_file(client, f"{folder}/current.json", json.dumps(manifest, indent=1).encode())
+        if previous is None:
+            upload_file(client, f"{folder}/README.md", STATE_README.encode())
+        forget_blobs(client, folder, manifest, previous)
+    finally:
+        shutil.rmtree(PATHS.state_work, ignore_errors=True)
+    size = sum(blob["bytes"] for blob in manifest["blobs"].values())
+    note_state(saved_at=manifest["saved_at"], bytes=size, folder=folder, error=None, left_out=manifest["left_out"])
+    log.info("state saved to %s: %s (%s uploaded) in %.1f s", folder, size_text(size), size_text(uploaded),
+             time.time() - started)
+
+
+def pack_state(previous):
+    """(manifest, {blob name: local file}): archives of the agents' files and the shell history, a
+    bundle per repository (reused from `previous` when its snapshot is the same)."""
+    blobs, files, left_out = {}, {}, []
+    packs = [(f"agent-{agent.name}", agent.memory) for agent in AGENTS] + [("shell-history", SHELL_HISTORY)]
+    for item, paths in packs:
+        packed = pack_files(item, paths, left_out)
+        if packed:
+            blobs[item] = packed[0]
+            files[packed[0]["name"]] = packed[1]
+    earlier = (previous or {}).get("blobs", {})
+    for repo in project_repositories():
+        try:
+            packed = snapshot_repository(repo, earlier.get(f"repo-{repo.name}"))
+        except SyncError as error:
+            left_out.append(f"~/projects/{repo.name}: {error}")
+            continue
+        if packed[0]["bytes"] > CONFIG.state_max_bytes:
+            left_out.append(f"~/projects/{repo.name}: {size_text(packed[0]['bytes'])} is over "
+                            f"CODA_STATE_MAX_BYTES ({size_text(CONFIG.state_max_bytes)})")
+            continue
+        blobs[f"repo-{repo.name}"] = packed[0]
+        if packed[1]:
+            files[packed[0]["name"]] = packed[1]
+    for note in left_out:
+        log.warning("state: left out %s", note)
+    manifest = {"format": STATE_FORMAT, "coda": __version__, "saved_at": time.time(), "home": str(PATHS.home),
+                "layout": read_layout_file(), "blobs": blobs, "left_out": left_out}
+    return manifest, files
+
+
+def read_layout_file():
+    try:
+        layout = json.loads(PATHS.state_layout.read_text())
+    except (OSError, ValueError):
+        return {"tabs": []}
+    return layout if isinstance(layout, dict) else {"tabs": []}
+
+
+def pack_files(item, paths, left_out):
+    """A gzipped tar of the regular files under HOME/`paths` (in name order, fixed ownership and
+    gzip time, so the same files make the same bytes), text redacted; None when there are none."""
+    import gzip
+    import tarfile
+
+    members = []
+    for relative in paths:
+        top = PATHS.home / relative
+        found = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        members += [p for p in found if not p.is_symlink()]
+    if not members:
+        return None
+    target = PATHS.state_work / f"{item}.tgz"
+    with open(target, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as zipped, \
+            tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in members:
+            name = path.relative_to(PATHS.home).as_posix()
+            try:
+                data = kept_content(path)
+            except OSError as error:
+                left_out.append(f"~/{name}: {reason(error)}")
+                continue
+            if data is None:
+                left_out.append(f"~/{name}: it holds a token")
+                continue
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, int(path.stat().st_mtime)
+            archive.addfile(info, io.BytesIO(data))
+    size = target.stat().st_size
+    if size > CONFIG.state_max_bytes:
+        left_out.append(f"{item}: {size_text(size)} is over CODA_STATE_MAX_BYTES ({size_text(CONFIG.state_max_bytes)})")
+        return None
+    return blob_entry(item, target, ".tgz"), target
+
+
+def kept_content(path):
+    """The file as it is kept: text redacted like a log line; binary as it is, or None if it holds a token."""
+    data = path.read_bytes()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        secrets_held = any(secret.encode() in data for secret in tuple(SECRETS) if len(secret) >= 8)
+        return None if secrets_held or BINARY_TOKEN_SHAPES.search(data) else data
+    return redact(text).encode()
+
+
+def blob_entry(item, path, suffix):
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(MIB), b""):
+            digest.update(block)
+    size = path.stat().st_size
+    return {"name": f"{item}-{digest.hexdigest()[:32]}{suffix}", "bytes": size, "sha256": digest.hexdigest(),
+            "parts": max(1, math.ceil(size / STATE_PART_BYTES))}
+
+
+def project_repositories():
+    """The git repositories directly in ~/projects."""
+    return sorted(p for p in local_projects() if (p / ".git").exists())
+
+
+def snapshot_repository(repo, earlier):
+    """(blob entry, bundle file or None when `earlier` is the same snapshot): a bundle of the
+    repository's branches and tags plus a commit of its working tree, untracked files included,
+    made with a temporary copy of the index and a scratch repository borrowing its objects."""
+    git_dir = Path(git(repo, "rev-parse", "--absolute-git-dir").decode().strip())
+    common = Path(git(repo, "rev-parse", "--git-common-dir").decode().strip())
+    common = common if common.is_absolute() else (repo / common).resolve()
+    head = head_commit(repo)
+    branch = git(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False).decode().strip() or None
+    index = PATHS.state_work / f"{repo.name}.index"
+    if (git_dir / "index").exists():
+        shutil.copyfile(git_dir / "index", index)
+    env = {"GIT_INDEX_FILE": str(index), **SNAPSHOT_IDENTITY}
+    git(repo, *RESTORE_GIT, "add", "--all", env=env)
+    tree = git(repo, "write-tree", env=env).decode().strip()
+    work = git(repo, "commit-tree", tree, *(["-p", head] if head else []), "-m", "CoDA: the working tree",
+               env=env).decode().strip()
+    refs = git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads", "refs/tags").decode()
+    remotes = {}
+    for line in git(repo, "config", "--get-regexp", r"^remote\..*\.url$", check=False).decode().splitlines():
+        key, _, url = line.partition(" ")
+        remotes[key.removeprefix("remote.").removesuffix(".url")] = without_credentials(url)
+    key = hashlib.sha256(f"{work}\n{refs}\n{branch}\n{head}\n{sorted(remotes.items())}".encode()).hexdigest()
+    described = {"repository": repo.name, "branch": branch, "head": head, "work": work, "remotes": remotes,
+                 "snapshot": key}
+    if earlier and earlier.get("snapshot") == key:
+        return earlier, None
+    scratch = PATHS.state_work / f"{repo.name}.git"
+    git(PATHS.state_work, "init", "-q", "--bare", str(scratch))
+    (scratch / "objects" / "info" / "alternates").write_text(str(common / "objects") + "\n")
+    updates = "".join(f"update {name} {sha}\n" for sha, name in (line.split(" ", 1) for line in refs.splitlines()))
+    git(scratch, "update-ref", "--stdin", input=(updates + f"update refs/coda/work {work}\n").encode())
+    bundle = PATHS.state_work / f"{repo.name}.bundle"
+    git(scratch, "bundle", "create", "-q", str(bundle), "--all")
+    return {**blob_entry(f"repo-{repo.name}", bundle, ".bundle"), **described}, bundle
+
+
+def without_credentials(url):
+    """A remote's URL without a user:password@ (a token often sits there)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme and "@" in parsed.netloc:
+        return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
+    return url
+
+
+def upload_file(client, path, content):
+    from databricks.sdk.service.workspace import ImportFormat
+
+    client.workspace.upload(path, io.BytesIO(content), format=ImportFormat.AUTO, overwrite=True)
+
+
+def blob_names(client, folder):
+    from databricks.sdk.errors import NotFound
+
+    try:
+        return {item.path.rsplit("/", 1)[1] for item in client.workspace.list(f"{folder}/blobs")}
+    except NotFound:
+        return set()
+
+
+def part_names(blob):
+    return [f"{blob['name']}.{n}" for n in range(blob["parts"])]
+
+
+def upload_blobs(client, folder, blobs, files):
+    """Upload the parts the folder lacks; returns the bytes sent."""
+    present = blob_names(client, folder)
+    client.workspace.mkdirs(f"{folder}/blobs")
+    sent = 0
+    for blob in blobs.values():
+        missing = [n for n, name in enumerate(part_names(blob)) if name not in present]
+        if not missing:
+            continue
+        with open(files[blob["name"]], "rb") as source:
+            for n in missing:
+                source.seek(n * STATE_PART_BYTES)
+                content = source.read(STATE_PART_BYTES)
+                upload_file(client, f"{folder}/blobs/{blob['name']}.{n}", content)
+                sent += len(content)
+    return sent
+
+
+def forget_blobs(client, folder, manifest, previous):
+    """Delete the parts neither this manifest nor the one before it names (a restore reading the
+    previous one while this save ran still finds all of its parts)."""
+    keep = {name for m in (manifest, previous or {}) for blob in m.get("blobs", {}).values()
+            if isinstance(blob, dict) and "name" in blob and isinstance(blob.get("parts"), int)
+            for name in part_names(blob)}
+    for name in sorted(blob_names(client, folder) - keep):
+        delete_object(client, f"{folder}/blobs/{name}")
+
+
+# -- restoring --------------------------------------------------------------------
+
+def restore_state(client, folder, me, started):
+    """Download every blob and check its sha256, then bring back the repositories (and the other
+    projects, as `coda.py restore` does), the agents' files, the shell history and the tabs."""
+    if read_state_record().get("may_save"):
+        log.info("this HOME keeps its own state (%s): nothing restored", PATHS.state_record)
+        return
+    manifest = read_manifest(client, folder)
+    if manifest is None:
+        log.info("no saved state in %s", folder)
+        note_state(may_save=True, restored_at=time.time(), bytes=0, error=None)
+        return
+    shutil.rmtree(PATHS.state_work, ignore_errors=True)
+    PATHS.state_work.mkdir(parents=True, mode=0o700)
+    try:
+        files = download_blobs(client, folder, manifest["blobs"])
+        for item, blob in sorted(manifest["blobs"].items()):
+            if item.startswith("repo-"):
+                restore_repository(files[item], blob)
+        restore_projects_too()
+        allowed = {f"agent-{agent.name}": agent.memory for agent in AGENTS} | {"shell-history": SHELL_HISTORY}
+        for item, blob in sorted(manifest["blobs"].items()):
+            if item in allowed:
+                unpack_files(files[item], allowed[item])
+    finally:
+        shutil.rmtree(PATHS.state_work, ignore_errors=True)
+    write_private(PATHS.state_restored, json.dumps(restored_layout(manifest["layout"], manifest["saved_at"])) + "\n")
+    size = sum(blob["bytes"] for blob in manifest["blobs"].values())
+    note_state(may_save=True, restored_at=time.time(), saved_at=manifest.get("saved_at"), bytes=size, error=None)
+    log.info("state restored from %s (saved %s): %s in %.1f s", folder, utc_clock(manifest.get("saved_at", 0)),
+             size_text(size), time.time() - started)
+    print(f"restored {size}", flush=True)  # setup's step shows the size
+
+
+def download_blobs(client, folder, blobs):
+    """{item: local file}, each checked against its sha256 before anything is changed."""
+    files = {}
+    for item, blob in blobs.items():
+        try:
+            name, parts, expected = blob["name"], blob["parts"], blob["sha256"]
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not isinstance(parts, int) or not 0 < parts < 10_000:
+                raise ValueError(name)
+        except (KeyError, TypeError, ValueError):
+            raise StateError(f"the saved state in {folder} is damaged (its entry for {item} is not as written); "
+                             "nothing was changed, and saving is paused so it is not overwritten") from None
+        target = PATHS.state_work / name
+        digest = hashlib.sha256()
+        with open(target, "wb") as out:
+            for n in range(parts):
+                content = client.workspace.download(f"{folder}/blobs/{name}.{n}").read()
+                digest.update(content)
+                out.write(content)
+        if digest.hexdigest() != expected:
+            raise StateError(f"the saved state in {folder} is damaged ({name} does not match its checksum); "
+                             "nothing was changed, and saving is paused so it is not overwritten")
+        files[item] = target
+    return files
+
+
+def restore_repository(bundle, blob):
+    """Clone a saved repository from its bundle into ~/projects (unless the folder exists): its
+    branches, its HEAD, and the working tree as it was, the changes unstaged."""
+    name = blob.get("repository")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or holds_git_name(name):
+        log.warning("skipped a saved repository named %r: not a plain folder name", name)
+        return
+    target, staging = PATHS.projects / name, PATHS.projects / f".{name}.restoring"
+    if target.exists():
+        log.info("kept ~/projects/%s as it is (it exists); its saved snapshot is not applied", name)
+        return
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        git(staging, *RESTORE_GIT, "init", "-q")
+        git(staging, *RESTORE_GIT, "fetch", "-q", "--update-head-ok", str(bundle), "refs/*:refs/*")
+        branch, head, work = blob.get("branch"), blob.get("head"), blob.get("work")
+        if branch:
+            git(staging, "check-ref-format", f"refs/heads/{branch}")
+            git(staging, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+        elif head:
+            git(staging, "update-ref", "--no-deref", "HEAD", head)
+        git(staging, *RESTORE_GIT, "read-tree", work)
+        git(staging, *RESTORE_GIT, "checkout-index", "--all", "--force")
+        git(staging, *RESTORE_GIT, "read-tree", *([head] if head else ["--empty"]))
+        git(staging, "update-ref", "-d", "refs/coda/work")
+        for remote, url in (blob.get("remotes") or {}).items():
+            git(staging, "remote", "add", remote, url, check=False)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        trust_folder(target)  # the user's own project: the agents open it without asking, as before
+    except ConfigError as error:
+        log.warning("restored %s, but the agents will ask before they trust it: %s", name, error)
+    log.info("restored ~/projects/%s at %s with its uncommitted work", name, (head or "no commit")[:12])
+
+
+def restore_projects_too():
+    """The projects the workspace sync holds that no bundle brought back, as `coda.py restore` does."""
+    try:
+        host, token = saved_credentials()
+        client, me = workspace_session(host, token)
+        names = workspace_projects(client, me.user_name)
+    except Exception as error:
+        log.warning("could not list the workspace's projects: %s", reason(error))
+        return
+    for name in names:
+        if not holds_git_name(name) and not (PATHS.projects / name).exists():
+            try:
+                restore_project(client, me, host, name)
+            except Exception as error:
+                log.warning("could not restore %s: %s", name, reason(error))
+
+
+def unpack_files(archive_path, paths):
+    """Put back the archive's regular files that lie on `paths` and do not exist yet (0600)."""
+    import tarfile
+
+    home = PATHS.home.resolve()
+    with tarfile.open(archive_path, "r:gz") as archive:
+        for member in archive:
+            name = member.name
+            if not member.isfile() or name.startswith("/") or ".." in name.split("/") or not any(
+                    name == p or name.startswith(p + "/") for p in paths):
+                log.warning("skipped %s in the saved state: not one of the files it may hold", name)
+                continue
+            target = home / name
+            if target.exists() or target.is_symlink():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder = target.parent.resolve()
+            if folder != home and home not in folder.parents:  # a linked folder on the way leads elsewhere
+                log.warning("skipped %s in the saved state: its folder leads out of HOME", name)
+                continue
+            with archive.extractfile(member) as source, open(
+                    os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as out:
+                shutil.copyfileobj(source, out)
+            os.utime(target, (member.mtime, member.mtime))
+
+
+def restored_layout(layout, saved_at):
+    """The saved tabs for the page, each pane's folder back under this HOME (or ~/projects if it is gone)."""
+    tabs = []
+    for tab in layout.get("tabs", [])[:MAX_LAYOUT_TABS] if isinstance(layout.get("tabs"), list) else []:
+        panes = []
+        for pane in tab.get("panes", [])[:2] if isinstance(tab, dict) and isinstance(tab.get("panes"), list) else []:
+            if not isinstance(pane, dict):
+                continue
+            folder = pane.get("cwd") if isinstance(pane.get("cwd"), str) else ""
+            path = (PATHS.home / folder).resolve()
+            if PATHS.home.resolve() not in (path, *path.parents) or not path.is_dir():
+                folder = "projects"
+            agent = pane.get("agent") if pane.get("agent") in {a.name for a in AGENTS} else None
+            panes.append({"label": clean_label(str(pane.get("label") or ""))[:100], "cwd": folder, "agent": agent})
+        if panes:
+            tabs.append({"name": clean_label(str(tab.get("name") or ""))[:100], "panes": panes,
+                         "split": tab.get("split") if isinstance(tab.get("split"), (int, float)) else 50})
+    return {"saved_at": saved_at, "tabs": tabs, "active": layout.get("active", 0)}
+
+
 # ===========================================================================
 # 15. Command line
 # ===========================================================================
@@ -6316,7 +7128,7 @@ def doctor():
     chain = [("workspace reachable", workspace), ("token valid", token_valid), ("token can mint", can_mint),
              ("AI Gateway", gateway)]  # each needs the one before it
     checks = [("token rotation", rotation), ("local proxy", proxy), ("MLflow tracing", tracing_check),
-              ("MCP servers", mcp)]
+              ("MCP servers", mcp), ("saved work", state_check)]
     checks += [(f"{each.label} installed and configured", agent(each.name, PATHS.home / each.config_file))
                for each in enabled_agents()]
     model_checks = [("served models", served_models)]  # the ones after it read its listing
@@ -6385,6 +7197,24 @@ def usage_lines(rows, key, total):
     return [*lines, line("total", total["today"])] if lines else ["no model calls yet today"]
 
 
+def state_check():
+    """Doctor: the last save of the work to the workspace (CODA_STATE), its size, or why it fails."""
+    if not CONFIG.state:
+        return "off (CODA_STATE=0)"
+    if not (CONFIG.databricks_host or read_databrickscfg()[0]):  # a terminal's doctor has no DATABRICKS_HOST
+        return "off: no Databricks workspace is configured"
+    record = read_state_record()
+    if record.get("error"):
+        raise StepFailed(f"{record['error']} (at {utc_clock(record.get('error_at') or 0)})")
+    if record.get("saved_at"):
+        left_out = f"; left out: {'; '.join(record['left_out'])}" if record.get("left_out") else ""
+        return (f"last saved at {utc_clock(record['saved_at'])}, {size_text(record.get('bytes') or 0)}, to "
+                f"{record.get('folder') or 'the workspace'}{left_out}")
+    if record.get("may_save"):
+        return "nothing saved yet (CoDA saves every few minutes while something changes, and when it stops)"
+    raise StepFailed("nothing is saved until a token is pasted in the CoDA page (the saved work is restored first)")
+
+
 def refresh_skills():
     """`coda.py skills`: fetch the skill packs again (CODA_SKILLS) and link them for every agent."""
     step = Step("skills", "Agent skills", install_skills, "install")
@@ -6400,6 +7230,8 @@ COMMANDS = {  # subcommand: (function, help, positional arguments)
     "sync": (sync_repository, "copy a repository's last commit to the workspace (the post-commit hook runs this)",
              ("repository",)),
     "restore": (restore_projects, "download the projects your workspace holds and ~/projects lacks", ()),
+    "state": (state_command, "save the tabs, uncommitted work and agents' conversations to the workspace, or restore "
+              "them (the server runs this: `state save`, `state restore`)", ("action",)),
     "token": (print_token, "print the current Databricks token (answered before any heavy import)", ()),
     "proxy-key": (print_proxy_key, "print an agent's key for the local proxy (Claude Code and Codex call this; "
                   "answered before any heavy import)", ("agent",)),

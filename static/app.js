@@ -678,7 +678,8 @@ class Pane {
   async create(label, launch) {
     this.fit();
     const { status, data } = await api('POST', 'api/session', { label, cols: this.term.cols, rows: this.term.rows,
-      agent: launch ? launch.agent : undefined, project: launch && launch.project ? launch.project : undefined });
+      agent: launch ? launch.agent : undefined, project: launch && launch.project ? launch.project : undefined,
+      cwd: launch && launch.cwd ? launch.cwd : undefined });
     if (status !== 200 || !data.session_id) {
       this.showCreateError(status, data.error);
       return false;
@@ -1088,6 +1089,7 @@ function dragDivider(tab, ev) {
 let restoring = false;
 function saveLayout() {
   if (restoring) return;
+  reportLayout();
   store.set('layout', {
     active: tabs.indexOf(activeTab),
     tabs: tabs.map((t) => ({
@@ -1354,6 +1356,7 @@ function showTokenCard(pane, workspaceHost, why) {
       message.className = 'pat-message ok';
       message.textContent = `Connected as ${data.user || 'you'}.`;
       setTimeout(() => card.remove(), 4000);
+      reopenSaved();
     } else {
       message.className = 'pat-message error';
       message.textContent = data.error || 'That token did not work.';
@@ -1364,6 +1367,71 @@ function showTokenCard(pane, workspaceHost, why) {
 }
 
 function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+// ---------------------------------------------------------------------------
+// Restart-proof work: the page reports its tabs (the server keeps them, with
+// each session's folder and agent, in the workspace); after a restart it
+// reopens the saved tabs in their folders, and offers each tab that ran an
+// agent that agent's own resume command. Nothing is resumed unasked.
+// ---------------------------------------------------------------------------
+
+let bootTab = null;        // the tab boot opened itself, replaced by the saved ones
+let layoutTimer = 0;
+
+function reportLayout() {
+  clearTimeout(layoutTimer);
+  layoutTimer = setTimeout(() => api('POST', 'api/layout', {
+    active: Math.max(0, tabs.indexOf(activeTab)),
+    tabs: tabs.map((t) => ({ name: t.name, split: t.split, sessions: t.panes.map((p) => p.sessionId).filter(Boolean) })),
+  }), 500);
+}
+
+// The saved tabs, once: false when there are none (or they were reopened already).
+async function reopenSaved() {
+  let answer = await api('GET', 'api/layout');
+  for (let i = 0; answer.status === 200 && answer.data.restoring && i < 600; i += 1) {
+    await sleep(1000);            // the restore runs before any saved tab opens
+    answer = await api('GET', 'api/layout');
+  }
+  const saved = answer.status === 200 ? answer.data.restored : null;
+  if (!saved || !Array.isArray(saved.tabs) || !saved.tabs.length) return false;
+  if (store.get('reopened', null) === saved.saved_at) return false;
+  store.set('reopened', saved.saved_at);
+  const blank = bootTab && tabs.length === 1 && tabs[0] === bootTab ? bootTab : null;
+  const opened = [];
+  for (const t of saved.tabs.slice(0, MAX_TABS)) {
+    if (tabs.length >= MAX_TABS) break;
+    const tab = makeTab(String(t.name || '').slice(0, 100) || shellName());
+    tab.split = Math.min(85, Math.max(15, Number(t.split) || 50));
+    showTab(tab);
+    for (const p of (t.panes || []).slice(0, 2)) {
+      const pane = addPane(tab);
+      if (await pane.create(p.label || tab.name, { cwd: p.cwd }) && p.resume) offerResume(pane, p);
+    }
+    opened.push(tab);
+  }
+  if (blank) closeTab(blank);
+  bootTab = null;
+  showTab(opened[saved.active] || opened[0]);
+  saveLayout();
+  toast(`Reopened ${opened.length} tab${opened.length === 1 ? '' : 's'} from before the restart.`, '');
+  return opened.length > 0;
+}
+
+function offerResume(pane, saved) {
+  const resume = el('button', { text: `Resume: ${saved.resume}` });
+  const no = el('button', { text: 'No thanks' });
+  const card = el('div', { class: 'card resume-card', 'data-card': 'resume' },
+    el('div', { class: 'card-title', text: `This tab ran ${saved.agent_label || saved.agent} before the restart` }),
+    el('div', { class: 'pat-row' }, resume, no));
+  resume.addEventListener('click', () => {
+    card.remove();
+    if (pane.sessionId && !pane.exited) transport.input(pane, saved.resume + '\r');
+    pane.term.focus();
+  });
+  no.addEventListener('click', () => { card.remove(); pane.term.focus(); });
+  pane.el.append(card);
+}
 
 // ---------------------------------------------------------------------------
 // Search
@@ -2289,7 +2357,10 @@ async function boot() {
   if (version.status === 200) serverVersion = version.data.version || '';
   if (transport.mode === 'auth') return;
   transport.start();
-  if (!(await restoreLayout(live || []))) { await newTab(); if (firstPane()) showWelcome(firstPane()); }
+  if (!(await restoreLayout(live || [])) && !(await reopenSaved())) {
+    bootTab = await newTab();
+    if (firstPane()) showWelcome(firstPane());
+  }
   statusBar.start();
   loadExtrasAfterFirstOutput();
   refreshBadge();
