@@ -140,8 +140,9 @@ def test_without_the_proxy_port_no_managed_server_is_written(home, monkeypatch):
     port.error = "127.0.0.1:4999 is held by another program"
     monkeypatch.setattr(coda.PROCESS, "proxy_port", port)
     monkeypatch.setattr(coda, "PROXY_SETTLE_SECONDS", 0)
-    coda.configure_claude(coda.AgentContext())
-    assert set(servers(home.path)["claude"]) == {"deepwiki", "exa"}
+    assert [name for name, _, _ in coda.AgentContext().mcp_servers()] == ["deepwiki", "exa"]
+    with pytest.raises(coda.ConfigError, match="held by another program"):
+        coda.configure_claude(coda.AgentContext())  # every agent's model calls need the proxy too
     step = coda.mcp_step()
     step.execute()
     assert step.status == "failed" and "held by another program" in step.error
