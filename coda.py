@@ -2324,11 +2324,17 @@ class TerminalSocket:
         self.leave(session.id)
         session.touch()
         offset = min(max(since, session.stream.start), session.stream.end)
-        self._ping()  # output is about to flow: one more round trip, measured before it queues (and
-        # sent before `joined`, so that a client reading up to `joined` has taken it: nothing is left to read)
-        self.send_json({"type": "joined", "session_id": session.id, "offset": offset,
-                        "truncated": since < session.stream.start})
+        # Joined at once: while `joined` waits its turn on a full socket, flow control holds the
+        # program at this reader's offset (with no reader it would run on, and the ring drop it).
         subscriber = session.subscribe(offset)
+        try:
+            self._ping()  # output is about to flow: one more round trip, measured before it queues (and
+            # sent before `joined`, so that a client reading up to `joined` has taken it: nothing is left to read)
+            self.send_json({"type": "joined", "session_id": session.id, "offset": offset,
+                            "truncated": since < session.stream.start})
+        except BaseException:
+            session.unsubscribe(subscriber)
+            raise
         self.senders[session.id] = (gevent.spawn(self._send_output, session, subscriber), subscriber)
 
     def leave_message(self, session, body):
@@ -2403,11 +2409,14 @@ class TerminalSocket:
     def _send_whole(self, subscriber, message):
         """Send one message of a sender greenlet, which leave() never stops inside it (a frame
         cut short would end the socket for every session on it); False once the reader has left."""
-        subscriber.sending = True
-        try:
-            self.ws.send(message, binary=isinstance(message, bytes))
-        finally:
-            subscriber.sending = False
+        with self.ws.send_lock:  # reentrant: ws.send takes it again; a sender waiting for it may be stopped
+            if subscriber.left:
+                return False  # it left while this waited its turn: a frame now would follow its `joined`
+            subscriber.sending = True
+            try:
+                self.ws.send(message, binary=isinstance(message, bytes))
+            finally:
+                subscriber.sending = False
         return not subscriber.left
 
     def _room(self, session, subscriber, offset):
