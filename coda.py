@@ -3117,14 +3117,16 @@ class DeltaLogShipper:
                 log.warning("the last app logs could not be written to %s (%s)", self.table, reason(error))
 
 
-def run_statement(client, warehouse_id, statement, parameters=None, patience=DELTA_PATIENCE):
-    """Run one statement on the warehouse, waiting (bounded) while the warehouse starts; its answer."""
+def run_statement(client, warehouse_id, statement, parameters=None, patience=None):
+    """Run one statement on the warehouse, waiting (bounded: `patience`, else DELTA_PATIENCE) while
+    the warehouse starts; its answer."""
     from databricks.sdk.service.sql import ExecuteStatementRequestOnWaitTimeout, StatementState
 
     run = client.statement_execution
     answer = run.execute_statement(statement=statement, warehouse_id=warehouse_id, parameters=parameters,
                                    wait_timeout="10s",  # under workspace_client's 20 s HTTP timeout
                                    on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE)
+    patience = DELTA_PATIENCE if patience is None else patience
     deadline = time.monotonic() + patience
     while answer.status.state in (StatementState.PENDING, StatementState.RUNNING):
         if time.monotonic() > deadline:
