@@ -333,11 +333,12 @@ def offer_downloads(names):
 if __name__ == "__main__" and sys.argv[1:2] == ["download"] and len(sys.argv) > 2:
     sys.exit(offer_downloads(sys.argv[2:]))
 
-if __name__ == "__main__" and __spec__ is None and sys.argv[1:2] != ["trace"]:
+if __name__ == "__main__" and __spec__ is None and __file__.endswith("/coda.py") and sys.argv[1:2] != ["trace"]:
     # Run as a module, not as a script: CPython keeps a script's whole syntax tree until the script
     # ends, 11 MiB for this file (a quarter of an idle server); a module's is freed once compiled,
     # and its bytecode is cached. The same process (exec keeps the pid), arguments, interpreter flags
-    # and sys.path (this folder first, as for a script); runpy sets __spec__, so this runs once.
+    # and sys.path (this folder first, as for a script); runpy sets __spec__, so this runs once. (A copy
+    # under another name runs as a script: `coda` is the module this imports.)
     import os
 
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]

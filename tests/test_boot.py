@@ -49,3 +49,14 @@ def test_the_interpreter_flags_and_arguments_reach_coda(tmp_path):
     done = run_coda(folder, home, "--port", "notaport", python_flags=("-X", "importtime"))
     assert done.returncode == 2 and "invalid int value: 'notaport'" in done.stderr  # argparse saw the arguments
     assert "| gevent" in done.stderr  # -X importtime still held when the heavy imports ran
+
+
+def test_a_copy_under_another_name_still_runs(tmp_path):
+    folder, home = app_folder(tmp_path), tmp_path / "home"
+    home.mkdir()
+    (folder / "coda.py").rename(folder / "coda-server.py")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "CODA_", "APP_"))}
+    done = subprocess.run([sys.executable, str(folder / "coda-server.py"), "--version"], cwd=str(home),
+                          env={**environment, "HOME": str(home), "CODA_INSTALL": "0"},
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "0.1.0"), done.stderr
