@@ -67,7 +67,8 @@ Contents
                         restore, state, sync, trace, notify, download; without one,
                         serve. (`token`, `proxy-key`, `agents`, `notify`, `download` and
                         the trace hook's detach are answered at the top of the
-                        file, before the heavy imports.)
+                        file, before the heavy imports; anything else runs the file
+                        again as the module `coda`, which frees its syntax tree.)
 """
 
 import collections
