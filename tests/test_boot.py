@@ -60,3 +60,13 @@ def test_a_copy_under_another_name_still_runs(tmp_path):
                           env={**environment, "HOME": str(home), "CODA_INSTALL": "0"},
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "0.1.0"), done.stderr
+
+
+def test_a_subcommand_runs_as_the_script_it_is(tmp_path):
+    """Only serving runs the file a second time, as a module: a short-lived command would pay the
+    second start for nothing."""
+    folder, home = app_folder(tmp_path), tmp_path / "home"
+    home.mkdir()
+    done = run_coda(folder, home, "no-such-command")
+    assert done.returncode == 2 and "invalid choice: 'no-such-command'" in done.stderr
+    assert not (folder / "__pycache__").exists()
