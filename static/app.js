@@ -1302,6 +1302,14 @@ async function watchToken() {
 // ---- MCP servers outside the workspace ----
 // With a workspace, a card names the MCP servers the agents get that leave it
 // (the third-party ones), until it is hidden for that same list.
+// The cards at a pane's bottom left (the welcome, the MCP notice, a resume offer) stack in one
+// column there, never one on top of another.
+function addCornerCard(pane, card) {
+  let stack = pane.el.querySelector(':scope > .card-stack');
+  if (!stack) { stack = el('div', { class: 'card-stack' }); pane.el.append(stack); }
+  stack.append(card);
+}
+
 async function noteThirdPartyMcp() {
   const app = await api('GET', 'api/app-state');
   const pane = firstPane();
@@ -1316,7 +1324,7 @@ async function noteThirdPartyMcp() {
     el('ul', {}, ...leaving.map((s) => el('li', { text: `${s.name} (${s.host})` }))),
     el('p', { text: 'The agents\u2019 tool calls to these leave your Databricks workspace. CODA_MCP_THIRD_PARTY=0 drops them.' }));
   hide.addEventListener('click', () => { store.set('mcpNoticeHidden', list); card.remove(); });
-  pane.el.append(card);
+  addCornerCard(pane, card);
 }
 
 async function checkToken(workspaceHost) {
@@ -1430,7 +1438,7 @@ function offerResume(pane, saved) {
     pane.term.focus();
   });
   no.addEventListener('click', () => { card.remove(); pane.term.focus(); });
-  pane.el.append(card);
+  addCornerCard(pane, card);
 }
 
 // ---------------------------------------------------------------------------
@@ -1686,7 +1694,7 @@ async function openLauncher() {
     const id = 'agent-state-' + agent.name;
     const state = agent.ready ? 'Ready' + (agent.model ? ' \u00b7 ' + agent.model : '')
       : `Not ready: ${agent.reason}. ${agent.action || ''}`;
-    const why = agent.model_why ? ` (${agent.model_why})` : '';  // which model, and why that one
+    const why = agent.ready && agent.model_why ? ` (${agent.model_why})` : '';  // which model, and why that one
     const start = el('button', { class: 'launch', text: agent.label, 'data-agent': agent.name, 'aria-describedby': id,
       onclick: () => launch(agent) });
     start.disabled = !startable(agent);
@@ -1746,7 +1754,7 @@ async function showWelcome(pane) {
       launcher, ' (Alt+Shift+A).');
   }
   card.append(next);
-  pane.el.append(card);
+  addCornerCard(pane, card);
 }
 
 // ---------------------------------------------------------------------------
