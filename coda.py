@@ -4292,7 +4292,7 @@ def agent_problem(agent):
         if install and install.status in ("pending", "running") and (CONFIG.install or install.started_at):
             return "being installed", "Wait for setup to finish."
         if not CONFIG.install:
-            return "not installed", "Install it into ~/.local from the first pane (\"Install agents\")."
+            return "not installed", "Install it into ~/.local with the welcome card's \"Install them into ~/.local\"."
         return "not installed", "Restart CoDA to run its install step again."
     if configure and configure.status == "failed":
         return f"setup failed: {configure.error}", "Replace the token from the status bar to write its configuration again."
