@@ -153,8 +153,10 @@ def test_the_install_offer_runs_agents_sh_as_setup_steps(start_coda, tmp_path):
         fake_agent(home, name)
     server = start_coda({"ENABLE_HERMES": "0", **DEAD_REGISTRIES}, home=home)
     assert server.get("/api/agents").json()["install_offer"] == ["claude"]
-    steps = {s["id"]: s for s in server.get("/api/setup-status").json()["steps"]}
-    assert steps["claude"]["status"] == "skipped"
+    def install_step():
+        return {s["id"]: s for s in server.get("/api/setup-status").json()["steps"]}["claude"]["status"]
+
+    assert wait_for(lambda: install_step() != "pending" and install_step(), what="setup's install steps") == "skipped"
     assert server.api("/api/setup/install-agents", {}) == {"status": "started", "agents": ["claude"]}
 
     def settled():
