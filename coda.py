@@ -681,6 +681,15 @@ def write_private(path, text):
     os.replace(temporary, path)
 
 
+def read_json_object(path):
+    """The JSON object a file of CoDA's own holds, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class Process:
     """The objects that make up the running server, built and wired together in one place, wire()
     (section 12): a map of who talks to whom. Functions (routes, the proxy, setup steps) reach them
@@ -4069,11 +4078,7 @@ def prepare_tracing(step):
 
 
 def read_tracing_file():
-    try:
-        data = json.loads(PATHS.tracing_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(PATHS.tracing_file)
 
 
 # The commit hook step: a global core.hooksPath whose post-commit starts `coda.py sync`
@@ -4346,11 +4351,7 @@ def state_enabled():
 
 def read_state_record():
     """~/.coda/state-record.json: the last save or restore, written by `coda.py state` (never a token)."""
-    try:
-        record = json.loads(PATHS.state_record.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_object(PATHS.state_record)
 
 
 def foreground_agent(session):
@@ -4553,10 +4554,7 @@ def report_layout(body):
 def saved_layout():
     """Whether state is kept, the last save, and the tabs a restore brought back (with each agent's resume command)."""
     step = next((s for s in PROCESS.setup.token if s.id == "restore-state"), None)
-    try:
-        restored = json.loads(PATHS.state_restored.read_text())
-    except (OSError, ValueError):
-        restored = None
+    restored = read_json_object(PATHS.state_restored) or None
     agents = {agent.name: agent for agent in AGENTS}
     for tab in (restored or {}).get("tabs", []):
         for pane in tab.get("panes", []):
@@ -6716,11 +6714,7 @@ def pack_state(previous):
 
 
 def read_layout_file():
-    try:
-        layout = json.loads(PATHS.state_layout.read_text())
-    except (OSError, ValueError):
-        return {"tabs": []}
-    return layout if isinstance(layout, dict) else {"tabs": []}
+    return read_json_object(PATHS.state_layout) or {"tabs": []}
 
 
 def pack_files(item, paths, left_out):
