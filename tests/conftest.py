@@ -23,9 +23,20 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count):
+    """`count` distinct free ports: held open together while they are picked, so that two picks
+    in a row never name the same port (a CoDA whose proxy port was its own port answered 403)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_for(condition, timeout=20, step=0.05, what="the condition"):
@@ -45,13 +56,13 @@ class Coda:
     def __init__(self, home, env=None, args=()):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port, proxy_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
         environment = {k: v for k, v in os.environ.items()
                        if not k.startswith(("DATABRICKS_", "CODA_", "APP_", "MLFLOW_"))}
         environment.update(HOME=str(self.home), CODA_TOKEN=TOKEN, CODA_INSTALL="0", PYTHONUNBUFFERED="1",
-                           CODA_PROXY_PORT=str(free_port()))
+                           CODA_PROXY_PORT=str(proxy_port))
         environment.update(env or {})
         if environment.get("CODA_TOKEN") is None:
             environment.pop("CODA_TOKEN")
