@@ -18,6 +18,8 @@ import pytest
 import requests
 import websocket
 
+from fake_workspace import FakeWorkspace
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
 
@@ -208,6 +210,14 @@ class Socket:
 
     def close(self):
         self.ws.close()
+
+
+@pytest.fixture
+def workspace():
+    """A fake Databricks workspace on 127.0.0.1 for one test (tests/fake_workspace.py)."""
+    fake = FakeWorkspace().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ import pytest
 import requests
 
 from conftest import ROOT, free_port, wait_for
-from fake_workspace import FakeWorkspace
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 def coda_env(workspace, **extra):

@@ -13,18 +13,11 @@ import gevent
 import pytest
 
 from conftest import ROOT, wait_for
-from fake_workspace import OTHER_SERVING_ENDPOINTS, FakeWorkspace, serving_endpoint
+from fake_workspace import OTHER_SERVING_ENDPOINTS, serving_endpoint
 from test_browser import browser, open_tab  # noqa: F401 (fixtures)
 from test_databricks import coda_env, load_coda
 
 UNSERVED = "databricks-claude-opus-9-9"  # a name no workspace serves
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 def listings(workspace):

@@ -125,13 +125,6 @@ def test_the_hook_answers_fast_and_quietly_without_a_terminal(tmp_path):
     assert time.perf_counter() - started < 2.0  # before the heavy imports
 
 
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
-
-
 def configured(home, workspace, **env):
     """A server against the fake workspace with a token pasted, once the agents' configs are written."""
     server = Coda(home, {"DATABRICKS_HOST": workspace.url, "DATABRICKS_GATEWAY_HOST": workspace.gateway_url,

@@ -16,7 +16,6 @@ import pytest
 
 from agent_table import NPM_AGENTS
 from conftest import ROOT, free_port
-from fake_workspace import FakeWorkspace
 from test_install import Mirror, publish
 
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
@@ -141,13 +140,6 @@ def assert_no_agent_points_at(home, port):
 
 def proxy_steps_settled(server):
     return wait_settled(server, ["proxy", *(f"configure-{agent}" for agent in PROXIED_AGENTS)], timeout=90)[1]
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 def coda_env(workspace, port):

@@ -15,17 +15,9 @@ import time
 import pytest
 
 from conftest import ROOT, Coda, wait_for
-from fake_workspace import FakeWorkspace
 
 STATE = "/Workspace/Users/alice@example.com/.coda/state"
 GIT = ["git", "-c", "user.name=U", "-c", "user.email=u@example.com"]
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 def coda_env(workspace, **extra):

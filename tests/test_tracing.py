@@ -16,20 +16,12 @@ import pytest
 
 from agent_table import AGENT_ROWS
 from conftest import ROOT, Coda, wait_for
-from fake_workspace import FakeWorkspace
 
 CODA = [sys.executable, str(ROOT / "coda.py")]
 AGENTS_BIN = Path(os.environ.get("CODA_TEST_AGENTS") or Path.home() / ".cache" / "coda-test" / "agents") / "bin"
 pytestmark = pytest.mark.skipif(not (AGENTS_BIN / "claude").exists(), reason="the agent CLIs are installed by tests/run.sh")
 TRACE_WAIT = 90  # seconds for a detached writer: Python and MLflow imports, then the store
 USER_STOP_HOOK = {"hooks": [{"type": "command", "command": "echo user-stop-hook"}]}
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 class Server(Coda):

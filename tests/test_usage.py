@@ -17,7 +17,6 @@ import pytest
 import requests
 
 from conftest import ROOT, Coda, free_port, wait_for
-from fake_workspace import FakeWorkspace
 
 sys.path.insert(0, str(ROOT))
 import coda  # noqa: E402
@@ -25,13 +24,6 @@ import coda  # noqa: E402
 AGENTS = Path(os.environ.get("CODA_TEST_AGENTS", Path.home() / ".cache" / "coda-test" / "agents"))
 OPUS = "databricks-claude-opus-4-7"
 TODAY = time.strftime("%Y-%m-%d", time.gmtime())
-
-
-@pytest.fixture
-def workspace():
-    fake = FakeWorkspace().start()
-    yield fake
-    fake.stop()
 
 
 def start(home, workspace, **env):
