@@ -744,6 +744,7 @@ MAX_POLL_WAIT = 30.0             # seconds a long-poll may hold
 POLL_SLICE = 1 * MIB             # bytes of output in one JSON answer
 FRAME_SLICE = 64 * KIB           # bytes of output in one binary frame (an echo waits behind at most one)
 READ_SIZE = 64 * KIB             # bytes gathered from the PTY before one append
+TYPING_SECONDS = 1.0             # a session typed into this recently is interactive (Keystrokes)
 PING_SECONDS = 25                # WebSocket keep-alive, under the contract's 30 s
 CLOSE_GRACE = 2.0                # SIGHUP to SIGKILL
 INPUT_QUEUE_BYTES = 4 * MIB      # input waiting for one session's program; beyond it input is refused (429)
@@ -1022,6 +1023,7 @@ SECRET_NAMES = {"DATABRICKS_TOKEN", "DATABRICKS_HOST", "DATABRICKS_CLIENT_ID",
                 "DATABRICKS_CLIENT_SECRET", "CODA_TOKEN", "CLAUDECODE", "CLAUDE_CODE_SESSION"}
 SECRET_SUFFIXES = ("_TOKEN", "_SECRET", "_PASSWORD", "_API_KEY")
 _real_signal = _monkey.get_original("signal", "signal")
+_real_select = _monkey.get_original("select", "select")
 
 
 class ApiError(Exception):
@@ -1203,9 +1205,42 @@ def download_offer_path(quoted):
     return path
 
 
+def _readable_now(fds):
+    """Whether one of `fds` has something to read, without waiting (a closed one has not)."""
+    try:
+        return bool(_real_select(fds, (), (), 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
 def notice_clean(raw, limit):
     text = raw.decode("utf-8", "replace")
     return "".join(ch for ch in text if ch.isprintable()).strip()[:limit]
+
+
+class Keystrokes:
+    """Which session was typed into last, when, and the descriptors its echo comes through:
+    its PTY and the socket that carried the keystroke. The event loop is one: a flood's
+    reader spends about a millisecond on each turn's 64 KiB of PTY reads, and an echo needs
+    three turns (the keystroke, the program's answer, its frame). So beside a session
+    being typed into, every other reader lets what was woken before it go first, and ends
+    its turn as soon as one of those descriptors has something (Session._pump)."""
+
+    def __init__(self):
+        self.session_id, self.at, self.fds = None, -TYPING_SECONDS, ()
+
+    def typed(self, session_id, fds):
+        self.session_id, self.at, self.fds = session_id, time.monotonic(), fds
+
+    def seconds_left(self, session_id):
+        """How long another session than this one stays interactive: 0 when none is."""
+        if self.session_id in (None, session_id):
+            return 0.0
+        return max(0.0, self.at + TYPING_SECONDS - time.monotonic())
+
+    def urgent_fds(self, session_id):
+        """The descriptors to give way to, when another session than this is being typed into."""
+        return self.fds if self.seconds_left(session_id) else ()
 
 
 class Subscriber:
@@ -1222,8 +1257,9 @@ class Subscriber:
 class Session:
     """A shell on a PTY: its process group, its output stream and its reader."""
 
-    def __init__(self, config, label, cols, rows, env, cwd=None, command=None, on_notice=None):
+    def __init__(self, config, label, cols, rows, env, cwd=None, command=None, on_notice=None, keystrokes=None):
         self.config = config
+        self.keystrokes = keystrokes or Keystrokes()  # the manager's, shared by every session
         self.on_notice = on_notice  # (notice) -> None: tell every page (section 7's sockets)
         self.id = secrets.token_hex(8)
         self.label = label
@@ -1270,21 +1306,27 @@ class Session:
         hub = gevent.get_hub()
         while self.fd is not None:
             self._may_read.wait()
-            data, ended = self._read_available()
+            urgent = self.keystrokes.urgent_fds(self.id)
+            if urgent:
+                gevent.sleep(0)  # the typed session's frame, woken in this loop turn, goes first
+            data, ended = self._read_available(urgent)
             if data:
                 self._notice(data)
                 self.stream.append(data)
                 self.update_flow()
             if ended:
                 return
-            if not data:
+            if urgent or not data:  # beside typing, at once if there is more, but after every other ready descriptor
                 hub.wait(self._readable)
 
-    def _read_available(self):
-        """(bytes, ended): what the PTY has now, up to READ_SIZE. The tty layer hands
-        out about 4 KiB per read; gathering them makes one append and one wake-up."""
+    def _read_available(self, urgent_fds=()):
+        """(bytes, ended): what the PTY has now, up to READ_SIZE, or less once one of
+        `urgent_fds` is readable. The tty layer hands out about 4 KiB per read (some
+        50 us each); gathering them makes one append and one wake-up."""
         parts, size = [], 0
         while size < READ_SIZE:
+            if parts and urgent_fds and _readable_now(urgent_fds):
+                break
             try:
                 chunk = os.read(self.fd, READ_SIZE - size)
             except BlockingIOError:
@@ -1338,14 +1380,27 @@ class Session:
         self.update_flow()
 
     # -- input -------------------------------------------------------------
-    def write(self, data):
-        """Queue keystrokes for the PTY and return at once: a program that reads nothing
-        stalls only its own session, never the socket or request that carries them."""
+    def write(self, data, socket_fd=None):
+        """Write keystrokes to the PTY, queueing what it does not take now, and return at
+        once: a program that reads nothing stalls only its own session, never the socket
+        or request that carries them. With nothing queued they go in at once (a keystroke
+        so skips the writer's turn of the event loop). `socket_fd`: the WebSocket that
+        carried them, where the next keystrokes will arrive (Keystrokes)."""
         if self.fd is None:
             raise ApiError(404, "Session not found.")
+        self.keystrokes.typed(self.id, (self.fd,) if socket_fd is None else (self.fd, socket_fd))
         if self._input_bytes + len(data) > INPUT_QUEUE_BYTES:
             raise ApiError(429, f"This session's program is not reading its input: with this, more than "
                                 f"{INPUT_QUEUE_BYTES // MIB} MiB would be waiting for it, so this input was not sent.")
+        if not self._input:
+            try:
+                data = data[os.write(self.fd, data):]
+            except BlockingIOError:
+                pass
+            except OSError:
+                pass  # the terminal is gone: the writer finds out, and the exit notice follows
+            if not data:
+                return
         self._input.append(data)
         self._input_bytes += len(data)
         self._input_waiting.set()
@@ -1450,6 +1505,7 @@ class Sessions:
         self.by_id = {}
         self.starting = 0
         self.shutting_down = gevent.event.Event()
+        self.keystrokes = Keystrokes()
 
     def create(self, label, cols, rows, cwd=None, command=None):
         if self.shutting_down.is_set():
@@ -1461,7 +1517,7 @@ class Sessions:
         self.starting += 1
         try:
             session = Session(self.config, label or f"Shell {len(self.by_id) + 1}", cols, rows, self.environment(),
-                              cwd, command, self.on_notice)
+                              cwd, command, self.on_notice, self.keystrokes)
         finally:
             self.starting -= 1
         self.by_id[session.id] = session
@@ -2121,7 +2177,6 @@ def _plain_json(start, status, payload, exc_info=None):
 # ===========================================================================
 
 OUTPUT_FRAME = 0x01
-TYPING_SECONDS = 1.0     # a session typed into this recently is interactive
 BESIDE_TYPING = 96 * KIB  # unacked bytes another session on the socket may have in flight meanwhile ...
 LINK_RATE = 10_000_000   # ... or, on a distant link, what one round trip carries at this many bytes/s
 
@@ -2307,7 +2362,6 @@ class TerminalSocket:
     def __init__(self, ws):
         self.ws = ws
         self.senders = {}  # session_id -> (greenlet, Subscriber)
-        self.typed_at = {}  # session_id -> time.monotonic() of its last input on this socket
 
     def serve(self):
         PROCESS.sockets.add(self)
@@ -2367,7 +2421,6 @@ class TerminalSocket:
 
     def leave(self, session_id):
         sender, subscriber = self.senders.pop(session_id, (None, None))
-        self.typed_at.pop(session_id, None)
         if sender:
             subscriber.left = True
             if not subscriber.sending:  # else it ends at the frame's end: a cut frame kills the socket
@@ -2379,8 +2432,7 @@ class TerminalSocket:
     def input(self, session, body):
         data = input_bytes(body)
         session.touch()
-        self.typed_at[session.id] = time.monotonic()
-        session.write(data)
+        session.write(data, self.ws.handler.socket.fileno())
 
     def resize(self, session, body):
         session.resize(field(body, "cols", int, ..., 1, 1000), field(body, "rows", int, ..., 1, 1000))
@@ -2449,13 +2501,11 @@ class TerminalSocket:
         session on this socket is being typed into, an acking session keeps at most its
         budget unacked, so that session's echo never queues behind the flow-control
         window's worth of this one's output."""
-        if subscriber.acking:
-            now = time.monotonic()
-            typing_until = max((when + TYPING_SECONDS for other, when in self.typed_at.items()
-                                if other != session.id), default=now)
-            if typing_until > now:
-                budget = self._budget_beside_typing(session.config.flow_high)
-                return min(FRAME_SLICE, subscriber.position + budget - offset), typing_until - now
+        keystrokes = PROCESS.sessions.keystrokes
+        typing_left = keystrokes.seconds_left(session.id)
+        if subscriber.acking and typing_left and keystrokes.session_id in self.senders:
+            budget = self._budget_beside_typing(session.config.flow_high)
+            return min(FRAME_SLICE, subscriber.position + budget - offset), typing_left
         return FRAME_SLICE, None
 
     def _budget_beside_typing(self, window):
