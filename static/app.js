@@ -160,8 +160,9 @@ function applyFont(name, size) {
 // ---------------------------------------------------------------------------
 
 // Every /api answer is JSON; failures carry {"error"}. Returns {status, data}
-// and never throws, so callers handle one shape.
-async function api(method, path, body) {
+// and never throws, so callers handle one shape. `sent`: the request's fetch,
+// when it was sent already (static/early.js).
+async function api(method, path, body, sent) {
   const opts = { method, credentials: 'same-origin', headers: {} };
   if (body instanceof FormData) opts.body = body;
   else if (body !== undefined) {
@@ -169,7 +170,7 @@ async function api(method, path, body) {
     opts.body = JSON.stringify(body);
   }
   let resp;
-  try { resp = await fetch(path, opts); } catch (err) {
+  try { resp = await (sent || fetch(path, opts)); } catch (err) {
     return { status: 0, data: { error: 'CoDA is not reachable.' } };
   }
   let data = {};
@@ -540,10 +541,12 @@ let wasmAllowed = false;   // decided at boot from the page's CSP
 const EXTRA_SCRIPTS = ['static/lib/addon-webgl/addon-webgl.js', 'static/lib/addon-image/addon-image.js'];
 let extrasLoaded = false;
 
-function loadExtrasAfterFirstOutput() {
+// Runs `then` once a terminal has drawn output (or 2 s have passed), after that
+// frame: what the page needs after its first prompt waits until then.
+function afterFirstOutput(then) {
   const started = performance.now();
   const due = () => allPanes().some((p) => p.rendered > 0) || performance.now() - started > 2000;
-  const poll = () => (due() ? loadExtras() : requestAnimationFrame(poll));
+  const poll = () => (due() ? requestAnimationFrame(() => setTimeout(then)) : requestAnimationFrame(poll));
   requestAnimationFrame(poll);
 }
 
@@ -562,9 +565,9 @@ function loadExtras() {
 
 // Compiling WebAssembly under a CSP without 'wasm-unsafe-eval' is a CSP
 // violation, so read the policy the server sends rather than try it.
-async function checkWasmAllowed() {
+async function checkWasmAllowed(sent) {
   try {
-    const resp = await fetch(location.pathname, { method: 'HEAD', credentials: 'same-origin' });
+    const resp = await (sent || fetch(location.pathname, { method: 'HEAD', credentials: 'same-origin' }));
     const csp = resp.headers.get('content-security-policy') || '';
     const script = (csp.split(';').find((d) => /^\s*script-src\s/.test(d)) ||
       csp.split(';').find((d) => /^\s*default-src\s/.test(d)) || '');
@@ -603,7 +606,10 @@ class Pane {
     this.el.append(this.host);
     this.el.addEventListener('mousedown', () => setActivePane(this));
 
+    const size = lastSize();  // the last fitted: fit() has nothing to redo
     const term = new Terminal({
+      cols: size.cols,
+      rows: size.rows,
       allowProposedApi: true,   // unicode11 and search decorations need it
       cursorBlink: true,
       fontFamily: FONTS[prefs.font],
@@ -632,7 +638,7 @@ class Pane {
       transport.input(this, extraKeys.modify(data));
     });
     term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
-    term.onResize(({ cols, rows }) => this.sendSize(cols, rows));
+    term.onResize(({ cols, rows }) => { store.set('size', { cols, rows }); this.sendSize(cols, rows); });
     term.textarea.addEventListener('focus', () => setActivePane(this, true));
     this.search.onDidChangeResults((r) => { if (this === activePane()) showSearchCount(r); });
 
@@ -674,18 +680,21 @@ class Pane {
     this.resizeTimer = setTimeout(() => transport.resize(this, cols, rows), 50);
   }
 
-  // A new session on the server, with the splash.
-  async create(label, launch) {
+  // A new session on the server, with the splash. `asked`: its request, when
+  // newTab sent it before this pane's terminal was built (at the last size seen).
+  async create(label, launch, asked) {
     this.fit();
-    const { status, data } = await api('POST', 'api/session', { label, cols: this.term.cols, rows: this.term.rows,
-      agent: launch ? launch.agent : undefined, project: launch && launch.project ? launch.project : undefined,
-      cwd: launch && launch.cwd ? launch.cwd : undefined });
+    const ask = asked || askSession(label, launch, { cols: this.term.cols, rows: this.term.rows });
+    const { status, data } = await ask.answer;
     if (status !== 200 || !data.session_id) {
       this.showCreateError(status, data.error);
       return false;
     }
     this.term.write(splashText());
     this.bind(data.session_id, 0);
+    if (ask.size.cols !== this.term.cols || ask.size.rows !== this.term.rows) {
+      transport.resize(this, this.term.cols, this.term.rows);
+    }
     return true;
   }
 
@@ -910,12 +919,28 @@ async function newTab(sessionId, replayUntil, launch) {
   if (tabs.length >= MAX_TABS) { toast(`At most ${MAX_TABS} tabs.`, 'error'); return null; }
   const tab = makeTab(launch ? launch.label : shellName());
   showTab(tab);
+  // A new session is asked for first: its shell starts while the terminal is built.
+  const asked = sessionId ? null : askSession(tab.name, launch, lastSize());
   const pane = addPane(tab);
   if (sessionId) pane.bind(sessionId, 0, replayUntil);
-  else await pane.create(tab.name, launch);
+  else await pane.create(tab.name, launch, asked);
   saveLayout();
   pane.term.focus();
   return tab;
+}
+
+// The size the last terminal was fitted to (in this browser), 80x24 at first.
+function lastSize() {
+  const size = store.get('size', null);
+  const ok = (n, most) => Number.isInteger(n) && n >= 1 && n <= most;
+  return size && ok(size.cols, 1000) && ok(size.rows, 1000) ? size : { cols: 80, rows: 24 };
+}
+
+// POST /api/session at `size`: { size, answer (a promise of api()'s answer) }.
+function askSession(label, launch, size) {
+  return { size, answer: api('POST', 'api/session', { label, cols: size.cols, rows: size.rows,
+    agent: launch ? launch.agent : undefined, project: launch && launch.project ? launch.project : undefined,
+    cwd: launch && launch.cwd ? launch.cwd : undefined }) };
 }
 
 function addPane(tab) {
@@ -1131,8 +1156,8 @@ async function restoreLayout(live) {
 // ---------------------------------------------------------------------------
 
 // null when the server did not answer, so callers can keep what they show.
-async function listSessions() {
-  const { status, data } = await api('GET', 'api/sessions');
+async function listSessions(sent) {
+  const { status, data } = await api('GET', 'api/sessions', undefined, sent);
   return status === 200 && Array.isArray(data) ? data : null;
 }
 
@@ -1395,8 +1420,8 @@ function reportLayout() {
 }
 
 // The saved tabs, once: false when there are none (or they were reopened already).
-async function reopenSaved() {
-  let answer = await api('GET', 'api/layout');
+async function reopenSaved(first) {
+  let answer = await (first || api('GET', 'api/layout'));
   for (let i = 0; answer.status === 200 && answer.data.restoring && i < 600; i += 1) {
     await sleep(1000);            // the restore runs before any saved tab opens
     answer = await api('GET', 'api/layout');
@@ -2360,21 +2385,28 @@ async function boot() {
   applyTheme(prefs.theme);
   applyFont(prefs.font, prefs.fontSize);
   exposeDebug();
-  const [version, live, wasm] = await Promise.all([api('GET', 'api/version'), listSessions(), checkWasmAllowed()]);
+  transport.start();  // its handshake beside the first questions: panes join once it is open
+  const early = window.codaEarly || {};
+  const layout = api('GET', 'api/layout', undefined, early.layout);  // reopenSaved reads it
+  const [version, live, wasm] = await Promise.all([api('GET', 'api/version', undefined, early.version),
+    listSessions(early.sessions), checkWasmAllowed(early.page)]);
   wasmAllowed = wasm;
   if (version.status === 200) serverVersion = version.data.version || '';
   if (transport.mode === 'auth') return;
-  transport.start();
-  if (!(await restoreLayout(live || [])) && !(await reopenSaved())) {
+  let welcome = null;
+  if (!(await restoreLayout(live || [])) && !(await reopenSaved(layout))) {
     bootTab = await newTab();
-    if (firstPane()) showWelcome(firstPane());
+    welcome = firstPane();
   }
-  statusBar.start();
-  loadExtrasAfterFirstOutput();
-  refreshBadge();
-  watchSetup();
-  watchToken();
-  noteThirdPartyMcp();
+  afterFirstOutput(() => {
+    loadExtras();
+    if (welcome) showWelcome(welcome);
+    statusBar.start();
+    refreshBadge();
+    watchSetup();
+    watchToken();
+    noteThirdPartyMcp();
+  });
   // Keep sessions from the idle reaper while the page is open, and the
   // badge honest about sessions started elsewhere.
   setInterval(() => transport.heartbeat(), 30000);
