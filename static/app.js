@@ -24,7 +24,8 @@ const INPUT_CHUNK = 64 * 1024;     // keep client frames far below the 1 MiB cap
 const POLL_BACKLOG = 1024 * 1024;  // unrendered bytes before the poller waits
 const BACKGROUND_MS = 5;           // parsing per animation frame for each pane not being typed into
 const BACKGROUND_FIRST = 32 * 1024; // a background pane's first slice, before its parse rate is known
-const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background panes every 3rd frame
+const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background panes every 3rd frame ...
+const ECHO_WAIT_MS = 100, FRAME_MS = 17;   // ... and none while an echo is due (outputScheduler.echoDue)
 const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
 
 // localStorage may be unavailable (private modes, quotas): never let that
@@ -744,8 +745,10 @@ class Pane {
     }
     this.offset = end;
     this.queue.push([bytes, end, done]);
-    if (this.urgent()) this.feed(Infinity);
-    else outputScheduler.wake();
+    if (this.urgent()) {
+      outputScheduler.answeredAt = performance.now();
+      this.feed(Infinity);
+    } else outputScheduler.wake();
   }
 
   // The pane being typed into (or any pane of a hidden page, where animation
@@ -868,17 +871,25 @@ function allPanes() { return tabs.flatMap((t) => t.panes); }
 // Feeds the output of panes not being typed into, one slice per pane per
 // animation frame (see Pane.feed): the focused pane's bytes go first, always.
 // While someone types, background panes are fed (and so redrawn) only every
-// TYPING_EVERY frames: drawing a scrolling pane costs each frame it happens in.
+// TYPING_EVERY frames, and never while a keystroke's echo is due: drawing a
+// scrolling pane costs each frame it happens in.
 const outputScheduler = {
   frame: 0,
   count: 0,
   typedAt: -Infinity,
+  answeredAt: -Infinity,  // the focused pane's latest output
+  // Right after a keystroke, until its echo has had a frame of its own (or
+  // ECHO_WAIT_MS passed): no background pane is fed, so its frame stays light.
+  echoDue(now) {
+    return (this.typedAt > this.answeredAt && now - this.typedAt < ECHO_WAIT_MS) || now - this.answeredAt < FRAME_MS;
+  },
   wake() {
     if (!this.frame) this.frame = requestAnimationFrame(() => { this.frame = 0; this.run(); });
   },
   run() {
-    const typing = performance.now() - this.typedAt < TYPING_MS;
-    if (typing && ++this.count % TYPING_EVERY && !document.hidden) {
+    const now = performance.now();
+    const typing = now - this.typedAt < TYPING_MS;
+    if (typing && !document.hidden && (this.echoDue(now) || ++this.count % TYPING_EVERY)) {
       this.wake();
       return;
     }
