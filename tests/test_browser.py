@@ -108,6 +108,33 @@ def browser():
         chromium.close()
 
 
+def test_no_background_pane_is_fed_while_a_keystrokes_echo_is_due(open_tab):
+    """The frame that draws an echo stays light: after a keystroke, until its echo has come
+    (here it never does: the program reads with the tty's echo off) and for at most 100 ms,
+    a flooding background pane is not handed output; between keystrokes and once typing
+    stops it is, and its flood arrives whole."""
+    _, page = open_tab(init_scripts=[WATCH_WRITES])
+    wait_ready(page)
+    split(page)
+    wait_text(page, "@", tab=0, pane=1)
+    page.keyboard.type("stty -echo; cat > /dev/null\n")  # pane 1: keystrokes that are never echoed
+    page.keyboard.press("Alt+Shift+BracketLeft")
+    page.keyboard.type("yes 0123456789abcdef | head -c 30000000; echo FLO$((6*7))OD\n")
+    page.keyboard.press("Alt+Shift+BracketRight")
+    wait(page, "() => window.__writes.filter((w) => !w.focused).length > 20", what="the flood reaching the page")
+    started = page.evaluate("performance.now()")
+    page.keyboard.type("x" * 40, delay=25)  # a keystroke every 25 ms: an echo is always due
+    ended = page.evaluate("performance.now()")
+    page.wait_for_timeout(1000)
+    writes = page.evaluate("window.__writes")
+    fed = lambda a, b: [w for w in writes if not w["focused"] and a <= w["at"] <= b]
+    assert len(fed(started + 100, ended)) <= 3, "a background pane was fed while an echo was due"
+    assert len(fed(ended + 150, ended + 1000)) > 5, "the background pane was not fed once typing stopped"
+    wait_text(page, "FLO42OD", tab=0, pane=0, timeout=60)
+    offsets = page.evaluate("window.coda.offsets()")
+    assert all(o["rendered"] == o["offset"] for o in offsets)
+
+
 class Tab:
     """Opens pages on one server with one browser context (shared localStorage)."""
 
@@ -423,7 +450,8 @@ Object.defineProperty(window, 'Terminal', {
     const write = T.prototype.write;
     T.prototype.write = function (data, callback) {
       if (data instanceof Uint8Array) {
-        window.__writes.push({ focused: document.activeElement === this.textarea, now: inMessage, n: data.length });
+        window.__writes.push({ focused: document.activeElement === this.textarea, now: inMessage, n: data.length,
+                               at: performance.now() });
       }
       return write.call(this, data, callback);
     };
