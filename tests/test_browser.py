@@ -1072,6 +1072,52 @@ def test_close_and_split_again_keeps_one_divider(open_tab):
     assert "Alt+Shift+T" in page.evaluate("getComputedStyle(document.querySelector('#workspace'), '::after').content")
 
 
+# When the first Terminal is built, and which requests went out before the first prompt was drawn.
+PROMPT_PATH_PROBE = """
+(() => {
+  let Real;
+  Object.defineProperty(window, 'Terminal', {
+    configurable: true,
+    get() { return Real; },
+    set(T) {
+      Real = class extends T {
+        constructor(...args) { if (!window.__termBuiltAt) window.__termBuiltAt = performance.now(); super(...args); }
+      };
+    },
+  });
+  const check = () => {
+    if (window.coda && window.coda.tabs.length && window.coda.activeText().includes('@')) {
+      window.__beforePrompt = performance.getEntriesByType('resource')
+        .map((e) => ({ path: new URL(e.name).pathname, start: e.startTime }));
+      return;
+    }
+    requestAnimationFrame(check);
+  };
+  requestAnimationFrame(check);
+})();
+"""
+
+
+def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
+    """On the way to the first prompt the page asks each first question once (static/early.js
+    sends them while the scripts load), asks for the new tab's session before its terminal is
+    built, and leaves the status bar, badge, setup, token and agent questions until the
+    prompt is drawn; they are asked then."""
+    _, page = open_tab(init_scripts=[PROMPT_PATH_PROBE])
+    wait_ready(page)
+    wait(page, "() => window.__beforePrompt !== undefined", what="the probe at the first prompt")
+    before = page.evaluate("window.__beforePrompt")
+    paths = [r["path"] for r in before]
+    for first in ("/api/version", "/api/sessions", "/api/layout"):
+        assert paths.count(first) == 1, (first, paths)
+    session = [r["start"] for r in before if r["path"] == "/api/session"]
+    assert session and session[0] < page.evaluate("window.__termBuiltAt"), "the session was asked for after the terminal was built"
+    later = ("/api/agents", "/api/setup-status", "/api/pat-status", "/api/app-state")
+    assert not [p for p in paths if p in later], paths
+    wait(page, "() => performance.getEntriesByType('resource').some((e) => e.name.endsWith('/api/setup-status'))",
+         what="the setup question, once the prompt is drawn")
+
+
 FIRST_PROMPT_PROBE = """
 (() => {
   const check = () => {
