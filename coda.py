@@ -25,7 +25,9 @@ Contents
      5. Sessions        PTY, process group, reader greenlet, flow control,
                         a bounded input queue and writer greenlet per session;
                         the manager with the cap, the idle reaper and shutdown;
-                        the notice detector (bell, OSC 9, OSC 777) in the reader
+                        the notice detector (bell, OSC 9, OSC 777) in the reader;
+                        Keystrokes: beside the session typed into last, every
+                        other reader gives way to its echo
      6. HTTP API        thin routes: validate, call the manager, answer JSON
                         (every error too, however malformed the request); a new
                         session may start an agent from the table in a folder
