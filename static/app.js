@@ -2016,12 +2016,26 @@ const extraKeys = {
 // Workbench: fonts that render, and voice input as a setting
 // ---------------------------------------------------------------------------
 
-// The fonts are vendored (static/lib/fonts): load the chosen one before xterm
-// measures its cells, then measure again.
+// The fonts are vendored (static/lib/fonts): the chosen one's stylesheets are
+// added the first time it is chosen (a page on the system font loads none),
+// its files loaded before xterm measures its cells, then they are measured again.
+const FONT_FOLDERS = { 'JetBrains Mono': 'jetbrains-mono', 'Fira Code': 'fira-code',
+  'Cascadia Code': 'cascadia-code', 'Source Code Pro': 'source-code-pro' };
+const fontSheets = {};
+function addFontSheets(name) {
+  fontSheets[name] = fontSheets[name] || Promise.all(['400', '700'].map((weight) => new Promise((resolve) => {
+    document.head.append(el('link', { rel: 'stylesheet', href: `static/lib/fonts/${FONT_FOLDERS[name]}/latin-${weight}.css`,
+      onload: resolve, onerror: resolve }));
+  })));
+  return fontSheets[name];
+}
+
 function loadFontThenRefit(name) {
   if (name === 'System default' || !document.fonts) return;
   const family = FONTS[name].split(',')[0];
-  Promise.all([document.fonts.load(`${prefs.fontSize}px ${family}`), document.fonts.load(`bold ${prefs.fontSize}px ${family}`)])
+  addFontSheets(name)
+    .then(() => Promise.all([document.fonts.load(`${prefs.fontSize}px ${family}`),
+      document.fonts.load(`bold ${prefs.fontSize}px ${family}`)]))
     .then(() => {
       if (prefs.font !== name) return;
       for (const pane of allPanes()) {
