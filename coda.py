@@ -1397,10 +1397,8 @@ class Session:
         if not self._input:
             try:
                 data = data[os.write(self.fd, data):]
-            except BlockingIOError:
-                pass
             except OSError:
-                pass  # the terminal is gone: the writer finds out, and the exit notice follows
+                pass  # full: the writer waits for room; gone: the writer finds out
             if not data:
                 return
         self._input.append(data)
