@@ -1072,7 +1072,7 @@ def test_close_and_split_again_keeps_one_divider(open_tab):
     assert "Alt+Shift+T" in page.evaluate("getComputedStyle(document.querySelector('#workspace'), '::after').content")
 
 
-# When the first Terminal is built, and which requests went out before the first prompt was drawn.
+# When the first Terminal is built, and when the first session output was parsed.
 PROMPT_PATH_PROBE = """
 (() => {
   let Real;
@@ -1086,9 +1086,8 @@ PROMPT_PATH_PROBE = """
     },
   });
   const check = () => {
-    if (window.coda && window.coda.tabs.length && window.coda.activeText().includes('@')) {
-      window.__beforePrompt = performance.getEntriesByType('resource')
-        .map((e) => ({ path: new URL(e.name).pathname, start: e.startTime }));
+    if (window.coda && window.coda.offsets().some((o) => o.rendered > 0)) {
+      window.__firstOutputAt = performance.now();
       return;
     }
     requestAnimationFrame(check);
@@ -1102,20 +1101,22 @@ def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
     """On the way to the first prompt the page asks each first question once (static/early.js
     sends them while the scripts load), asks for the new tab's session before its terminal is
     built, and leaves the status bar, badge, setup, token and agent questions until the
-    prompt is drawn; they are asked then."""
+    first output is on screen; they are asked then."""
     _, page = open_tab(init_scripts=[PROMPT_PATH_PROBE])
     wait_ready(page)
-    wait(page, "() => window.__beforePrompt !== undefined", what="the probe at the first prompt")
-    before = page.evaluate("window.__beforePrompt")
-    paths = [r["path"] for r in before]
-    for first in ("/api/version", "/api/sessions", "/api/layout"):
-        assert paths.count(first) == 1, (first, paths)
-    session = [r["start"] for r in before if r["path"] == "/api/session"]
-    assert session and session[0] < page.evaluate("window.__termBuiltAt"), "the session was asked for after the terminal was built"
-    later = ("/api/agents", "/api/setup-status", "/api/pat-status", "/api/app-state")
-    assert not [p for p in paths if p in later], paths
+    wait(page, "() => window.__firstOutputAt !== undefined", what="the probe at the first output")
     wait(page, "() => performance.getEntriesByType('resource').some((e) => e.name.endsWith('/api/setup-status'))",
          what="the setup question, once the prompt is drawn")
+    requests = page.evaluate("performance.getEntriesByType('resource')"
+                             ".map((e) => ({ path: new URL(e.name).pathname, start: e.startTime }))")
+    [session] = [r["start"] for r in requests if r["path"] == "/api/session"]
+    assert session < page.evaluate("window.__termBuiltAt"), "the session was asked for after the terminal was built"
+    first = [r["path"] for r in requests if r["start"] < session]
+    for question in ("/api/version", "/api/sessions", "/api/layout"):
+        assert first.count(question) == 1, (question, first)
+    shown = page.evaluate("window.__firstOutputAt")
+    later = ("/api/agents", "/api/setup-status", "/api/pat-status", "/api/app-state")
+    assert not [r for r in requests if r["path"] in later and r["start"] < shown], requests
 
 
 FIRST_PROMPT_PROBE = """
