@@ -3524,6 +3524,9 @@ def configure_claude(ctx):
     write_owned(ctx.home / ".claude" / "CLAUDE.md", AGENT_INSTRUCTIONS, "<!--")
 
 
+CODEX_MCP_GRACE_MS = 10_000  # codex's own startup timeout of an MCP server
+
+
 def configure_codex(ctx):
     """Codex: a `databricks` provider on the Responses API at the local proxy, whose key comes from
     `coda.py proxy-key codex`."""
@@ -3537,6 +3540,9 @@ def configure_codex(ctx):
             "auth": {"command": command, "args": args, "refresh_interval_ms": 5_000}}
         nested(data, "features")["daemon_auto_start"] = False  # else app-server daemons outlive the session
         merge_mcp(nested(data, "mcp_servers"), ctx, lambda url, headers: {"url": url, "http_headers": headers})
+        # Codex gives an MCP server 1 s to list its tools, then runs the turn without them; the workspace's
+        # answer through the proxy can take longer, so its tools would be missing from a first turn.
+        data.setdefault("mcp_optional_startup_grace_ms", CODEX_MCP_GRACE_MS)
         forget_old_trust(data.get("projects"), str(ctx.projects), "trust_level", "trusted")
         codex_notify(data)
 

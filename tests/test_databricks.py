@@ -83,6 +83,7 @@ def test_configure_pat_validates_mints_and_configures(start_coda, workspace):
     assert codex["model"] == "databricks-gpt-5-5" and codex["model_provider"] == "databricks"
     assert provider["wire_api"] == "responses" and provider["base_url"] == f"http://127.0.0.1:{server.proxy_port}/openai/v1"
     assert provider["auth"]["args"][-2:] == ["proxy-key", "codex"]
+    assert codex["mcp_optional_startup_grace_ms"] == 10_000  # the workspace's MCP tools in a first turn too
     key = subprocess.run([sys.executable, str(ROOT / "coda.py"), "proxy-key", "codex"], env={**os.environ, "HOME": str(home)},
                          capture_output=True, text=True, timeout=30)
     assert key.stdout.strip() == proxy_key(home) + ".codex"  # never the workspace token: the proxy adds that
