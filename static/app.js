@@ -2019,12 +2019,12 @@ const extraKeys = {
 // The fonts are vendored (static/lib/fonts): the chosen one's stylesheets are
 // added the first time it is chosen (a page on the system font loads none),
 // its files loaded before xterm measures its cells, then they are measured again.
-const FONT_FOLDERS = { 'JetBrains Mono': 'jetbrains-mono', 'Fira Code': 'fira-code',
-  'Cascadia Code': 'cascadia-code', 'Source Code Pro': 'source-code-pro' };
+// A font's folder is its name in lower case, words joined by '-' (as @fontsource names them).
 const fontSheets = {};
 function addFontSheets(name) {
+  const folder = name.toLowerCase().replace(/ /g, '-');
   fontSheets[name] = fontSheets[name] || Promise.all(['400', '700'].map((weight) => new Promise((resolve) => {
-    document.head.append(el('link', { rel: 'stylesheet', href: `static/lib/fonts/${FONT_FOLDERS[name]}/latin-${weight}.css`,
+    document.head.append(el('link', { rel: 'stylesheet', href: `static/lib/fonts/${folder}/latin-${weight}.css`,
       onload: resolve, onerror: resolve }));
   })));
   return fontSheets[name];
