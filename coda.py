@@ -2501,7 +2501,7 @@ class TerminalSocket:
         session on this socket is being typed into, an acking session keeps at most its
         budget unacked, so that session's echo never queues behind the flow-control
         window's worth of this one's output."""
-        keystrokes = PROCESS.sessions.keystrokes
+        keystrokes = session.keystrokes  # the manager's, shared by every session
         typing_left = keystrokes.seconds_left(session.id)
         if subscriber.acking and typing_left and keystrokes.session_id in self.senders:
             budget = self._budget_beside_typing(session.config.flow_high)
