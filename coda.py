@@ -1716,14 +1716,22 @@ def wait_for_output(sessions_and_offsets, wait, encoding="text"):
         gevent.wait(events + [PROCESS.sessions.shutting_down], timeout=remaining, count=1)
 
 
+# The page and its files are asked again on every load (a 304 while unchanged): with no
+# Cache-Control a browser may keep an old app.js for hours after an upgrade, beside a new server.
+def page_file(path):
+    answer = bottle.static_file(path, root=HERE / "static")
+    answer.set_header("Cache-Control", "no-cache")
+    return answer
+
+
 @app.get("/")
 def index():
-    return bottle.static_file("index.html", root=HERE / "static")
+    return page_file("index.html")
 
 
 @app.get("/static/<path:path>")
 def static(path):
-    return bottle.static_file(path, root=HERE / "static")
+    return page_file(path)
 
 
 @app.get("/health")

@@ -82,6 +82,16 @@ def test_every_route_but_health_needs_the_token(coda_server):
     assert answer.status_code == 403 and "token" in answer.json()["error"]
 
 
+def test_the_page_and_its_files_are_revalidated_on_every_load(coda_server):
+    """After an upgrade a browser must not run yesterday's app.js beside today's server."""
+    for path in ("/", "/static/app.js", "/static/lib/xterm/xterm.js"):
+        answer = coda_server.get(path)
+        assert answer.status_code == 200 and answer.headers["Cache-Control"] == "no-cache", path
+        again = coda_server.get(path, headers={**coda_server.headers, "If-None-Match": answer.headers["ETag"]})
+        assert again.status_code == 304 and not again.content, path
+    assert coda_server.get("/static/no-such-file.js").status_code == 404
+
+
 def test_url_token_becomes_an_httponly_cookie_and_a_redirect(coda_server):
     answer = requests.get(coda_server.url + f"/?token={TOKEN}", allow_redirects=False)
     assert answer.status_code == 303 and answer.headers["Location"] == "/"
