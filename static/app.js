@@ -536,11 +536,14 @@ function syncScrollbarOncePerFrame(term) {
 let serverVersion = '';
 let wasmAllowed = false;   // decided at boot from the page's CSP
 
-// The WebGL renderer and the image addon are a third of the page's script, and
-// drawing the first prompt needs neither: they load once the first output is on
-// screen (or 2 s after boot), and every pane takes them then.
-const EXTRA_SCRIPTS = ['static/lib/addon-webgl/addon-webgl.js', 'static/lib/addon-image/addon-image.js'];
+// Drawing the first prompt needs none of these (the WebGL renderer, images,
+// search, links, OSC 52 copy: half the page's script): they load once the first
+// output is on screen (or 2 s after boot), and every pane takes them then.
+const EXTRA_SCRIPTS = ['static/lib/addon-webgl/addon-webgl.js', 'static/lib/addon-image/addon-image.js',
+  'static/lib/addon-search/addon-search.js', 'static/lib/addon-web-links/addon-web-links.js',
+  'static/lib/addon-clipboard/addon-clipboard.js'];
 let extrasLoaded = false;
+let extrasAsked = null;   // loadExtras()'s promise, once asked for
 
 // Runs `then` once a terminal has drawn output (or 2 s have passed), after that
 // frame: what the page needs after its first prompt waits until then.
@@ -558,10 +561,11 @@ function loadExtras() {
     script.onload = script.onerror = resolve;   // a missing addon leaves that feature off, as before
     document.head.appendChild(script);
   });
-  return Promise.all(EXTRA_SCRIPTS.map(load)).then(() => {
+  extrasAsked = extrasAsked || Promise.all(EXTRA_SCRIPTS.map(load)).then(() => {
     extrasLoaded = true;
     for (const pane of allPanes()) pane.loadExtras();
   });
+  return extrasAsked;
 }
 
 // Compiling WebAssembly under a CSP without 'wasm-unsafe-eval' is a CSP
@@ -621,11 +625,8 @@ class Pane {
     });
     this.term = term;
     this.fitAddon = new FitAddon.FitAddon();
-    this.search = new SearchAddon.SearchAddon();
+    this.search = null;   // with the extras
     term.loadAddon(this.fitAddon);
-    term.loadAddon(this.search);
-    term.loadAddon(new WebLinksAddon.WebLinksAddon());
-    term.loadAddon(new ClipboardAddon.ClipboardAddon(undefined, WRITE_ONLY_CLIPBOARD));   // OSC 52 copy
     term.loadAddon(new Unicode11Addon.Unicode11Addon());
     term.unicode.activeVersion = '11';
     term.open(this.host);
@@ -641,19 +642,26 @@ class Pane {
     term.onBinary((data) => { if (this.sessionId && !this.exited) transport.input(this, data); });
     term.onResize(({ cols, rows }) => { store.set('size', { cols, rows }); this.sendSize(cols, rows); });
     term.textarea.addEventListener('focus', () => setActivePane(this, true));
-    this.search.onDidChangeResults((r) => { if (this === activePane()) showSearchCount(r); });
 
     // Refit whenever the pane's box changes (window, divider, tab switch).
     this.resizeObserver = new ResizeObserver(() => this.fit());
     this.resizeObserver.observe(this.host);
   }
 
-  // What loadExtras() brought: the WebGL renderer, and images. The image addon
+  // What loadExtras() brought (an addon whose script failed to load stays off):
+  // search, links, OSC 52 copy, the WebGL renderer and images. The image addon
   // decodes both Sixel and iTerm images (its base64 too) with WebAssembly. Where
   // the page's CSP forbids compiling it, the first image would throw inside
   // xterm's parser and stall the terminal, so images stay off there and their
   // escape sequences are ignored.
   loadExtras() {
+    if (window.SearchAddon) {
+      this.search = new SearchAddon.SearchAddon();
+      this.term.loadAddon(this.search);
+      this.search.onDidChangeResults((r) => { if (this === activePane()) showSearchCount(r); });
+    }
+    if (window.WebLinksAddon) this.term.loadAddon(new WebLinksAddon.WebLinksAddon());
+    if (window.ClipboardAddon) this.term.loadAddon(new ClipboardAddon.ClipboardAddon(undefined, WRITE_ONLY_CLIPBOARD));
     this.loadRenderer();
     if (wasmAllowed) {
       try { this.term.loadAddon(new ImageAddon.ImageAddon()); } catch (err) { console.warn('CoDA: images off:', err); }
@@ -1499,6 +1507,10 @@ function runSearch(forward, incremental) {
   const pane = activePane();
   const q = $('#search-input').value;
   if (!pane) return;
+  if (!pane.search) {   // a search in the first moments: once the extras are here
+    if (!extrasLoaded) loadExtras().then(() => runSearch(forward, incremental));
+    return;
+  }
   if (!q) { pane.search.clearDecorations(); $('#search-count').textContent = ''; return; }
   const opts = { decorations: SEARCH_DECORATIONS, incremental: !!incremental };
   const found = forward ? pane.search.findNext(q, opts) : pane.search.findPrevious(q, opts);
@@ -1513,7 +1525,7 @@ function showSearchCount({ resultIndex, resultCount }) {
 function closeSearch() {
   $('#search-panel').hidden = true;
   $('#search-count').textContent = '';
-  for (const p of allPanes()) p.search.clearDecorations();
+  for (const p of allPanes()) if (p.search) p.search.clearDecorations();
   const p = activePane();
   if (p) { p.term.clearSelection(); p.term.focus(); }
 }

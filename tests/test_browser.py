@@ -1110,7 +1110,8 @@ def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
     requests = page.evaluate("performance.getEntriesByType('resource')"
                              ".map((e) => ({ path: new URL(e.name).pathname, start: e.startTime }))")
     [session] = [r["start"] for r in requests if r["path"] == "/api/session"]
-    assert session < page.evaluate("window.__termBuiltAt"), "the session was asked for after the terminal was built"
+    built = page.evaluate("window.__termBuiltAt")
+    assert session < built, "the session was asked for after the terminal was built"
     first = [r["path"] for r in requests if r["start"] < session]
     for question in ("/api/version", "/api/sessions", "/api/layout"):
         assert first.count(question) == 1, (question, first)
@@ -1124,7 +1125,7 @@ FIRST_PROMPT_PROBE = """
   const check = () => {
     if (window.coda && window.coda.tabs.length && window.coda.activeText().includes('@')) {
       window.__addonsBeforePrompt = performance.getEntriesByType('resource')
-        .filter((e) => /addon-(webgl|image)/.test(e.name)).map((e) => e.name);
+        .filter((e) => /addon-(webgl|image|search|web-links|clipboard)/.test(e.name)).map((e) => e.name);
       return;
     }
     requestAnimationFrame(check);
@@ -1134,15 +1135,34 @@ FIRST_PROMPT_PROBE = """
 """
 
 
-def test_the_first_prompt_does_not_wait_for_the_webgl_and_image_addons(open_tab):
-    """Drawing the first prompt needs neither the WebGL renderer nor images (a third of the
-    page's script): they are fetched only once output is on screen, and still arrive."""
+def test_the_first_prompt_does_not_wait_for_the_extra_addons(open_tab):
+    """Drawing the first prompt needs none of the WebGL renderer, images, search, links or
+    OSC 52 copy (half the page's script): they are fetched only once output is on screen,
+    and still arrive."""
     _, page = open_tab(init_scripts=[FIRST_PROMPT_PROBE,
                                      "localStorage.setItem('coda.renderer', JSON.stringify('webgl-always'))"])
     wait_ready(page)
     wait(page, "() => window.__addonsBeforePrompt !== undefined", what="the probe at the first prompt")
     assert page.evaluate("window.__addonsBeforePrompt") == []
     wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
+
+
+def test_a_search_asked_for_before_the_search_addon_arrives_runs_once_it_is_here(open_tab):
+    held = []   # the search addon's script, held back until the query is typed
+    _, page = open_tab(routes={"addon-search.js": lambda route: held.append(route)})
+    wait_ready(page)
+    page.keyboard.type("echo findme-$((20+22))\n")
+    wait_text(page, "findme-42")
+    deadline = time.time() + 20
+    while not held and time.time() < deadline:   # the extras are asked for after the first prompt
+        page.wait_for_timeout(50)
+    assert held, "the search addon was never asked for"
+    page.keyboard.press("Control+Shift+F")
+    page.wait_for_selector("#search-panel:not([hidden])")
+    page.keyboard.type("findme-42")
+    assert page.evaluate("document.querySelector('#search-count').textContent") == ""
+    held[0].continue_()
+    wait(page, "() => document.querySelector('#search-count').textContent === '1 of 1'", what="the match counted")
 
 
 def print_inline_image(page):
