@@ -226,6 +226,9 @@ const transport = {
   pollWaiting: false,   // the worker waits for our go-ahead
   shuttingDown: false,
 
+  earlyTaken: false,     // the socket early.js opened is used once, by the first connect
+  stash: new Map(),     // session id -> output that came before its pane (see joinEarly)
+
   start() { this.connect(); },
 
   connect() {
@@ -234,9 +237,11 @@ const transport = {
     if (this.mode === 'auth') return;
     const url = new URL('ws', location.href);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const early = !this.earlyTaken && window.codaEarly && window.codaEarly.socket;
+    this.earlyTaken = true;
     let ws;
     try {
-      ws = new WebSocket(url.href);
+      ws = early && early.ws.readyState <= WebSocket.OPEN ? early.ws : new WebSocket(url.href);
     } catch (_) {
       this.onFailedConnect();
       return;
@@ -262,6 +267,10 @@ const transport = {
       if (typeof ev.data === 'string') this.onText(ev.data);
       else this.onBinary(ev.data);
     };
+    if (early && ws === early.ws) {   // it may have opened (and heard) before these handlers were set
+      if (ws.readyState === WebSocket.OPEN) ws.onopen();
+      for (const ev of early.heard.splice(0)) ws.onmessage(ev);
+    }
     ws.onclose = () => {
       if (this.ws !== ws) return;
       this.ws = null;
@@ -345,6 +354,19 @@ const transport = {
     const id = String.fromCharCode(...new Uint8Array(buf, 10, n));
     const pane = paneBySession(id);
     if (pane) pane.receive(offset, new Uint8Array(buf, 10 + n));
+    else if (this.stash.has(id)) this.stash.get(id).push([offset, new Uint8Array(buf, 10 + n)]);
+  },
+
+  // A new tab's session, joined before its terminal is built: the shell's first output
+  // comes meanwhile and waits here for the pane's bind() (which joins again, from there).
+  joinEarly(sessionId) {
+    if (this.send({ type: 'join_session', session_id: sessionId, since: 0 })) this.stash.set(sessionId, []);
+  },
+
+  takeStash(sessionId) {
+    const stashed = this.stash.get(sessionId) || [];
+    this.stash.delete(sessionId);
+    return stashed;
   },
 
   onShuttingDown() {
@@ -726,6 +748,7 @@ class Pane {
     this.exited = false;
     this.replayUntil = replayUntil === undefined ? -1 : replayUntil;
     this.clearCard('exit');
+    for (const [offset, bytes] of transport.takeStash(sessionId)) this.receive(offset, bytes);
     this.join();
     saveLayout();
     refreshBadge();
@@ -938,8 +961,13 @@ async function newTab(sessionId, replayUntil, launch) {
   if (tabs.length >= MAX_TABS) { toast(`At most ${MAX_TABS} tabs.`, 'error'); return null; }
   const tab = makeTab(launch ? launch.label : shellName());
   showTab(tab);
-  // A new session is asked for first: its shell starts while the terminal is built.
+  // A new session is asked for, and joined, first: its shell starts, and its first output
+  // comes, while the terminal is built.
   const asked = sessionId ? null : askSession(tab.name, launch, lastSize());
+  if (asked) {
+    const { status, data } = await asked.answer;
+    if (status === 200 && data.session_id) transport.joinEarly(data.session_id);
+  }
   const pane = addPane(tab);
   if (sessionId) pane.bind(sessionId, 0, replayUntil);
   else await pane.create(tab.name, launch, asked);
@@ -2422,7 +2450,7 @@ async function boot() {
   applyTheme(prefs.theme);
   applyFont(prefs.font, prefs.fontSize);
   exposeDebug();
-  transport.start();  // its handshake beside the first questions: panes join once it is open
+  transport.start();  // early.js's socket, whose handshake came beside the first questions
   const early = window.codaEarly || {};
   const layout = api('GET', 'api/layout', undefined, early.layout);  // reopenSaved reads it
   const [version, live, wasm] = await Promise.all([api('GET', 'api/version', undefined, early.version),

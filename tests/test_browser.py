@@ -1080,11 +1080,21 @@ PROMPT_PATH_PROBE = """
     configurable: true,
     get() { return Real; },
     set(T) {
+      window.__xtermAt = performance.now();
       Real = class extends T {
         constructor(...args) { if (!window.__termBuiltAt) window.__termBuiltAt = performance.now(); super(...args); }
       };
     },
   });
+  const send = WebSocket.prototype.send;
+  WebSocket.prototype.send = function (data) {
+    if (!window.__joinedAt && String(data).includes('join_session')) window.__joinedAt = performance.now();
+    return send.call(this, data);
+  };
+  const Socket = window.WebSocket;
+  window.WebSocket = class extends Socket {
+    constructor(...args) { if (!window.__socketAt) window.__socketAt = performance.now(); super(...args); }
+  };
   const check = () => {
     if (window.coda && window.coda.offsets().some((o) => o.rendered > 0)) {
       window.__firstOutputAt = performance.now();
@@ -1098,10 +1108,10 @@ PROMPT_PATH_PROBE = """
 
 
 def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
-    """On the way to the first prompt the page asks each first question once (static/early.js
-    sends them while the scripts load), asks for the new tab's session before its terminal is
-    built, and leaves the status bar, badge, setup, token and agent questions until the
-    first output is on screen; they are asked then."""
+    """On the way to the first prompt the page asks each first question once and opens its
+    WebSocket (static/early.js, while the scripts load), asks for the new tab's session and
+    joins it before its terminal is built, and leaves the status bar, badge, setup, token and
+    agent questions until the first output is on screen; they are asked then."""
     _, page = open_tab(init_scripts=[PROMPT_PATH_PROBE])
     wait_ready(page)
     wait(page, "() => window.__firstOutputAt !== undefined", what="the probe at the first output")
@@ -1112,6 +1122,8 @@ def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
     [session] = [r["start"] for r in requests if r["path"] == "/api/session"]
     built = page.evaluate("window.__termBuiltAt")
     assert session < built, "the session was asked for after the terminal was built"
+    assert page.evaluate("window.__joinedAt") < built, "the session was joined after the terminal was built"
+    assert page.evaluate("window.__socketAt") < page.evaluate("window.__xtermAt"), "the socket waited for the scripts"
     first = [r["path"] for r in requests if r["start"] < session]
     for question in ("/api/version", "/api/sessions", "/api/layout"):
         assert first.count(question) == 1, (question, first)
