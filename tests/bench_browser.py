@@ -14,12 +14,18 @@ which xterm calls once it has parsed that data, stamps when bytes were
 rendered; a keydown listener stamps when each Z was typed.
 
 Before the flood it loads the page --loads times in fresh browser contexts (a
-new session each) and times navigation start (the page's performance.now() 0)
-to the first animation frame at which the shell's prompt is in the terminal:
-the WebSocket joined and the prompt drawn.
+new session each; "cold": nothing cached) and --loads times more in one context
+("warm": each a new page after one load, so the files come from the HTTP cache
+after a 304 and xterm.js's compiled code is cached), and times navigation start
+(the page's performance.now() 0) to the first animation frame at which the
+shell's prompt is in the terminal: the WebSocket joined and the prompt drawn.
+Page loads vary by tens of ms from run to run on a small machine: --versus DIR
+starts a second server from another checkout and alternates the loads between
+the two, so that both see the same machine.
 
 Prints JSON lines:
-  {"metric": "browser_page_load_ms", ...}     median / max of navigation start -> prompt drawn
+  {"metric": "browser_page_load_ms", ...}     median / p25 / p75 of navigation start -> prompt drawn,
+                                              per cache state (and per checkout with --versus)
   {"metric": "browser_render_mb_s", ...}      MB/s (10^6 bytes) from Enter to the last byte rendered
   {"metric": "browser_echo_latency_ms", ...}  p50 / p99 / max of keydown -> echoed Z rendered
 """
@@ -89,20 +95,34 @@ PROMPT_PROBE = """
 """
 
 
-def page_loads(browser, server, renderer, n):
-    """ms from navigation start to the prompt drawn, for n loads in fresh contexts."""
-    times = []
-    for _ in range(n):
-        context = browser.new_context(viewport={"width": 1200, "height": 720})
-        context.add_init_script(PROMPT_PROBE)
-        context.add_init_script(f"localStorage.setItem('coda.renderer', JSON.stringify('{renderer}'))")
-        page = context.new_page()
-        page.goto(f"{server.url}/?token={server.token}")
-        wait(page, "window.__promptAt", 20, "the first prompt")
-        times.append(page.evaluate("window.__promptAt"))
-        context.close()
-        for session in server.get("/api/sessions").json():
-            server.close_session(session["session_id"])
+def page_loads(browser, servers, renderer, n):
+    """{(server, "cold" or "warm"): [ms from navigation start to the prompt drawn]}, n each,
+    the servers' loads alternating; a first round (warming the servers and the warm contexts)
+    is not counted."""
+    def context():
+        made = browser.new_context(viewport={"width": 1200, "height": 720})
+        made.add_init_script(PROMPT_PROBE)
+        made.add_init_script(f"localStorage.setItem('coda.renderer', JSON.stringify('{renderer}'))")
+        return made
+
+    warm = {server: context() for server in servers}
+    times = {(server, cache): [] for server in servers for cache in ("cold", "warm")}
+    for round_ in range(n + 1):
+        for server in servers:
+            for cache in ("cold", "warm"):
+                made = warm[server] if cache == "warm" else context()
+                page = made.new_page()
+                page.goto(f"{server.url}/?token={server.token}")
+                wait(page, "window.__promptAt", 20, "the first prompt")
+                if round_:
+                    times[server, cache].append(page.evaluate("window.__promptAt"))
+                page.close()
+                if made is not warm[server]:
+                    made.close()
+                for session in server.get("/api/sessions").json():
+                    server.close_session(session["session_id"])
+    for made in warm.values():
+        made.close()
     return times
 
 
@@ -141,6 +161,10 @@ def main():
     parser.add_argument("--loads", type=int, default=5, help="page loads timed before the flood (0: none)")
     parser.add_argument("--coda-dir", type=Path, default=None,
                         help="a checkout whose coda.py and static/ to measure (default: this one)")
+    parser.add_argument("--versus", type=Path, default=None,
+                        help="another checkout whose page loads alternate with these (the flood runs on this one)")
+    parser.add_argument("--chromium-flag", action="append", default=[],
+                        help="one more Chromium flag, e.g. --disable-features=DeferRendererTasksAfterInput")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="coda-bench-"))
@@ -151,13 +175,19 @@ def main():
         env["CODA_FLOW_HIGH"] = str(args.flow_high)
     if args.flow_low:
         env["CODA_FLOW_LOW"] = str(args.flow_low)
-    if args.coda_dir:
-        conftest.ROOT = args.coda_dir.resolve()  # Coda starts ROOT / "coda.py" in ROOT
+    other = None
+    if args.versus and args.loads:
+        conftest.ROOT = args.versus.resolve()  # Coda starts ROOT / "coda.py" in ROOT
+        other = Coda(Path(tempfile.mkdtemp(prefix="coda-bench-")), env)
+    conftest.ROOT = (args.coda_dir or Path(__file__).resolve().parent.parent).resolve()
     server = Coda(home, env)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            loads = page_loads(browser, server, args.renderer, args.loads)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS + args.chromium_flag)
+            loads = page_loads(browser, [server] + ([other] if other else []), args.renderer, args.loads) \
+                if args.loads else {}
+            if other:
+                other.stop()
             context = browser.new_context(viewport={"width": 1200, "height": 720})
             context.add_init_script(PROBE)
             context.add_init_script(f"localStorage.setItem('coda.renderer', JSON.stringify('{args.renderer}'))")
@@ -183,12 +213,15 @@ def main():
             browser.close()
     finally:
         server.stop()
+        if other:
+            other.stop()
         flood.unlink(missing_ok=True)
 
-    if loads:
-        print(json.dumps({"metric": "browser_page_load_ms", "median": round(sorted(loads)[len(loads) // 2], 1),
-                          "max": round(max(loads), 1), "runs": [round(x, 1) for x in loads],
-                          "target_ms": 300}))
+    for (which, cache), runs in loads.items():
+        print(json.dumps({"metric": "browser_page_load_ms", "cache": cache,
+                          "coda_dir": str(args.versus if which is other else conftest.ROOT),
+                          "median": round(percentile(runs, 50), 1), "p25": round(percentile(runs, 25), 1),
+                          "p75": round(percentile(runs, 75), 1), "loads": len(runs), "target_ms": 300}))
     seconds = (probe["end"] - probe["start"]) / 1000
     print(json.dumps({"metric": "browser_render_mb_s", "value": round(size / seconds / 1e6, 2),
                       "bytes": size, "seconds": round(seconds, 3), "renderer": renderer,
