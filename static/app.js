@@ -959,15 +959,16 @@ function shellName() {
 
 async function newTab(sessionId, replayUntil, launch) {
   if (tabs.length >= MAX_TABS) { toast(`At most ${MAX_TABS} tabs.`, 'error'); return null; }
-  const tab = makeTab(launch ? launch.label : shellName());
-  showTab(tab);
-  // A new session is asked for, and joined, first: its shell starts, and its first output
-  // comes, while the terminal is built.
-  const asked = sessionId ? null : askSession(tab.name, launch, lastSize());
+  const name = launch ? launch.label : shellName();
+  // A new session is asked for, and joined, before its tab is built (a tab is never without
+  // its pane): its shell starts, and its first output comes, while the terminal is built.
+  const asked = sessionId ? null : askSession(name, launch, lastSize());
   if (asked) {
     const { status, data } = await asked.answer;
     if (status === 200 && data.session_id) transport.joinEarly(data.session_id);
   }
+  const tab = makeTab(name);
+  showTab(tab);
   const pane = addPane(tab);
   if (sessionId) pane.bind(sessionId, 0, replayUntil);
   else await pane.create(tab.name, launch, asked);

@@ -1159,6 +1159,35 @@ def test_the_first_prompt_does_not_wait_for_the_extra_addons(open_tab):
     wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
 
 
+def test_a_new_tab_appears_with_its_terminal_once_its_session_is_answered(open_tab):
+    """A new tab's session is asked for (and joined) before the tab is built: while the answer
+    is on its way there is no tab without a terminal for a key, a close or a reader to meet."""
+    held, holding = [], {"on": False}
+
+    def session_route(route):
+        if holding["on"] and route.request.method == "POST":
+            held.append(route)
+        else:
+            route.continue_()
+
+    _, page = open_tab(routes={"api/session": session_route})
+    wait_ready(page)
+    holding["on"] = True
+    page.keyboard.press("Alt+Shift+T")
+    deadline = time.time() + 10
+    while not held and time.time() < deadline:
+        page.wait_for_timeout(20)
+    assert held, "the new tab's session was never asked for"
+    page.wait_for_timeout(200)
+    assert page.evaluate("window.coda.tabs.length") == 1
+    assert page.evaluate("[...document.querySelectorAll('.tab-view')].every((v) => v.querySelector('.xterm'))")
+    holding["on"] = False
+    held[0].continue_()
+    wait(page, "() => window.coda.tabs.length === 2", what="the second tab")
+    page.keyboard.type("echo second-$((40+2))\n")
+    wait_text(page, "second-42", tab=1)
+
+
 def test_a_search_asked_for_before_the_search_addon_arrives_runs_once_it_is_here(open_tab):
     held = []   # the search addon's script, held back until the query is typed
     _, page = open_tab(routes={"addon-search.js": lambda route: held.append(route)})
