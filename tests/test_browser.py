@@ -1159,6 +1159,14 @@ def test_the_first_prompt_does_not_wait_for_the_extra_addons(open_tab):
     wait(page, "() => document.querySelector('.xterm-screen canvas') !== null", what="the WebGL canvas")
 
 
+def wait_held(page, held, what, timeout=10.0):
+    """Until a route handler has held back a request in `held` (Playwright's sync API runs its
+    handlers only inside its own calls, so this waits with the page's clock, not time.sleep)."""
+    deadline = time.monotonic() + timeout
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert held, f"{what} was never asked for"
+
 def test_a_new_tab_appears_with_its_terminal_once_its_session_is_answered(open_tab):
     """A new tab's session is asked for (and joined) before the tab is built: while the answer
     is on its way there is no tab without a terminal for a key, a close or a reader to meet."""
@@ -1174,10 +1182,7 @@ def test_a_new_tab_appears_with_its_terminal_once_its_session_is_answered(open_t
     wait_ready(page)
     holding["on"] = True
     page.keyboard.press("Alt+Shift+T")
-    deadline = time.time() + 10
-    while not held and time.time() < deadline:
-        page.wait_for_timeout(20)
-    assert held, "the new tab's session was never asked for"
+    wait_held(page, held, "the new tab's session")
     page.wait_for_timeout(200)
     assert page.evaluate("window.coda.tabs.length") == 1
     assert page.evaluate("[...document.querySelectorAll('.tab-view')].every((v) => v.querySelector('.xterm'))")
@@ -1194,10 +1199,7 @@ def test_a_search_asked_for_before_the_search_addon_arrives_runs_once_it_is_here
     wait_ready(page)
     page.keyboard.type("echo findme-$((20+22))\n")
     wait_text(page, "findme-42")
-    deadline = time.time() + 20
-    while not held and time.time() < deadline:   # the extras are asked for after the first prompt
-        page.wait_for_timeout(50)
-    assert held, "the search addon was never asked for"
+    wait_held(page, held, "the search addon", timeout=20)   # the extras are asked for after the first prompt
     page.keyboard.press("Control+Shift+F")
     page.wait_for_selector("#search-panel:not([hidden])")
     page.keyboard.type("findme-42")
