@@ -3532,7 +3532,7 @@ def configure_claude(ctx):
     write_owned(ctx.home / ".claude" / "CLAUDE.md", AGENT_INSTRUCTIONS, "<!--")
 
 
-CODEX_MCP_GRACE_MS = 10_000  # codex's own startup timeout of an MCP server
+CODEX_MCP_GRACE_MS = 10_000  # how long codex waits for an MCP server's tools before a turn (unless the user set it)
 
 
 def configure_codex(ctx):
