@@ -113,7 +113,10 @@ def traces(settings, count):
         finished = [t for t in got if t.info.trace_metadata.get("mlflow.trace.infoFinalized") == "true"]  # spans land first
         return finished if len(finished) >= count else None
 
-    return wait_for(found, TRACE_WAIT, step=0.2, what=f"{count} trace(s) in the tracking store")
+    # Read each again once it is final: a search reads a trace's row and its metadata in two SELECTs, which
+    # SQLite answers from two moments, so one that lands between them has the flag without its session.
+    finished = wait_for(found, TRACE_WAIT, step=0.2, what=f"{count} trace(s) in the tracking store")
+    return [client.get_trace(trace.info.trace_id) for trace in finished]
 
 
 def span_types(trace):
