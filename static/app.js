@@ -28,19 +28,9 @@ const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background 
 const ECHO_WAIT_MS = 100, FRAME_MS = 17;   // ... and none while an echo is due (outputScheduler.echoDue)
 const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
 
-// localStorage may be unavailable (private modes, quotas): never let that
-// break the terminal, just forget.
-const store = {
-  get(key, fallback) {
-    try {
-      const raw = localStorage.getItem('coda.' + key);
-      return raw === null ? fallback : JSON.parse(raw);
-    } catch (_) { return fallback; }
-  },
-  set(key, value) {
-    try { localStorage.setItem('coda.' + key, JSON.stringify(value)); } catch (_) { /* forget */ }
-  },
-};
+// localStorage (never failing) and the last terminal size: early.js needs them
+// before this script runs.
+const { store, lastSize } = window.codaEarly;
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -237,8 +227,9 @@ const transport = {
     if (this.mode === 'auth') return;
     const url = new URL('ws', location.href);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const early = !this.earlyTaken && window.codaEarly && window.codaEarly.socket;
+    const early = !this.earlyTaken && window.codaEarly.socket;
     this.earlyTaken = true;
+    if (early) early.taken = true;   // early.js joins nothing from now on
     let ws;
     try {
       ws = early && early.ws.readyState <= WebSocket.OPEN ? early.ws : new WebSocket(url.href);
@@ -260,6 +251,7 @@ const transport = {
       // is harmless because panes drop bytes they already have.
       this.stopPolling();
       this.mode = 'ws';
+      for (const sessionId of this.stash.keys()) this.send({ type: 'join_session', session_id: sessionId, since: 0 });
       for (const pane of allPanes()) pane.join();
       updateStatus();
     };
@@ -269,6 +261,7 @@ const transport = {
     };
     if (early && ws === early.ws) {   // it may have opened (and heard) before these handlers were set
       if (ws.readyState === WebSocket.OPEN) ws.onopen();
+      if (early.joined) this.stash.set(early.joined, []);   // the first tab's session, joined by early.js
       for (const ev of early.heard.splice(0)) ws.onmessage(ev);
     }
     ws.onclose = () => {
@@ -357,10 +350,12 @@ const transport = {
     else if (this.stash.has(id)) this.stash.get(id).push([offset, new Uint8Array(buf, 10 + n)]);
   },
 
-  // A new tab's session, joined before its terminal is built: the shell's first output
-  // comes meanwhile and waits here for the pane's bind() (which joins again, from there).
+  // A new tab's session, joined before its terminal is built (or as the socket opens): the
+  // shell's first output comes meanwhile and waits here for the pane's bind(), which joins
+  // again, from there.
   joinEarly(sessionId) {
-    if (this.send({ type: 'join_session', session_id: sessionId, since: 0 })) this.stash.set(sessionId, []);
+    this.stash.set(sessionId, []);
+    this.send({ type: 'join_session', session_id: sessionId, since: 0 });
   },
 
   takeStash(sessionId) {
@@ -962,10 +957,10 @@ async function newTab(sessionId, replayUntil, launch) {
   const name = launch ? launch.label : shellName();
   // A new session is asked for, and joined, before its tab is built (a tab is never without
   // its pane): its shell starts, and its first output comes, while the terminal is built.
-  const asked = sessionId ? null : askSession(name, launch, lastSize());
+  const asked = sessionId ? null : (!launch && takeEarlySession()) || askSession(name, launch, lastSize());
   if (asked) {
     const { status, data } = await asked.answer;
-    if (status === 200 && data.session_id) transport.joinEarly(data.session_id);
+    if (status === 200 && data.session_id && !transport.stash.has(data.session_id)) transport.joinEarly(data.session_id);
   }
   const tab = makeTab(name);
   showTab(tab);
@@ -977,11 +972,22 @@ async function newTab(sessionId, replayUntil, launch) {
   return tab;
 }
 
-// The size the last terminal was fitted to (in this browser), 80x24 at first.
-function lastSize() {
-  const size = store.get('size', null);
-  const ok = (n, most) => Number.isInteger(n) && n >= 1 && n <= most;
-  return size && ok(size.cols, 1000) && ok(size.rows, 1000) ? size : { cols: 80, rows: 24 };
+// The session early.js asked for the first tab, in askSession()'s shape; the first
+// caller takes it (null when early.js asked for none, or it was taken).
+let earlySession = window.codaEarly.session;
+function takeEarlySession() {
+  const early = earlySession;
+  earlySession = null;
+  return early && { size: early.size, answer: api('POST', 'api/session', undefined, early.answer) };
+}
+
+// A session asked for and never shown (early.js's, when boot() reopened saved work instead).
+async function closeUnused(asked) {
+  if (!asked) return;
+  const { status, data } = await asked.answer;
+  if (status !== 200 || !data.session_id) return;
+  transport.takeStash(data.session_id);
+  await api('POST', 'api/session/close', { session_id: data.session_id });
 }
 
 // POST /api/session at `size`: { size, answer (a promise of api()'s answer) }.
@@ -2452,7 +2458,7 @@ async function boot() {
   applyFont(prefs.font, prefs.fontSize);
   exposeDebug();
   transport.start();  // early.js's socket, whose handshake came beside the first questions
-  const early = window.codaEarly || {};
+  const early = window.codaEarly;
   const layout = api('GET', 'api/layout', undefined, early.layout);  // reopenSaved reads it
   const [version, live, wasm] = await Promise.all([api('GET', 'api/version', undefined, early.version),
     listSessions(early.sessions), checkWasmAllowed(early.page)]);
@@ -2464,6 +2470,7 @@ async function boot() {
     bootTab = await newTab();
     welcome = firstPane();
   }
+  closeUnused(takeEarlySession());  // the saved work was reopened instead
   afterFirstOutput(() => {
     loadExtras();
     if (welcome) showWelcome(welcome);

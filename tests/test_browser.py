@@ -416,6 +416,8 @@ def test_reload_restores_layout_and_replays_output(open_tab):
     tab.reload(page)
     wait(page, "(n) => window.coda && window.coda.tabs.length === n", len(layout), what="tabs restored")
     assert page.evaluate("window.coda.tabs") == layout
+    asked = page.evaluate("performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname)")
+    assert "/api/session" not in asked, "a page with tabs to rejoin asked for a new session"
     wait_text(page, "before-42", tab=0, pane=0)
     wait_text(page, "second-3", tab=0, pane=1)
     # Replayed once: the command and its output, no duplicates.
@@ -1088,12 +1090,17 @@ PROMPT_PATH_PROBE = """
   });
   const send = WebSocket.prototype.send;
   WebSocket.prototype.send = function (data) {
+    if (window.__firstSent === undefined) window.__firstSent = String(data);
     if (!window.__joinedAt && String(data).includes('join_session')) window.__joinedAt = performance.now();
     return send.call(this, data);
   };
   const Socket = window.WebSocket;
   window.WebSocket = class extends Socket {
-    constructor(...args) { if (!window.__socketAt) window.__socketAt = performance.now(); super(...args); }
+    constructor(...args) {
+      if (!window.__socketAt) window.__socketAt = performance.now();
+      super(...args);
+      this.addEventListener('open', () => { if (!window.__openAt) window.__openAt = performance.now(); });
+    }
   };
   const check = () => {
     if (window.coda && window.coda.offsets().some((o) => o.rendered > 0)) {
@@ -1108,8 +1115,8 @@ PROMPT_PATH_PROBE = """
 
 
 def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
-    """On the way to the first prompt the page asks each first question once and opens its
-    WebSocket (static/early.js, while the scripts load), asks for the new tab's session and
+    """On the way to the first prompt the page asks each first question once, opens its
+    WebSocket and asks for the new tab's session (static/early.js, while the scripts load),
     joins it before its terminal is built, and leaves the status bar, badge, setup, token and
     agent questions until the first output is on screen; they are asked then."""
     _, page = open_tab(init_scripts=[PROMPT_PATH_PROBE])
@@ -1122,10 +1129,14 @@ def test_the_first_prompt_waits_for_nothing_it_does_not_need(open_tab):
     [session] = [r["start"] for r in requests if r["path"] == "/api/session"]
     built = page.evaluate("window.__termBuiltAt")
     assert session < built, "the session was asked for after the terminal was built"
-    assert page.evaluate("window.__joinedAt") < built, "the session was joined after the terminal was built"
+    if page.evaluate("window.__openAt") < built:
+        assert page.evaluate("window.__joinedAt") < built, "the session was joined after the terminal was built"
+    else:  # the socket opened after that: joining is the first thing it does
+        assert "join_session" in page.evaluate("window.__firstSent"), page.evaluate("window.__firstSent")
     assert page.evaluate("window.__socketAt") < page.evaluate("window.__xtermAt"), "the socket waited for the scripts"
-    first = [r["path"] for r in requests if r["start"] < session]
-    for question in ("/api/version", "/api/sessions", "/api/layout"):
+    assert session < page.evaluate("window.__xtermAt"), "the session waited for the scripts"
+    first = [r["path"] for r in requests if r["start"] < built]
+    for question in ("/api/version", "/api/sessions", "/api/layout", "/api/session"):
         assert first.count(question) == 1, (question, first)
     shown = page.evaluate("window.__firstOutputAt")
     later = ("/api/agents", "/api/setup-status", "/api/pat-status", "/api/app-state")

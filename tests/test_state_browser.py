@@ -113,6 +113,24 @@ def test_the_page_reopens_the_saved_tabs_and_offers_to_resume_the_agent(browser,
             assert "FAKE-CLAUDE" not in page.evaluate("window.coda.paneText(0, 0)")  # nothing runs unasked
             resume.locator("button", has_text="Resume: claude --continue").click()
             wait_text(page, "FAKE-CLAUDE --continue", tab=0, timeout=15)
+
+            # A browser that has not reopened the work yet does so as it loads, and the session its
+            # page asked for before it knew (static/early.js) is closed unused.
+            other = Tab(browser, server, http_errors_expected=True, extra_http_headers=server.headers_for_owner)
+            try:
+                again = other.context.new_page()
+                again.goto(server.url + "/")
+                wait(again, "() => window.coda && window.coda.tabs.length === 2 && "
+                            "window.coda.tabs.every((t) => t.sessions[0])", timeout=60, what="the tabs reopened again")
+                shown = {s for p in (page, again) for t in p.evaluate("window.coda.tabs") for s in t["sessions"]}
+
+                def live():
+                    answer = requests.get(server.url + "/api/sessions", headers=server.headers_for_owner, timeout=10)
+                    return {s["session_id"] for s in answer.json()}
+                wait_for(lambda: live() == shown, timeout=10, what=f"only the {len(shown)} sessions shown")
+            finally:
+                other.close()
+            assert not other.problems, other.problems
         finally:
             tab.close()
             server.stop()
