@@ -28,9 +28,9 @@ const TYPING_MS = 1000, TYPING_EVERY = 3; // typed within TYPING_MS: background 
 const ECHO_WAIT_MS = 100, FRAME_MS = 17;   // ... and none while an echo is due (outputScheduler.echoDue)
 const FONT_MIN = 8, FONT_MAX = 32, FONT_DEFAULT = 14;
 
-// localStorage (never failing) and the last terminal size: early.js needs them
-// before this script runs.
-const { store, lastSize } = window.codaEarly;
+// localStorage (never failing), the last terminal size and the WebSocket's
+// address: early.js needs them before this script runs.
+const { store, lastSize, socketUrl } = window.codaEarly;
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -216,7 +216,6 @@ const transport = {
   pollWaiting: false,   // the worker waits for our go-ahead
   shuttingDown: false,
 
-  earlyTaken: false,     // the socket early.js opened is used once, by the first connect
   stash: new Map(),     // session id -> output that came before its pane (see joinEarly)
 
   start() { this.connect(); },
@@ -225,14 +224,13 @@ const transport = {
     clearTimeout(this.retryTimer);
     this.retryTimer = null;
     if (this.mode === 'auth') return;
-    const url = new URL('ws', location.href);
-    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const early = !this.earlyTaken && window.codaEarly.socket;
-    this.earlyTaken = true;
-    if (early) early.taken = true;   // early.js joins nothing from now on
+    // early.js's socket is used once, by the first connect; early.js joins nothing after that.
+    const offered = window.codaEarly.socket;
+    const early = offered && !offered.taken ? offered : null;
+    if (early) early.taken = true;
     let ws;
     try {
-      ws = early && early.ws.readyState <= WebSocket.OPEN ? early.ws : new WebSocket(url.href);
+      ws = early && early.ws.readyState <= WebSocket.OPEN ? early.ws : new WebSocket(socketUrl());
     } catch (_) {
       this.onFailedConnect();
       return;
@@ -251,7 +249,7 @@ const transport = {
       // is harmless because panes drop bytes they already have.
       this.stopPolling();
       this.mode = 'ws';
-      for (const sessionId of this.stash.keys()) this.send({ type: 'join_session', session_id: sessionId, since: 0 });
+      for (const sessionId of this.stash.keys()) this.sendJoin(sessionId, 0);
       for (const pane of allPanes()) pane.join();
       updateStatus();
     };
@@ -350,12 +348,13 @@ const transport = {
     else if (this.stash.has(id)) this.stash.get(id).push([offset, new Uint8Array(buf, 10 + n)]);
   },
 
-  // A new tab's session, joined before its terminal is built (or as the socket opens): the
-  // shell's first output comes meanwhile and waits here for the pane's bind(), which joins
-  // again, from there.
+  // A new tab's session, joined before its terminal is built (or as the socket opens; once,
+  // early.js may have joined it already): the shell's first output comes meanwhile and waits
+  // here for the pane's bind(), which joins again, from there.
   joinEarly(sessionId) {
+    if (this.stash.has(sessionId)) return;
     this.stash.set(sessionId, []);
-    this.send({ type: 'join_session', session_id: sessionId, since: 0 });
+    this.sendJoin(sessionId, 0);
   },
 
   takeStash(sessionId) {
@@ -402,9 +401,13 @@ const transport = {
     this.send({ type: 'ack', session_id: pane.sessionId, offset });
   },
 
+  sendJoin(sessionId, since) {
+    this.send({ type: 'join_session', session_id: sessionId, since });
+  },
+
   join(pane) {
     if (this.mode === 'ws') {
-      this.send({ type: 'join_session', session_id: pane.sessionId, since: pane.offset });
+      this.sendJoin(pane.sessionId, pane.offset);
     } else if (this.mode === 'poll') {
       this.worker.postMessage({ type: 'add', session_id: pane.sessionId, since: pane.offset });
     }
@@ -960,7 +963,7 @@ async function newTab(sessionId, replayUntil, launch) {
   const asked = sessionId ? null : (!launch && takeEarlySession()) || askSession(name, launch, lastSize());
   if (asked) {
     const { status, data } = await asked.answer;
-    if (status === 200 && data.session_id && !transport.stash.has(data.session_id)) transport.joinEarly(data.session_id);
+    if (status === 200 && data.session_id) transport.joinEarly(data.session_id);
   }
   const tab = makeTab(name);
   showTab(tab);

@@ -3,7 +3,7 @@
 // the WebSocket (app.js's transport takes it over, with any message it has had
 // by then), and, when this browser has no tabs to rejoin, asks for the session
 // of the tab boot() will open and joins it, so the shell starts meanwhile. It
-// also holds the two helpers that this needs and app.js shares.
+// also holds the three helpers that this needs and app.js shares.
 'use strict';
 (() => {
   // localStorage may be unavailable (private modes, quotas): never let that
@@ -38,11 +38,16 @@
 
   const ask = (path, init) => fetch(path, { credentials: 'same-origin', ...init });
 
+  // The page's WebSocket address: /ws beside the page, ws: or wss: as the page came.
+  function socketUrl() {
+    const url = new URL('ws', location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return url.href;
+  }
+
   function openSocket() {
     try {
-      const url = new URL('ws', location.href);
-      url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-      const ws = new WebSocket(url.href);
+      const ws = new WebSocket(socketUrl());
       ws.binaryType = 'arraybuffer';
       const socket = { ws, heard: [], joined: null, taken: false };
       ws.onmessage = (ev) => socket.heard.push(ev);
@@ -88,5 +93,6 @@
     session: nothingToRejoin() ? startSession(socket) : null,
     store,
     lastSize,
+    socketUrl,
   });
 })();
