@@ -1178,6 +1178,7 @@ def wait_held(page, held, what, timeout=10.0):
         page.wait_for_timeout(20)
     assert held, f"{what} was never asked for"
 
+
 def test_a_new_tab_appears_with_its_terminal_once_its_session_is_answered(open_tab):
     """A new tab's session is asked for (and joined) before the tab is built: while the answer
     is on its way there is no tab without a terminal for a key, a close or a reader to meet."""

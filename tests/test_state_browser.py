@@ -40,13 +40,19 @@ def open_page(browser, start_coda, workspace, home, bin_folder):
     wait_for(lambda: requests.get(server.url + "/api/version", headers=as_owner).status_code == 200,
              timeout=40, what="the owner")
     server.headers_for_owner = as_owner
-    tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=as_owner)
+    tab, page = owner_page(browser, server)
+    wait_ready(page)
+    return server, tab, page
+
+
+def owner_page(browser, server):
+    """The page as the Apps owner sees it, in a browser context of its own."""
+    tab = Tab(browser, server, http_errors_expected=True, extra_http_headers=server.headers_for_owner)
     page = tab.context.new_page()
     page.on("pageerror", lambda err: tab.problems.append(f"page error: {err}"))
     tab.pages.append(page)
     page.goto(server.url + "/")
-    wait_ready(page)
-    return server, tab, page
+    return tab, page
 
 
 def paste_token(page, workspace):
@@ -116,10 +122,8 @@ def test_the_page_reopens_the_saved_tabs_and_offers_to_resume_the_agent(browser,
 
             # A browser that has not reopened the work yet does so as it loads, and the session its
             # page asked for before it knew (static/early.js) is closed unused.
-            other = Tab(browser, server, http_errors_expected=True, extra_http_headers=server.headers_for_owner)
+            other, again = owner_page(browser, server)
             try:
-                again = other.context.new_page()
-                again.goto(server.url + "/")
                 wait(again, "() => window.coda && window.coda.tabs.length === 2 && "
                             "window.coda.tabs.every((t) => t.sessions[0])", timeout=60, what="the tabs reopened again")
                 shown = {s for p in (page, again) for t in p.evaluate("window.coda.tabs") for s in t["sessions"]}
